@@ -1,0 +1,4 @@
+//! longtake-coordinator: the gRPC API, request validation, window planning, scheduling, job state
+//! and output assembly. It depends on `longtake-proto` only and never links the model.
+//!
+//! Only the crate boundary exists so far.

@@ -1,0 +1,87 @@
+//! One error type for the model crate. Variants carry what a caller needs to decide what to do
+//! (fix the input, fix the checkpoint, or report a bug) and name the offending tensor or key.
+
+use std::path::PathBuf;
+
+/// Errors raised by the model crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    // === Files ===
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    SafeTensors { path: PathBuf, reason: String },
+    #[error("{path}: invalid JSON: {reason}")]
+    Json { path: PathBuf, reason: String },
+
+    // === Checkpoints ===
+    #[error("{path}: config key `{key}`: {reason}")]
+    Config {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("checkpoint {dir}: missing tensor `{name}` (expected shape {expected:?})")]
+    MissingTensor {
+        dir: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+    },
+    #[error("checkpoint {dir}: unexpected tensor(s) the model does not use: {names}")]
+    UnexpectedTensors { dir: PathBuf, names: String },
+    #[error("checkpoint {dir}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        dir: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("checkpoint {dir}: tensor `{name}` has dtype {found}, expected one of F32, BF16, F16")]
+    TensorDtype {
+        dir: PathBuf,
+        name: String,
+        found: String,
+    },
+
+    // === Inputs ===
+    #[error("input `{name}`: {reason}")]
+    Input { name: String, reason: String },
+
+    // === Parallelism ===
+    #[error("tensor parallelism: {0}")]
+    Parallel(String),
+
+    // === Internal ===
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+}
+
+/// Result alias for the model crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn input(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Input {
+            name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::Shape {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `longtake`: the command-line entry point and composition root.
+//!
+//! Subcommands so far: `model` (run single model components on files, for checking them against
+//! the reference) and `bench` (time them).
+
+mod dit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Render farm for long AI video.
+#[derive(Parser)]
+#[command(name = "longtake", version, about)]
+struct Cli {
+    /// Worker threads for CPU compute (default: every core; `RAYON_NUM_THREADS` also works).
+    #[arg(long, global = true, env = "LONGTAKE_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one model component on safetensors files (developer tools; parity checks).
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Time model components; the last line printed is the figure.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// One forward of the Wan transformer: IN holds `hidden_states` [B,C,F,H,W], `timestep` [B]
+    /// and `encoder_hidden_states` [B,S,text_dim]; OUT gets `sample` [B,C_out,F,H,W] (f32).
+    DitForward(DitForwardArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time the Wan transformer forward; prints `dit_forward_ms=<median> gflops=<rate>` last.
+    Dit(BenchDitArgs),
+}
+
+#[derive(Args)]
+struct DitForwardArgs {
+    /// A diffusers `transformer/` directory (config.json + safetensors, single or sharded).
+    #[arg(long)]
+    transformer: PathBuf,
+    /// Input safetensors file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file (written atomically).
+    #[arg(long)]
+    output: PathBuf,
+    /// Tensor-parallel ranks (threads); must divide the head count and ffn_dim.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+}
+
+#[derive(Args)]
+struct BenchDitArgs {
+    /// A diffusers `transformer/` directory.
+    #[arg(long)]
+    transformer: PathBuf,
+    /// Input safetensors file, as for `model dit-forward`.
+    #[arg(long)]
+    input: PathBuf,
+    /// Tensor-parallel ranks (threads); must divide the head count and ffn_dim.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Timed forwards after one warm-up.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::from(2);
+        }
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: could not start {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::Model(ModelCommand::DitForward(a)) => {
+            dit::forward(&a.transformer, &a.input, &a.output, a.tp)
+        }
+        Command::Bench(BenchCommand::Dit(a)) => dit::bench(&a.transformer, &a.input, a.tp, a.iters),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
