@@ -50,7 +50,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    model = WanTransformer3DModel(**BENCH_CFG).to(torch.float32).eval()
+    model = WanTransformer3DModel(**BENCH_CFG).eval()  # fp32 by default
     randomize_wan_transformer(model, args.seed)
     model.save_pretrained(str(out / "transformer"), safe_serialization=True)
 
@@ -60,7 +60,7 @@ def main() -> None:
     enc[0, :40] = torch.randn(40, BENCH_CFG["text_dim"], generator=gen)
     timestep = torch.tensor([999.0])
     save_file({"hidden_states": hidden, "timestep": timestep, "encoder_hidden_states": enc},
-              str(out / "input.safetensors"), metadata={"real_rows": "[40]"})
+              str(out / "input.safetensors"), metadata={"fixture": '{"real_rows": [40]}'})
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}/transformer ({n_params / 1e6:.1f} M params, fp32) and {out}/input.safetensors")

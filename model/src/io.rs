@@ -179,13 +179,21 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     })
 }
 
-/// Which part of a tensor one tensor-parallel rank holds: dimension `dim` split into `world`
-/// equal parts, part `rank`.
+/// Which part of a tensor one tensor-parallel rank holds: indices `start..start + len` of
+/// dimension `dim`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     pub dim: usize,
-    pub rank: usize,
-    pub world: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Rank `rank`'s range of `size` items split as evenly as possible over `world` ranks (sizes
+/// differ by at most one).
+pub fn balanced_range(size: usize, rank: usize, world: usize) -> (usize, usize) {
+    let start = rank * size / world;
+    let end = (rank + 1) * size / world;
+    (start, end - start)
 }
 
 /// A diffusers component directory (`transformer/`, `vae/`, ...): `config.json` plus one
@@ -306,28 +314,29 @@ impl Checkpoint {
     ) -> Result<Tensor<B>> {
         let (file, info, dtype) = self.locate(name, expected)?;
         let bytes = file.bytes(info);
-        let Some(sh) = shard.filter(|s| s.world > 1) else {
+        let Some(sh) = shard.filter(|s| s.len != expected[s.dim]) else {
             return backend.upload(expected, decode(dtype, bytes).as_slice());
         };
         let size = expected[sh.dim];
-        if size % sh.world != 0 {
+        if sh.start + sh.len > size {
             return Err(Error::Parallel(format!(
-                "tensor `{name}` dimension {} (size {size}) does not split into {} equal parts",
-                sh.dim, sh.world
+                "tensor `{name}`: part {}..{} of dimension {} (size {size})",
+                sh.start,
+                sh.start + sh.len,
+                sh.dim
             )));
         }
-        let part = size / sh.world;
         let inner: usize = expected[sh.dim + 1..].iter().product();
         let outer: usize = expected[..sh.dim].iter().product();
         let es = dtype.size();
-        let run = part * inner * es;
+        let run = sh.len * inner * es;
         let mut out = Vec::with_capacity(outer * run);
         for o in 0..outer {
-            let start = (o * size + sh.rank * part) * inner * es;
+            let start = (o * size + sh.start) * inner * es;
             out.extend_from_slice(&bytes[start..start + run]);
         }
         let mut shape = expected.to_vec();
-        shape[sh.dim] = part;
+        shape[sh.dim] = sh.len;
         backend.upload(&shape, decode(dtype, &out).as_slice())
     }
 }
@@ -359,14 +368,15 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         self.ckpt.load(self.backend, name, shape, None)
     }
 
-    /// This rank's part of a tensor split along `dim`.
+    /// This rank's part of a tensor split along `dim` as evenly as possible over the ranks
+    /// (callers that need equal parts, such as heads, check divisibility first).
     pub fn get_split(&self, name: &str, shape: &[usize], dim: usize) -> Result<Tensor<B>> {
         self.taken.borrow_mut().insert(name.to_string());
-        let shard = Shard {
-            dim,
-            rank: self.shard_rank,
-            world: self.shard_world,
-        };
+        let dim_size = *shape.get(dim).ok_or_else(|| {
+            Error::shape("get_split", format!("{name}: dimension {dim} of {shape:?}"))
+        })?;
+        let (start, len) = balanced_range(dim_size, self.shard_rank, self.shard_world);
+        let shard = Shard { dim, start, len };
         self.ckpt.load(self.backend, name, shape, Some(shard))
     }
 

@@ -208,18 +208,15 @@ impl UniPc {
     pub fn new(cfg: UniPcConfig, steps: usize) -> Result<Self> {
         let n = steps;
         let ntrain = cfg.num_train_timesteps as f64;
-        // 1 − linspace(1, 1/ntrain, n+1), shifted, reversed, last (0) dropped — in f64.
-        let start = 1.0f64;
-        let stop = 1.0 / ntrain;
-        let step = (stop - start) / n as f64;
-        let mut s: Vec<f64> = (0..=n)
-            .map(|i| {
-                let a = if i == n { stop } else { start + i as f64 * step };
-                shift_sigma(cfg.flow_shift, 1.0 - a)
-            })
+        // linspace(1, 1/ntrain, n+1) without its last point, shifted, in f64; a first sigma of
+        // 1 is nudged to 1 − 1e-6 so that λ(σ) stays finite.
+        let step = (1.0 / ntrain - 1.0) / n as f64;
+        let mut s: Vec<f64> = (0..n)
+            .map(|i| shift_sigma(cfg.flow_shift, 1.0 + i as f64 * step))
             .collect();
-        s.reverse();
-        s.truncate(n);
+        if (s[0] - 1.0).abs() < 1e-6 {
+            s[0] -= 1e-6;
+        }
         let timesteps: Vec<f32> = s.iter().map(|v| (v * ntrain).trunc() as f32).collect();
         let last = if cfg.final_sigma_zero { 0.0 } else { s[n - 1] };
         let mut sigmas: Vec<f32> = s.iter().map(|&v| v as f32).collect();
