@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use longtake_model::backend::Backend;
-use longtake_model::comm::Comm;
 use longtake_model::backend::cpu::Cpu;
+use longtake_model::comm::Comm;
 use longtake_model::io::{SafetensorsFile, write_f32};
 use longtake_model::tp::{agree, run_group};
 use longtake_model::wan::{DitInputs, TextContext, WanConfig, WanTransformer};
@@ -26,16 +26,23 @@ fn read_inputs(path: &Path) -> Result<HostInputs> {
     let (ts_shape, timesteps) = f.read_f32("timestep")?;
     let (ctx_shape, context) = f.read_f32("encoder_hidden_states")?;
     if latents_shape.len() != 5 {
-        bail!("input `hidden_states`: shape {latents_shape:?}; expected [batch, channels, frames, height, width]");
+        bail!(
+            "input `hidden_states`: shape {latents_shape:?}; expected [batch, channels, frames, height, width]"
+        );
     }
     if ts_shape.len() != 1 {
-        bail!("input `timestep`: shape {ts_shape:?}; expected [batch] (one timestep per batch item)");
+        bail!(
+            "input `timestep`: shape {ts_shape:?}; expected [batch] (one timestep per batch item)"
+        );
     }
     let context_shape: [usize; 3] = ctx_shape.as_slice().try_into().map_err(|_| {
         anyhow::anyhow!("input `encoder_hidden_states`: shape {ctx_shape:?}; expected [batch, sequence, text_dim]")
     })?;
     if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
-        bail!("input `hidden_states`: value {i} is {}; all values must be finite", latents[i]);
+        bail!(
+            "input `hidden_states`: value {i} is {}; all values must be finite",
+            latents[i]
+        );
     }
     Ok(HostInputs {
         latents_shape,
@@ -58,7 +65,10 @@ pub fn forward(transformer: &Path, input: &Path, output: &Path, tp: usize) -> Re
     let inp = read_inputs(input)?;
     let start = Instant::now();
     let sample = run_group(tp, |comm| {
-        let model = agree(&comm, WanTransformer::load(transformer, &Cpu, comm.rank(), tp))?;
+        let model = agree(
+            &comm,
+            WanTransformer::load(transformer, &Cpu, comm.rank(), tp),
+        )?;
         let [b, s, dt] = inp.context_shape;
         let context = TextContext::from_host(&Cpu, b, s, dt, &inp.context)?;
         let latents = Cpu.upload_f32(&inp.latents_shape, inp.latents.clone())?;
@@ -89,7 +99,10 @@ pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Resul
     let cfg = check_tp(transformer, tp)?;
     let inp = read_inputs(input)?;
     let times = run_group(tp, |comm| {
-        let model = agree(&comm, WanTransformer::load(transformer, &Cpu, comm.rank(), tp))?;
+        let model = agree(
+            &comm,
+            WanTransformer::load(transformer, &Cpu, comm.rank(), tp),
+        )?;
         let [b, s, dt] = inp.context_shape;
         let context = TextContext::from_host(&Cpu, b, s, dt, &inp.context)?;
         let latents = Cpu.upload_f32(&inp.latents_shape, inp.latents.clone())?;
@@ -119,7 +132,8 @@ pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Resul
     let median = sorted[sorted.len() / 2];
     let [b, s, _] = inp.context_shape;
     let [pt, ph, pw] = cfg.patch_size;
-    let tokens = inp.latents_shape[2] / pt * (inp.latents_shape[3] / ph) * (inp.latents_shape[4] / pw);
+    let tokens =
+        inp.latents_shape[2] / pt * (inp.latents_shape[3] / ph) * (inp.latents_shape[4] / pw);
     let flops = WanTransformer::<Cpu>::flops(&cfg, tokens, s) * b as f64;
     eprintln!(
         "dit forward: {} layers, dim {}, {tokens} video tokens, {s} text rows, batch {b}, tp {tp}, {} threads",
@@ -129,9 +143,19 @@ pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Resul
     );
     eprintln!(
         "times (ms): {}",
-        times.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(" ")
+        times
+            .iter()
+            .map(|t| format!("{t:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-    eprintln!("gflops counts the reference's work ({:.2} GFLOP per forward)", flops / 1e9);
-    println!("dit_forward_ms={median:.2} gflops={:.1}", flops / median / 1e6);
+    eprintln!(
+        "gflops counts the reference's work ({:.2} GFLOP per forward)",
+        flops / 1e9
+    );
+    println!(
+        "dit_forward_ms={median:.2} gflops={:.1}",
+        flops / median / 1e6
+    );
     Ok(())
 }

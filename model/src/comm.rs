@@ -194,7 +194,9 @@ mod tests {
             let r = c.rank() as f32;
             let mut t = Cpu.upload_f32(&[2], vec![r, 10.0 * r]).unwrap();
             c.all_reduce_sum(&mut t).unwrap();
-            let g = c.all_gather(&Cpu.upload_f32(&[1, 2], vec![r, r]).unwrap()).unwrap();
+            let g = c
+                .all_gather(&Cpu.upload_f32(&[1, 2], vec![r, r]).unwrap())
+                .unwrap();
             let mut b = Cpu.upload_f32(&[2], vec![r + 5.0, r]).unwrap();
             c.broadcast(&mut b, 2).unwrap();
             c.barrier().unwrap();

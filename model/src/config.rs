@@ -57,10 +57,9 @@ impl ConfigReader {
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         match self.raw(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.error(key, format!("must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.error(key, format!("must be a non-negative integer, found {v}"))
+            }),
         }
     }
 
@@ -102,7 +101,10 @@ impl ConfigReader {
                 .iter()
                 .map(|v| {
                     v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                        self.error(key, format!("must be a list of non-negative integers, found {v}"))
+                        self.error(
+                            key,
+                            format!("must be a list of non-negative integers, found {v}"),
+                        )
                     })
                 })
                 .collect(),

@@ -29,12 +29,11 @@ impl SafetensorsFile {
         // SAFETY: the file is opened read-only and we only read it; a concurrent writer truncating
         // it is outside what this program supports (checkpoints are immutable inputs).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-            Error::SafeTensors {
+        let (n, meta) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::SafeTensors {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             mmap,
@@ -77,7 +76,10 @@ impl SafetensorsFile {
         let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
             Error::input(
                 name,
-                format!("dtype {:?} is not supported; use F32, BF16 or F16", info.dtype),
+                format!(
+                    "dtype {:?} is not supported; use F32, BF16 or F16",
+                    info.dtype
+                ),
             )
         })?;
         Ok((info.shape.clone(), decode(dtype, self.bytes(info)).to_f32()))
@@ -260,7 +262,9 @@ impl Checkpoint {
                 &single,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("no weights: expected {stem}.safetensors or {stem}.safetensors.index.json"),
+                    format!(
+                        "no weights: expected {stem}.safetensors or {stem}.safetensors.index.json"
+                    ),
                 ),
             ));
         }
@@ -280,7 +284,11 @@ impl Checkpoint {
         self.index.keys().map(|s| s.as_str()).collect()
     }
 
-    fn locate(&self, name: &str, expected: &[usize]) -> Result<(&SafetensorsFile, &TensorInfo, DType)> {
+    fn locate(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<(&SafetensorsFile, &TensorInfo, DType)> {
         let missing = || Error::MissingTensor {
             dir: self.dir.clone(),
             name: name.to_string(),

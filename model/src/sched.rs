@@ -29,7 +29,10 @@ pub trait Sampler: Send {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SchedulerConfig {
     UniPc(UniPcConfig),
-    FlowMatchEuler { shift: f64, num_train_timesteps: usize },
+    FlowMatchEuler {
+        shift: f64,
+        num_train_timesteps: usize,
+    },
 }
 
 /// The `UniPCMultistepScheduler` options the flow path uses.
@@ -63,11 +66,24 @@ impl SchedulerConfig {
                     c.str_or("prediction_type", "epsilon")? == "flow_prediction",
                     "\"flow_prediction\"",
                 )?;
-                must("use_flow_sigmas", c.bool_or("use_flow_sigmas", false)?, "true")?;
+                must(
+                    "use_flow_sigmas",
+                    c.bool_or("use_flow_sigmas", false)?,
+                    "true",
+                )?;
                 must("predict_x0", c.bool_or("predict_x0", true)?, "true")?;
-                must("solver_type", c.str_or("solver_type", "bh2")? == "bh2", "\"bh2\"")?;
+                must(
+                    "solver_type",
+                    c.str_or("solver_type", "bh2")? == "bh2",
+                    "\"bh2\"",
+                )?;
                 must("thresholding", !c.bool_or("thresholding", false)?, "false")?;
-                for key in ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_dynamic_shifting"] {
+                for key in [
+                    "use_karras_sigmas",
+                    "use_exponential_sigmas",
+                    "use_beta_sigmas",
+                    "use_dynamic_shifting",
+                ] {
                     must(key, !c.bool_or(key, false)?, "false")?;
                 }
                 let final_type = c.str_or("final_sigmas_type", "zero")?;
@@ -133,7 +149,10 @@ impl SchedulerConfig {
     /// The same scheduler with another shift (`--flow-shift`).
     pub fn with_shift(mut self, shift: f64) -> Result<Self> {
         if !(shift.is_finite() && shift > 0.0) {
-            return Err(Error::input("flow_shift", format!("{shift} must be a positive number")));
+            return Err(Error::input(
+                "flow_shift",
+                format!("{shift} must be a positive number"),
+            ));
         }
         match &mut self {
             SchedulerConfig::UniPc(u) => u.flow_shift = shift,
@@ -168,7 +187,10 @@ fn positive(c: &ConfigReader, key: &str, default: f64) -> Result<f64> {
 fn train_steps(c: &ConfigReader) -> Result<usize> {
     let n = c.usize_or("num_train_timesteps", 1000)?;
     if n < 2 {
-        return Err(c.error("num_train_timesteps", format!("must be at least 2, found {n}")));
+        return Err(c.error(
+            "num_train_timesteps",
+            format!("must be at least 2, found {n}"),
+        ));
     }
     Ok(n)
 }
@@ -188,7 +210,10 @@ fn check_len(velocity: &[f32], x: &[f32]) -> Result<()> {
 }
 
 fn done_error(n: usize) -> Error {
-    Error::input("step", format!("the sampler has already taken all {n} steps"))
+    Error::input(
+        "step",
+        format!("the sampler has already taken all {n} steps"),
+    )
 }
 
 /// `UniPCMultistepScheduler` with flow sigmas, x0 prediction and the bh2 update.
@@ -364,7 +389,7 @@ impl FlowMatchEuler {
         let ntrain = num_train_timesteps as f32;
         // Training sigmas are built in f32 and shifted once; their ends bound the schedule.
         let shift32 = |s: f32| shift as f32 * s / (1.0 + (shift as f32 - 1.0) * s);
-        let sigma_max = shift32(ntrain / ntrain) as f64;
+        let sigma_max = shift32(1.0) as f64;
         let sigma_min = shift32(1.0 / ntrain) as f64;
         let (t0, t1) = (sigma_max * ntrain as f64, sigma_min * ntrain as f64);
         let n = steps;

@@ -67,7 +67,8 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut Tensors)) {
 
 fn edit_config(dir: &Path, key: &str, value: serde_json::Value) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     v[key] = value;
     std::fs::write(&p, v.to_string()).unwrap();
 }
@@ -91,23 +92,35 @@ fn missing_tensor_is_named() {
     rewrite(&weights(&dir), |m| {
         m.remove("blocks.1.attn2.to_k.weight");
     });
-    assert_has(&load_err(&dir, 1), &["missing tensor", "blocks.1.attn2.to_k.weight", "[64, 64]"]);
+    assert_has(
+        &load_err(&dir, 1),
+        &["missing tensor", "blocks.1.attn2.to_k.weight", "[64, 64]"],
+    );
 }
 
 #[test]
 fn extra_tensor_is_named() {
     let (_t, dir) = copy_tiny();
     rewrite(&weights(&dir), |m| {
-        m.insert("blocks.7.attn1.to_q.weight".into(), (Dtype::F32, vec![1], vec![0; 4]));
+        m.insert(
+            "blocks.7.attn1.to_q.weight".into(),
+            (Dtype::F32, vec![1], vec![0; 4]),
+        );
     });
-    assert_has(&load_err(&dir, 1), &["unexpected tensor", "blocks.7.attn1.to_q.weight"]);
+    assert_has(
+        &load_err(&dir, 1),
+        &["unexpected tensor", "blocks.7.attn1.to_q.weight"],
+    );
 }
 
 #[test]
 fn wrong_shape_names_expected_and_found() {
     let (_t, dir) = copy_tiny();
     rewrite(&weights(&dir), |m| {
-        m.insert("proj_out.bias".into(), (Dtype::F32, vec![63], vec![0; 63 * 4]));
+        m.insert(
+            "proj_out.bias".into(),
+            (Dtype::F32, vec![63], vec![0; 63 * 4]),
+        );
     });
     assert_has(&load_err(&dir, 1), &["proj_out.bias", "[64]", "[63]"]);
 }
@@ -116,9 +129,15 @@ fn wrong_shape_names_expected_and_found() {
 fn wrong_dtype_is_named() {
     let (_t, dir) = copy_tiny();
     rewrite(&weights(&dir), |m| {
-        m.insert("scale_shift_table".into(), (Dtype::I32, vec![1, 2, 64], vec![0; 128 * 4]));
+        m.insert(
+            "scale_shift_table".into(),
+            (Dtype::I32, vec![1, 2, 64], vec![0; 128 * 4]),
+        );
     });
-    assert_has(&load_err(&dir, 1), &["scale_shift_table", "I32", "F32, BF16, F16"]);
+    assert_has(
+        &load_err(&dir, 1),
+        &["scale_shift_table", "I32", "F32, BF16, F16"],
+    );
 }
 
 #[test]
@@ -145,11 +164,27 @@ fn truncated_weights_file_is_an_error() {
 #[test]
 fn configs_the_code_cannot_run_name_the_key() {
     let cases: [(&str, serde_json::Value, &[&str]); 6] = [
-        ("attention_head_dim", 31.into(), &["attention_head_dim", "even"]),
+        (
+            "attention_head_dim",
+            31.into(),
+            &["attention_head_dim", "even"],
+        ),
         ("image_dim", 1280.into(), &["image_dim", "not supported"]),
-        ("num_attention_heads", "two".into(), &["num_attention_heads", "integer"]),
-        ("_class_name", "UNet3DConditionModel".into(), &["_class_name", "WanTransformer3DModel"]),
-        ("patch_size", serde_json::json!([1, 2]), &["patch_size", "three"]),
+        (
+            "num_attention_heads",
+            "two".into(),
+            &["num_attention_heads", "integer"],
+        ),
+        (
+            "_class_name",
+            "UNet3DConditionModel".into(),
+            &["_class_name", "WanTransformer3DModel"],
+        ),
+        (
+            "patch_size",
+            serde_json::json!([1, 2]),
+            &["patch_size", "three"],
+        ),
         ("eps", (-1.0).into(), &["eps"]),
     ];
     for (key, value, parts) in cases {
@@ -162,7 +197,10 @@ fn configs_the_code_cannot_run_name_the_key() {
 #[test]
 fn tp_must_divide_heads() {
     let (_t, dir) = copy_tiny();
-    assert_has(&load_err(&dir, 3), &["tp = 3", "num_attention_heads (2)", "allowed: 1, 2"]);
+    assert_has(
+        &load_err(&dir, 3),
+        &["tp = 3", "num_attention_heads (2)", "allowed: 1, 2"],
+    );
 }
 
 #[test]
@@ -174,21 +212,52 @@ fn bad_forward_inputs_are_named() {
     let forward = |shape: &[usize], ts: &[f32], ctx: &TextContext<Cpu>| -> String {
         let n = shape.iter().product();
         let latents = Cpu.upload_f32(shape, vec![0.1; n]).unwrap();
-        match model.forward(&comm, &DitInputs { latents: &latents, timesteps: ts, context: ctx }) {
+        match model.forward(
+            &comm,
+            &DitInputs {
+                latents: &latents,
+                timesteps: ts,
+                context: ctx,
+            },
+        ) {
             Ok(_) => panic!("forward with {shape:?} / {ts:?} should fail"),
             Err(e) => e.to_string(),
         }
     };
-    assert_has(&forward(&[2, 16, 1, 4, 4], &[1.0], &ctx), &["timestep", "has 1 values", "(2)"]);
-    assert_has(&forward(&[2, 16, 1, 4, 4], &[1.0, f32::NAN], &ctx), &["timestep", "NaN"]);
-    assert_has(&forward(&[2, 15, 1, 4, 4], &[1.0, 2.0], &ctx), &["hidden_states", "16"]);
-    assert_has(&forward(&[2, 16, 1, 4, 5], &[1.0, 2.0], &ctx), &["hidden_states", "width 5", "patch"]);
-    assert_has(&forward(&[2, 16, 1, 4], &[1.0, 2.0], &ctx), &["hidden_states", "[batch"]);
-    assert_has(&forward(&[2, 16, 1, 66, 4], &[1.0, 2.0], &ctx), &["rope_max_seq_len"]);
+    assert_has(
+        &forward(&[2, 16, 1, 4, 4], &[1.0], &ctx),
+        &["timestep", "has 1 values", "(2)"],
+    );
+    assert_has(
+        &forward(&[2, 16, 1, 4, 4], &[1.0, f32::NAN], &ctx),
+        &["timestep", "NaN"],
+    );
+    assert_has(
+        &forward(&[2, 15, 1, 4, 4], &[1.0, 2.0], &ctx),
+        &["hidden_states", "16"],
+    );
+    assert_has(
+        &forward(&[2, 16, 1, 4, 5], &[1.0, 2.0], &ctx),
+        &["hidden_states", "width 5", "patch"],
+    );
+    assert_has(
+        &forward(&[2, 16, 1, 4], &[1.0, 2.0], &ctx),
+        &["hidden_states", "[batch"],
+    );
+    assert_has(
+        &forward(&[2, 16, 1, 66, 4], &[1.0, 2.0], &ctx),
+        &["rope_max_seq_len"],
+    );
     let wide = TextContext::from_host(&Cpu, 2, 4, 31, &[0.5; 2 * 4 * 31]).unwrap();
-    assert_has(&forward(&[2, 16, 1, 4, 4], &[1.0, 2.0], &wide), &["encoder_hidden_states", "text_dim 32"]);
+    assert_has(
+        &forward(&[2, 16, 1, 4, 4], &[1.0, 2.0], &wide),
+        &["encoder_hidden_states", "text_dim 32"],
+    );
     let one = TextContext::from_host(&Cpu, 1, 4, 32, &[0.5; 4 * 32]).unwrap();
-    assert_has(&forward(&[2, 16, 1, 4, 4], &[1.0, 2.0], &one), &["encoder_hidden_states", "batch 1"]);
+    assert_has(
+        &forward(&[2, 16, 1, 4, 4], &[1.0, 2.0], &one),
+        &["encoder_hidden_states", "batch 1"],
+    );
     let bad = TextContext::from_host(&Cpu, 1, 4, 32, &[f32::INFINITY; 4 * 32]);
     assert!(bad.is_err_and(|e| e.to_string().contains("finite")));
 }

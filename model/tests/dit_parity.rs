@@ -42,17 +42,24 @@ fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn check_all_tp(name: &str) {
-    let cfg = WanConfig::from_file(&fixture(&format!("dit/{name}/transformer/config.json"))).unwrap();
+    let cfg =
+        WanConfig::from_file(&fixture(&format!("dit/{name}/transformer/config.json"))).unwrap();
     let heads = cfg.num_attention_heads;
     let mut tested = vec![];
-    for tp in (1..=heads).filter(|t| heads % t == 0) {
+    for tp in (1..=heads).filter(|t| heads.is_multiple_of(*t)) {
         let (got, expected) = run(name, tp);
         let err = rel_l2(&got, &expected);
         eprintln!("dit {name} tp={tp}: relative L2 error {err:.3e}");
-        assert!(err <= TOLERANCE, "{name} tp={tp}: relative L2 error {err:.3e} > {TOLERANCE:e}");
+        assert!(
+            err <= TOLERANCE,
+            "{name} tp={tp}: relative L2 error {err:.3e} > {TOLERANCE:e}"
+        );
         tested.push(tp);
     }
-    assert!(tested.len() > 1 || heads == 1, "{name}: only tp {tested:?} tested");
+    assert!(
+        tested.len() > 1 || heads == 1,
+        "{name}: only tp {tested:?} tested"
+    );
 }
 
 #[test]

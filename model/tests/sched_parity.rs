@@ -21,8 +21,18 @@ fn check(name: &str) {
     let mut s = cfg.build(steps).unwrap();
     let e_sig = rel_l2(s.sigmas(), &sigmas);
     let e_ts = rel_l2(s.timesteps(), &timesteps);
-    assert!(e_sig <= TOLERANCE, "{name}: sigmas {:?} vs {:?}", s.sigmas(), sigmas);
-    assert!(e_ts <= TOLERANCE, "{name}: timesteps {:?} vs {:?}", s.timesteps(), timesteps);
+    assert!(
+        e_sig <= TOLERANCE,
+        "{name}: sigmas {:?} vs {:?}",
+        s.sigmas(),
+        sigmas
+    );
+    assert!(
+        e_ts <= TOLERANCE,
+        "{name}: timesteps {:?} vs {:?}",
+        s.timesteps(),
+        timesteps
+    );
     let n = x_init.len();
     let mut x = x_init;
     let mut worst = 0.0f64;
@@ -30,9 +40,15 @@ fn check(name: &str) {
         s.step(&velocities[i * n..(i + 1) * n], &mut x).unwrap();
         let err = rel_l2(&x, &samples[i * n..(i + 1) * n]);
         worst = worst.max(err);
-        assert!(err <= TOLERANCE, "{name}: step {i}: relative L2 error {err:.3e}");
+        assert!(
+            err <= TOLERANCE,
+            "{name}: step {i}: relative L2 error {err:.3e}"
+        );
     }
-    assert!(s.step(&velocities[..n], &mut x).is_err(), "a step past the end must fail");
+    assert!(
+        s.step(&velocities[..n], &mut x).is_err(),
+        "a step past the end must fail"
+    );
     eprintln!("sched {name}: sigmas {e_sig:.2e}, timesteps {e_ts:.2e}, worst step {worst:.3e}");
 }
 

@@ -145,14 +145,23 @@ impl Cpu {
     }
 
     /// Per-batch rows `[B, D]` of a modulation table `[B, C, D]`.
-    fn mod_rows<'a>(&self, m: &'a ModRow<'_, Self>, batch: usize, d: usize) -> Result<Vec<&'a [f32]>> {
+    fn mod_rows<'a>(
+        &self,
+        m: &'a ModRow<'_, Self>,
+        batch: usize,
+        d: usize,
+    ) -> Result<Vec<&'a [f32]>> {
         let t = m.table;
         expect_rank("modulation", t, 3)?;
         let [b, c, dd] = [t.shape()[0], t.shape()[1], t.shape()[2]];
         if b != batch || dd != d || m.index >= c {
             return Err(Error::shape(
                 "modulation",
-                format!("table {:?}, row {}, for batch {batch} width {d}", t.shape(), m.index),
+                format!(
+                    "table {:?}, row {}, for batch {batch} width {d}",
+                    t.shape(),
+                    m.index
+                ),
             ));
         }
         let data = t.buf.f32("modulation")?;
@@ -291,7 +300,11 @@ impl Backend for Cpu {
         if x != c * d && x != d {
             return Err(Error::shape(
                 "modulation_table",
-                format!("table {:?} with projection {:?}", table.shape(), proj.shape()),
+                format!(
+                    "table {:?} with projection {:?}",
+                    table.shape(),
+                    proj.shape()
+                ),
             ));
         }
         let t = table.buf.to_f32();
@@ -300,7 +313,12 @@ impl Backend for Cpu {
         for bi in 0..b {
             for ci in 0..c {
                 let off = if x == d { bi * d } else { (bi * c + ci) * d };
-                out.extend(t[ci * d..(ci + 1) * d].iter().zip(&p[off..off + d]).map(|(a, b)| a + b));
+                out.extend(
+                    t[ci * d..(ci + 1) * d]
+                        .iter()
+                        .zip(&p[off..off + d])
+                        .map(|(a, b)| a + b),
+                );
             }
         }
         Ok(self.tensor(vec![b, c, d], out))
@@ -317,11 +335,20 @@ impl Backend for Cpu {
         let [b, l, d] = [x.shape()[0], x.shape()[1], x.shape()[2]];
         let xs = x.buf.f32("layer_norm")?;
         let aff = affine.map(|(w, bb)| (w.buf.to_f32(), bb.buf.to_f32()));
-        if aff.as_ref().is_some_and(|(w, bb)| w.len() != d || bb.len() != d) {
-            return Err(Error::shape("layer_norm", "affine parameters must have width D"));
+        if aff
+            .as_ref()
+            .is_some_and(|(w, bb)| w.len() != d || bb.len() != d)
+        {
+            return Err(Error::shape(
+                "layer_norm",
+                "affine parameters must have width D",
+            ));
         }
         let mods = match &modulation {
-            Some(m) => Some((self.mod_rows(&m.shift, b, d)?, self.mod_rows(&m.scale, b, d)?)),
+            Some(m) => Some((
+                self.mod_rows(&m.shift, b, d)?,
+                self.mod_rows(&m.scale, b, d)?,
+            )),
             None => None,
         };
         let mut out = vec![0.0f32; xs.len()];
@@ -402,7 +429,12 @@ impl Backend for Cpu {
         if weight.numel() != d || sumsq.numel() * d != x.numel() {
             return Err(Error::shape(
                 "rms_apply",
-                format!("x {:?}, sumsq {:?}, weight {:?}", x.shape(), sumsq.shape(), weight.shape()),
+                format!(
+                    "x {:?}, sumsq {:?}, weight {:?}",
+                    x.shape(),
+                    sumsq.shape(),
+                    weight.shape()
+                ),
             ));
         }
         let w = weight.buf.to_f32();
@@ -422,7 +454,12 @@ impl Backend for Cpu {
         if cos.numel() != l * d / 2 || sin.numel() != l * d / 2 || d % 2 != 0 {
             return Err(Error::shape(
                 "rope",
-                format!("x {:?}, tables {:?}/{:?}", x.shape(), cos.shape(), sin.shape()),
+                format!(
+                    "x {:?}, tables {:?}/{:?}",
+                    x.shape(),
+                    cos.shape(),
+                    sin.shape()
+                ),
             ));
         }
         let (c, s) = (cos.buf.f32("rope")?, sin.buf.f32("rope")?);
@@ -477,7 +514,11 @@ impl Backend for Cpu {
                 ),
             ));
         }
-        let (qs, ks, vs) = (q.buf.f32("attention")?, k.buf.f32("attention")?, v.buf.f32("attention")?);
+        let (qs, ks, vs) = (
+            q.buf.f32("attention")?,
+            k.buf.f32("attention")?,
+            v.buf.f32("attention")?,
+        );
         let mult = match key_multiplicity {
             Some(m) => Some(m.buf.f32("attention")?),
             None => None,
@@ -491,7 +532,7 @@ impl Backend for Cpu {
         let dst = SharedMut(out.as_mut_ptr());
         let out_len = out.len();
         (0..b * h * chunks).into_par_iter().for_each_init(
-            || Vec::<f32>::new(),
+            Vec::<f32>::new,
             |scores, task| {
                 let bi = task / (h * chunks);
                 let hi = (task / chunks) % h;
@@ -501,14 +542,39 @@ impl Backend for Cpu {
                 let qoff = (bi * lq + q0) * hd + hi * d;
                 let koff = bi * lk * hd + hi * d;
                 gemm_strided(
-                    rows, lk, d, scores, lk, &qs[qoff..], hd, 1, &ks[koff..], 1, hd, scale, false,
+                    rows,
+                    lk,
+                    d,
+                    scores,
+                    lk,
+                    &qs[qoff..],
+                    hd,
+                    1,
+                    &ks[koff..],
+                    1,
+                    hd,
+                    scale,
+                    false,
                 );
                 kernels::softmax_rows(scores, lk, mult.map(|m| &m[bi * lk..(bi + 1) * lk]));
                 // SAFETY: this task writes rows q0..q0+rows of head hi in batch item bi of the
                 // output, elements no other task writes; `out` lives until the scope ends.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(qoff), out_len - qoff) };
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(qoff), out_len - qoff) };
                 gemm_strided(
-                    rows, d, lk, o, hd, scores, lk, 1, &vs[koff..], hd, 1, 1.0, false,
+                    rows,
+                    d,
+                    lk,
+                    o,
+                    hd,
+                    scores,
+                    lk,
+                    1,
+                    &vs[koff..],
+                    hd,
+                    1,
+                    1.0,
+                    false,
                 );
             },
         );
@@ -533,7 +599,8 @@ impl Backend for Cpu {
             for ci in 0..c {
                 for kt in 0..pt {
                     for kh in 0..ph {
-                        let base = (((bi * c + ci) * f + fi * pt + kt) * hh + hi * ph + kh) * ww + wi * pw;
+                        let base =
+                            (((bi * c + ci) * f + fi * pt + kt) * hh + hi * ph + kh) * ww + wi * pw;
                         o[idx..idx + pw].copy_from_slice(&xs[base..base + pw]);
                         idx += pw;
                     }
@@ -557,28 +624,33 @@ impl Backend for Cpu {
         if l != gf * gh * gw || feat != pt * ph * pw * channels {
             return Err(Error::shape(
                 "unpatchify",
-                format!("{:?} for grid {grid:?}, patch {patch:?}, {channels} channels", y.shape()),
+                format!(
+                    "{:?} for grid {grid:?}, patch {patch:?}, {channels} channels",
+                    y.shape()
+                ),
             ));
         }
         let [f, hh, ww] = [gf * pt, gh * ph, gw * pw];
         let ys = y.buf.f32("unpatchify")?;
         let mut out = vec![0.0f32; b * channels * f * hh * ww];
         // One task per (batch, channel, frame) plane.
-        out.par_chunks_mut(hh * ww).enumerate().for_each(|(plane, o)| {
-            let bi = plane / (channels * f);
-            let ci = (plane / f) % channels;
-            let fr = plane % f;
-            let (fi, kt) = (fr / pt, fr % pt);
-            for r in 0..hh {
-                let (hi, kh) = (r / ph, r % ph);
-                for col in 0..ww {
-                    let (wi, kw) = (col / pw, col % pw);
-                    let tok = (fi * gh + hi) * gw + wi;
-                    let fidx = ((kt * ph + kh) * pw + kw) * channels + ci;
-                    o[r * ww + col] = ys[(bi * l + tok) * feat + fidx];
+        out.par_chunks_mut(hh * ww)
+            .enumerate()
+            .for_each(|(plane, o)| {
+                let bi = plane / (channels * f);
+                let ci = (plane / f) % channels;
+                let fr = plane % f;
+                let (fi, kt) = (fr / pt, fr % pt);
+                for r in 0..hh {
+                    let (hi, kh) = (r / ph, r % ph);
+                    for col in 0..ww {
+                        let (wi, kw) = (col / pw, col % pw);
+                        let tok = (fi * gh + hi) * gw + wi;
+                        let fidx = ((kt * ph + kh) * pw + kw) * channels + ci;
+                        o[r * ww + col] = ys[(bi * l + tok) * feat + fidx];
+                    }
                 }
-            }
-        });
+            });
         Ok(self.tensor(vec![b, channels, f, hh, ww], out))
     }
 }

@@ -265,7 +265,9 @@ mod tests {
     fn gelu_and_silu_match_formulas() {
         for i in -400..400 {
             let x = i as f32 * 0.025;
-            let g = 0.5 * x * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            let g = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
             assert!((gelu_tanh(x) - g).abs() < 1e-6, "gelu({x})");
             assert!((silu(x) - x / (1.0 + (-x).exp())).abs() < 1e-6, "silu({x})");
         }

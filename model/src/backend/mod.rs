@@ -198,11 +198,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> Result<Tensor<Self>>;
 }
 
-pub(crate) fn expect_rank<B: Backend>(
-    op: &'static str,
-    t: &Tensor<B>,
-    rank: usize,
-) -> Result<()> {
+pub(crate) fn expect_rank<B: Backend>(op: &'static str, t: &Tensor<B>, rank: usize) -> Result<()> {
     if t.shape().len() != rank {
         return Err(Error::shape(
             op,

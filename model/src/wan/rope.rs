@@ -43,7 +43,11 @@ impl RopeTables {
 
     /// Per-token tables `[L, d/2]` for a grid of (frames, rows, columns), token index
     /// `(f·H + h)·W + w`, positions starting at 0 on every axis.
-    pub fn for_grid<B: Backend>(&self, backend: &B, grid: [usize; 3]) -> Result<(Tensor<B>, Tensor<B>)> {
+    pub fn for_grid<B: Backend>(
+        &self,
+        backend: &B,
+        grid: [usize; 3],
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
         if let Some(axis) = (0..3).find(|&a| grid[a] > self.max_len) {
             return Err(Error::input(
                 "hidden_states",

@@ -31,11 +31,20 @@ pub struct TextContext<B: Backend> {
 
 impl<B: Backend> TextContext<B> {
     /// From host data `[batch, seq_len, dim]`, compressing each item's trailing zero rows.
-    pub fn from_host(backend: &B, batch: usize, seq_len: usize, dim: usize, data: &[f32]) -> Result<Self> {
+    pub fn from_host(
+        backend: &B,
+        batch: usize,
+        seq_len: usize,
+        dim: usize,
+        data: &[f32],
+    ) -> Result<Self> {
         if data.len() != batch * seq_len * dim || batch == 0 || seq_len == 0 || dim == 0 {
             return Err(Error::input(
                 "encoder_hidden_states",
-                format!("{} values for [batch {batch}, seq {seq_len}, dim {dim}]", data.len()),
+                format!(
+                    "{} values for [batch {batch}, seq {seq_len}, dim {dim}]",
+                    data.len()
+                ),
             ));
         }
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
@@ -176,7 +185,9 @@ impl<B: Backend> WanTransformer<B> {
         let cfg = WanConfig::from_file(&dir.join("config.json"))?;
         Self::check_parallelism(&cfg, world)?;
         if rank >= world {
-            return Err(Error::Parallel(format!("rank {rank} of a group of {world}")));
+            return Err(Error::Parallel(format!(
+                "rank {rank} of a group of {world}"
+            )));
         }
         let ckpt = Checkpoint::open(dir, "diffusion_pytorch_model")?;
         let ld = WeightLoader::new(&ckpt, backend, rank, world);
@@ -268,10 +279,10 @@ impl<B: Backend> WanTransformer<B> {
     pub fn check_parallelism(cfg: &WanConfig, world: usize) -> Result<()> {
         let heads = cfg.num_attention_heads;
         let allowed: Vec<String> = (1..=heads)
-            .filter(|t| heads % t == 0)
+            .filter(|t| heads.is_multiple_of(*t))
             .map(|t| t.to_string())
             .collect();
-        if world == 0 || heads % world != 0 {
+        if world == 0 || !heads.is_multiple_of(world) {
             return Err(Error::Parallel(format!(
                 "tp = {world} must divide num_attention_heads ({heads}); allowed: {}",
                 allowed.join(", ")
@@ -320,24 +331,40 @@ impl<B: Backend> WanTransformer<B> {
             ));
         }
         if s[0] == 0 || s[2] == 0 || s[3] == 0 || s[4] == 0 {
-            return Err(Error::input("hidden_states", format!("shape {s:?} has an empty dimension")));
+            return Err(Error::input(
+                "hidden_states",
+                format!("shape {s:?} has an empty dimension"),
+            ));
         }
-        for (axis, (&n, p)) in ["frames", "height", "width"].iter().zip(s[2..].iter().zip([pt, ph, pw])) {
+        for (axis, (&n, p)) in ["frames", "height", "width"]
+            .iter()
+            .zip(s[2..].iter().zip([pt, ph, pw]))
+        {
             if n % p != 0 {
                 return Err(Error::input(
                     "hidden_states",
-                    format!("{axis} {n} is not a multiple of the patch size {p} (patch_size {:?})", self.cfg.patch_size),
+                    format!(
+                        "{axis} {n} is not a multiple of the patch size {p} (patch_size {:?})",
+                        self.cfg.patch_size
+                    ),
                 ));
             }
         }
         if inputs.timesteps.len() != s[0] {
             return Err(Error::input(
                 "timestep",
-                format!("has {} values; expected one per batch item ({})", inputs.timesteps.len(), s[0]),
+                format!(
+                    "has {} values; expected one per batch item ({})",
+                    inputs.timesteps.len(),
+                    s[0]
+                ),
             ));
         }
         if let Some(t) = inputs.timesteps.iter().find(|t| !t.is_finite()) {
-            return Err(Error::input("timestep", format!("{t} is not a finite number")));
+            return Err(Error::input(
+                "timestep",
+                format!("{t} is not a finite number"),
+            ));
         }
         let ctx = inputs.context;
         if ctx.batch() != s[0] || ctx.dim() != self.cfg.text_dim {
@@ -374,25 +401,42 @@ impl<B: Backend> WanTransformer<B> {
 
         // Patch embedding: a Conv3d with kernel = stride, as patches × weight.
         let patches = be.patchify(inputs.latents, cfg.patch_size)?;
-        let mut x = self.patch_embedding.forward(be, &patches, Activation::Identity)?;
+        let mut x = self
+            .patch_embedding
+            .forward(be, &patches, Activation::Identity)?;
         drop(patches);
 
         // Time conditioning.
-        let sinus = be.upload_f32(&[b, cfg.freq_dim], timestep_embedding(inputs.timesteps, cfg.freq_dim))?;
+        let sinus = be.upload_f32(
+            &[b, cfg.freq_dim],
+            timestep_embedding(inputs.timesteps, cfg.freq_dim),
+        )?;
         let h = self.time_1.forward(be, &sinus, Activation::Silu)?;
         let temb = self.time_2.forward(be, &h, Activation::Identity)?;
         let mut temb_act = be.slice_rows(&temb, 0, b)?;
         be.activate(&mut temb_act, Activation::Silu)?;
-        let tproj = self.time_proj.forward(be, &temb_act, Activation::Identity)?;
+        let tproj = self
+            .time_proj
+            .forward(be, &temb_act, Activation::Identity)?;
 
         // Text conditioning.
-        let h = self.text_1.forward(be, &inputs.context.embeds, Activation::GeluTanh)?;
+        let h = self
+            .text_1
+            .forward(be, &inputs.context.embeds, Activation::GeluTanh)?;
         let ctx = self.text_2.forward(be, &h, Activation::Identity)?;
         drop(h);
 
         let (cos, sin) = self.rope.for_grid(be, grid)?;
         for block in &self.blocks {
-            self.block(comm, block, &mut x, &ctx, &inputs.context.multiplicity, &tproj, (&cos, &sin))?;
+            self.block(
+                comm,
+                block,
+                &mut x,
+                &ctx,
+                &inputs.context.multiplicity,
+                &tproj,
+                (&cos, &sin),
+            )?;
         }
 
         // Output head: modulation from temb (not timestep_proj).
@@ -402,8 +446,14 @@ impl<B: Backend> WanTransformer<B> {
             cfg.eps,
             None,
             Some(Modulation {
-                shift: ModRow { table: &head_mod, index: 0 },
-                scale: ModRow { table: &head_mod, index: 1 },
+                shift: ModRow {
+                    table: &head_mod,
+                    index: 0,
+                },
+                scale: ModRow {
+                    table: &head_mod,
+                    index: 1,
+                },
             }),
         )?;
         let out = self.proj_out.forward(be, &n, Activation::Identity)?;
@@ -427,7 +477,15 @@ impl<B: Backend> WanTransformer<B> {
         let m = be.modulation_table(&blk.modulation, tproj)?;
         let row = |index| ModRow { table: &m, index };
 
-        let n = be.layer_norm(x, eps, None, Some(Modulation { shift: row(0), scale: row(1) }))?;
+        let n = be.layer_norm(
+            x,
+            eps,
+            None,
+            Some(Modulation {
+                shift: row(0),
+                scale: row(1),
+            }),
+        )?;
         let a = self.attention(comm, &blk.attn1, &n, &n, None, Some(rope))?;
         be.add_gated(x, &a, Some(row(2)))?;
 
@@ -435,7 +493,15 @@ impl<B: Backend> WanTransformer<B> {
         let a = self.attention(comm, &blk.attn2, &n, ctx, Some(ctx_mult), None)?;
         be.add_gated(x, &a, None)?;
 
-        let n = be.layer_norm(x, eps, None, Some(Modulation { shift: row(3), scale: row(4) }))?;
+        let n = be.layer_norm(
+            x,
+            eps,
+            None,
+            Some(Modulation {
+                shift: row(3),
+                scale: row(4),
+            }),
+        )?;
         let h = blk.ffn_up.forward(be, &n, Activation::GeluTanh)?;
         drop(n);
         let mut f = blk.ffn_down.forward(be, &h, Activation::Identity)?;

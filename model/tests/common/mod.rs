@@ -7,7 +7,9 @@ use longtake_model::io::SafetensorsFile;
 
 /// `model/tests/fixtures/<rel>`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// ‖a − b‖₂ / ‖b‖₂.

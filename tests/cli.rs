@@ -1,0 +1,147 @@
+//! The `longtake` binary's model and bench commands, run as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use longtake_model::io::SafetensorsFile;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("model/tests/fixtures")
+        .join(rel)
+}
+
+fn longtake(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_longtake"))
+        .args(args)
+        .output()
+        .expect("run longtake")
+}
+
+fn read(path: &Path, name: &str) -> Vec<f32> {
+    SafetensorsFile::open(path)
+        .unwrap()
+        .read_f32(name)
+        .unwrap()
+        .1
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn dit_forward_writes_the_reference_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, tp) in [("tiny", "2"), ("odd", "3")] {
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let dir = fixture(&format!("dit/{name}"));
+        let o = longtake(&[
+            "model",
+            "dit-forward",
+            "--transformer",
+            dir.join("transformer").to_str().unwrap(),
+            "--input",
+            dir.join("io.safetensors").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--tp",
+            tp,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = rel_l2(
+            &read(&out, "sample"),
+            &read(&dir.join("io.safetensors"), "sample"),
+        );
+        assert!(err <= 1e-5, "{name} tp={tp}: relative L2 {err:.3e}");
+        assert!(!out.with_extension("safetensors.partial").exists());
+    }
+}
+
+#[test]
+fn dit_forward_rejects_bad_tp_and_bad_inputs_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("dit/tiny");
+    let out = tmp.path().join("out.safetensors");
+    let run = |transformer: &Path, input: &Path, tp: &str| {
+        longtake(&[
+            "model",
+            "dit-forward",
+            "--transformer",
+            transformer.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--tp",
+            tp,
+        ])
+    };
+    let o = run(&dir.join("transformer"), &dir.join("io.safetensors"), "3");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("--tp") && stderr.contains("allowed: 1, 2"),
+        "{stderr}"
+    );
+
+    // An input file without the expected names lists what it holds.
+    let o = run(
+        &dir.join("transformer"),
+        &fixture("sched/unipc_n2_s3/trajectory.safetensors"),
+        "1",
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("hidden_states") && stderr.contains("x_init"),
+        "{stderr}"
+    );
+
+    // A directory that is not a checkpoint.
+    let o = run(tmp.path(), &dir.join("io.safetensors"), "1");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("config.json"), "{stderr}");
+    assert!(!out.exists(), "no output on failure");
+}
+
+#[test]
+fn bench_dit_prints_the_figure_last() {
+    let dir = fixture("dit/tiny");
+    let o = longtake(&[
+        "bench",
+        "dit",
+        "--transformer",
+        dir.join("transformer").to_str().unwrap(),
+        "--input",
+        dir.join("io.safetensors").to_str().unwrap(),
+        "--iters",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let mut parts = last.split(' ');
+    let ms: f64 = parts
+        .next()
+        .unwrap()
+        .strip_prefix("dit_forward_ms=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gf: f64 = parts
+        .next()
+        .unwrap()
+        .strip_prefix("gflops=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ms > 0.0 && gf > 0.0, "{last}");
+}
