@@ -51,11 +51,32 @@ def bench_torch(transformer: Path, inp: Path, threads: int, iters: int) -> tuple
     return statistics.median(times), times, cfg, (tuple(hidden.shape), tuple(enc.shape))
 
 
-def run_longtake(binary: str, transformer: Path, inp: Path, threads: int, iters: int) -> tuple[float, float]:
+def cpu_busy_fraction(interval: float = 0.5) -> float | None:
+    """Fraction of all CPU time that was busy over `interval` seconds (Linux /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def check_binary(binary: str) -> Path:
     path = Path(binary)
     if not path.is_file() or not os.access(path, os.X_OK):
         raise SystemExit(f"error: --longtake {binary!r} is not an executable file (build it first, "
                          f"e.g. cargo build --release)")
+    return path
+
+
+def run_longtake(binary: str, transformer: Path, inp: Path, threads: int, iters: int) -> tuple[float, float]:
+    path = check_binary(binary)
     cmd = [str(path), "bench", "dit", "--transformer", str(transformer), "--input", str(inp),
            "--iters", str(iters)]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
@@ -91,6 +112,14 @@ def main() -> None:
     ap.add_argument("--longtake", help="path to the longtake binary to compare against")
     ap.add_argument("--json", action="store_true", help="also print a JSON summary line")
     args = ap.parse_args()
+
+    if args.longtake:
+        check_binary(args.longtake)  # fail before the (slow) torch part
+    busy = cpu_busy_fraction()
+    if busy is not None and busy > 0.25:
+        print(f"warning: the CPUs were {busy:.0%} busy just before the run; other work on the machine "
+              f"makes these timings unreliable (torch's thread pool degrades badly when a core is busy)",
+              file=sys.stderr)
 
     import torch
     torch_ms, times, cfg, (hshape, eshape) = bench_torch(args.transformer, args.input, args.threads, args.iters)

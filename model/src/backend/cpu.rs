@@ -531,9 +531,9 @@ impl Backend for Cpu {
         let mut out = vec![0.0f32; b * lq * hd];
         let dst = SharedMut(out.as_mut_ptr());
         let out_len = out.len();
-        (0..b * h * chunks).into_par_iter().for_each_init(
-            Vec::<f32>::new,
-            |scores, task| {
+        (0..b * h * chunks)
+            .into_par_iter()
+            .for_each_init(Vec::<f32>::new, |scores, task| {
                 let bi = task / (h * chunks);
                 let hi = (task / chunks) % h;
                 let q0 = (task % chunks) * qc;
@@ -576,8 +576,7 @@ impl Backend for Cpu {
                     1.0,
                     false,
                 );
-            },
-        );
+            });
         Ok(self.tensor(vec![b, lq, h, d], out))
     }
 

@@ -93,6 +93,74 @@ fn apply(act: Activation, v: &mut [f32]) {
     }
 }
 
+/// Lanes of the partial sums below: enough independent accumulators for the compiler to keep one
+/// vector register per lane group without reassociating a single serial sum.
+const LANES: usize = 16;
+
+/// Σ f(x) with LANES independent accumulators (vectorises; a single accumulator would not,
+/// since float addition is not associative).
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for v in rest {
+        s += f(*v);
+    }
+    s
+}
+
+/// max(x) over the entries whose multiplicity is positive (all entries without `mult`).
+#[inline(always)]
+fn lane_max(x: &[f32], mult: Option<&[f32]>) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    match mult {
+        None => {
+            let chunks = x.chunks_exact(LANES);
+            let rest = chunks.remainder();
+            for c in chunks {
+                for i in 0..LANES {
+                    acc[i] = acc[i].max(c[i]);
+                }
+            }
+            rest.iter().fold(
+                acc.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)),
+                |a, b| a.max(*b),
+            )
+        }
+        Some(m) => x
+            .iter()
+            .zip(m)
+            .filter(|(_, m)| **m > 0.0)
+            .fold(f32::NEG_INFINITY, |a, (v, _)| a.max(*v)),
+    }
+}
+
+/// x ← e^(x − max) in place, returning Σ x, with LANES accumulators.
+#[inline(always)]
+fn exp_shift_sum(x: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp(c[i] - max);
+            acc[i] += c[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        s += *v;
+    }
+    s
+}
+
 multiversion! {
     /// `rows[r, :] = act(rows[r, :] + bias)` for a block of rows of width `bias.len()` (or `n`).
     pub fn bias_act(rows: &mut [f32], n: usize, bias: Option<&[f32]>, act: Activation) {
@@ -116,16 +184,8 @@ multiversion! {
         modulation: Option<(&[f32], &[f32])>,
     ) {
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let mut sum = 0.0f32;
-            for v in xr {
-                sum += *v;
-            }
-            let mean = sum / d as f32;
-            let mut var = 0.0f32;
-            for v in xr {
-                let c = *v - mean;
-                var += c * c;
-            }
+            let mean = lane_sum(xr, |v| v) / d as f32;
+            let var = lane_sum(xr, |v| (v - mean) * (v - mean));
             let rstd = 1.0 / (var / d as f32 + eps).sqrt();
             for (o, v) in or.iter_mut().zip(xr) {
                 *o = (*v - mean) * rstd;
@@ -164,11 +224,7 @@ multiversion! {
     /// Sum of squares of each row of width `d`.
     pub fn sum_squares_rows(x: &[f32], d: usize, out: &mut [f32]) {
         for (xr, o) in x.chunks_exact(d).zip(out.iter_mut()) {
-            let mut s = 0.0f32;
-            for v in xr {
-                s += *v * *v;
-            }
-            *o = s;
+            *o = lane_sum(xr, |v| v * v);
         }
     }
 }
@@ -190,36 +246,15 @@ multiversion! {
     /// entry's exponential is weighted by its multiplicity; entries of multiplicity 0 vanish.
     pub fn softmax_rows(s: &mut [f32], n: usize, mult: Option<&[f32]>) {
         for row in s.chunks_exact_mut(n) {
-            let mut max = f32::NEG_INFINITY;
-            match mult {
+            let max = lane_max(row, mult);
+            let sum = match mult {
+                None => exp_shift_sum(row, max),
                 Some(m) => {
-                    for (v, m) in row.iter().zip(m) {
-                        if *m > 0.0 && *v > max {
-                            max = *v;
-                        }
-                    }
+                    exp_shift_sum(row, max);
+                    row.iter_mut().zip(m).for_each(|(v, m)| *v *= *m);
+                    lane_sum(row, |v| v)
                 }
-                None => {
-                    for v in row.iter() {
-                        max = max.max(*v);
-                    }
-                }
-            }
-            let mut sum = 0.0f32;
-            match mult {
-                Some(m) => {
-                    for (v, m) in row.iter_mut().zip(m) {
-                        *v = exp(*v - max) * *m;
-                        sum += *v;
-                    }
-                }
-                None => {
-                    for v in row.iter_mut() {
-                        *v = exp(*v - max);
-                        sum += *v;
-                    }
-                }
-            }
+            };
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|v| *v *= inv);
         }
