@@ -4,6 +4,9 @@
 //! the reference) and `bench` (time them).
 
 mod dit;
+mod generate;
+mod text;
+mod vae;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,12 +39,25 @@ enum ModelCommand {
     /// One forward of the Wan transformer: IN holds `hidden_states` [B,C,F,H,W], `timestep` [B]
     /// and `encoder_hidden_states` [B,S,text_dim]; OUT gets `sample` [B,C_out,F,H,W] (f32).
     DitForward(DitForwardArgs),
+    /// Encode a prompt as WanPipeline does (clean, tokenize, UMT5, zero-pad to 512): OUT gets
+    /// `prompt_embeds` [1,512,d_model] (f32).
+    EncodeText(EncodeTextArgs),
+    /// Decode latents with the Wan VAE: IN holds `latents` [B,16,T,h,w]; OUT gets `sample`
+    /// [B,3,F,H,W] (f32, in [−1, 1]).
+    VaeDecode(vae::VaeDecodeArgs),
+    /// Generate one clip with a diffusers Wan2.1 model directory (text encoder, sampler loop
+    /// with guidance, VAE): OUT gets `latents` and `video`.
+    Generate(Box<generate::GenerateArgs>),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Time the Wan transformer forward; prints `dit_forward_ms=<median> gflops=<rate>` last.
     Dit(BenchDitArgs),
+    /// Time prompt encoding (tokenize + UMT5 + pad); prints `text_ms=<median>` last.
+    Text(BenchTextArgs),
+    /// Time the Wan VAE decode; prints `vae_ms=<median>` last.
+    Vae(vae::BenchVaeArgs),
 }
 
 #[derive(Args)]
@@ -55,7 +71,7 @@ struct DitForwardArgs {
     /// Output safetensors file (written atomically).
     #[arg(long)]
     output: PathBuf,
-    /// Tensor-parallel ranks (threads); must divide the head count and ffn_dim.
+    /// Tensor-parallel ranks (threads); must divide the head count.
     #[arg(long, default_value_t = 1)]
     tp: usize,
 }
@@ -68,10 +84,36 @@ struct BenchDitArgs {
     /// Input safetensors file, as for `model dit-forward`.
     #[arg(long)]
     input: PathBuf,
-    /// Tensor-parallel ranks (threads); must divide the head count and ffn_dim.
+    /// Tensor-parallel ranks (threads); must divide the head count.
     #[arg(long, default_value_t = 1)]
     tp: usize,
     /// Timed forwards after one warm-up.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+}
+
+#[derive(Args)]
+struct EncodeTextArgs {
+    /// A diffusers Wan model directory holding `text_encoder/` and `tokenizer/`.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Output safetensors file (written atomically).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchTextArgs {
+    /// A diffusers Wan model directory holding `text_encoder/` and `tokenizer/`.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Timed encodes after one warm-up.
     #[arg(long, default_value_t = 10)]
     iters: usize,
 }
@@ -95,7 +137,12 @@ fn main() -> ExitCode {
         Command::Model(ModelCommand::DitForward(a)) => {
             dit::forward(&a.transformer, &a.input, &a.output, a.tp)
         }
+        Command::Model(ModelCommand::EncodeText(a)) => text::encode(&a.model, &a.prompt, &a.output),
         Command::Bench(BenchCommand::Dit(a)) => dit::bench(&a.transformer, &a.input, a.tp, a.iters),
+        Command::Model(ModelCommand::VaeDecode(a)) => vae::decode(&a),
+        Command::Model(ModelCommand::Generate(a)) => generate::run(&a),
+        Command::Bench(BenchCommand::Vae(a)) => vae::bench(&a),
+        Command::Bench(BenchCommand::Text(a)) => text::bench(&a.model, &a.prompt, a.iters),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,10 @@
 //! - [`wan`]: the Wan2.1 transformer (`WanTransformer3DModel`).
 //! - [`sched`]: the flow-matching samplers (UniPC, Euler).
 //! - [`tp`]: running a tensor-parallel group of CPU ranks on threads.
+//! - [`umt5`]: the UMT5 text encoder; [`text`]: prompt cleaning, tokenizing and encoding.
+//! - [`vae`]: the Wan2.1 video autoencoder (streaming causal decoder).
+//! - [`noise`]: counter-based initial noise keyed by (seed, frame, channel, row, column).
+//! - [`pipeline`]: the single-clip text-to-video pipeline over a diffusers model directory.
 
 pub mod backend;
 pub mod comm;
@@ -19,8 +23,13 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod io;
+pub mod noise;
+pub mod pipeline;
 pub mod sched;
+pub mod text;
 pub mod tp;
+pub mod umt5;
+pub mod vae;
 pub mod wan;
 
 pub use error::{Error, Result};

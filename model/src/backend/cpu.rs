@@ -62,7 +62,7 @@ impl CpuBuffer {
 /// A raw pointer that may cross threads. Used only where parallel tasks write disjoint elements
 /// of one output buffer with strides that `par_chunks_mut` cannot express.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 // SAFETY: every user writes a set of elements disjoint from all other tasks' sets, and the
 // buffer outlives the parallel scope that uses the pointer.
 unsafe impl Send for SharedMut {}
@@ -71,23 +71,23 @@ unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
     /// Accessed through a method so closures capture the whole `Send + Sync` wrapper.
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
 /// Rows per parallel task for a row kernel over rows of width `d`: about 32K elements a task.
-fn rows_per_task(d: usize) -> usize {
+pub(crate) fn rows_per_task(d: usize) -> usize {
     (32_768 / d.max(1)).max(1)
 }
 
 /// `dst[m, n] = beta · lhs · rhs` with explicit strides. Inputs must cover the addressed ranges.
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided(
+pub(crate) fn gemm_strided(
     m: usize,
     n: usize,
     k: usize,

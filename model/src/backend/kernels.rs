@@ -308,3 +308,48 @@ mod tests {
         }
     }
 }
+
+multiversion! {
+    /// Wan's channel RMS norm of one frame `[C, HW]` (optionally then SiLU): every pixel's
+    /// channel vector scaled by `√C / max(‖x‖₂, 1e−12)` and by `gamma[c]`.
+    pub fn channel_rms_frame(x: &[f32], out: &mut [f32], c: usize, hw: usize, gamma: &[f32], silu_after: bool) {
+        let mut ss = vec![0.0f32; hw];
+        for ch in 0..c {
+            let row = &x[ch * hw..(ch + 1) * hw];
+            ss.iter_mut().zip(row).for_each(|(s, v)| *s += *v * *v);
+        }
+        let root_c = (c as f32).sqrt();
+        ss.iter_mut().for_each(|s| *s = root_c / s.sqrt().max(1e-12));
+        for ch in 0..c {
+            let g = gamma[ch];
+            let row = &x[ch * hw..(ch + 1) * hw];
+            let o = &mut out[ch * hw..(ch + 1) * hw];
+            if silu_after {
+                o.iter_mut().zip(row).zip(&ss).for_each(|((o, v), s)| *o = silu(*v * *s * g));
+            } else {
+                o.iter_mut().zip(row).zip(&ss).for_each(|((o, v), s)| *o = *v * *s * g);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `x *= y` elementwise.
+    pub fn mul_rows(x: &mut [f32], y: &[f32]) {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x *= *y);
+    }
+}
+
+multiversion! {
+    /// Softmax of each row of width `n` after adding a relative-position (Toeplitz) bias: row
+    /// `r` adds `rel[start - r..start - r + n]`, so entry `j` depends only on `j − r`.
+    pub fn softmax_rel_bias_rows(s: &mut [f32], n: usize, rel: &[f32], start: usize) {
+        for (r, row) in s.chunks_exact_mut(n).enumerate() {
+            let bias = &rel[start - r..start - r + n];
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += *b);
+            let max = lane_max(row, None);
+            let inv = 1.0 / exp_shift_sum(row, max);
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}

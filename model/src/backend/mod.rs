@@ -12,6 +12,8 @@
 
 pub mod cpu;
 mod kernels;
+pub mod text_ops;
+pub mod video_ops;
 
 use crate::dtype::{DType, HostSlice};
 use crate::error::{Error, Result};

@@ -1,0 +1,373 @@
+//! The single-clip text-to-video pipeline (diffusers `WanPipeline`, wan21.md §2): prompt
+//! encoding, the sampler loop with classifier-free guidance, de-normalisation and VAE decoding,
+//! from a diffusers model directory.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::text_ops::TextOps;
+use crate::backend::video_ops::VideoOps;
+use crate::backend::{Backend, Tensor};
+use crate::comm::Comm;
+use crate::config::ConfigReader;
+use crate::error::{Error, Result};
+use crate::noise::latent_noise;
+use crate::sched::SchedulerConfig;
+use crate::text::{PromptEmbeds, PromptEncoder};
+use crate::umt5::Umt5Config;
+use crate::vae::{VaeConfig, WanVaeDecoder};
+use crate::wan::{DitInputs, TextContext, WanConfig, WanTransformer};
+
+/// A backend that runs every part of the pipeline.
+pub trait PipelineBackend: Backend + TextOps + VideoOps {}
+impl<B: Backend + TextOps + VideoOps> PipelineBackend for B {}
+
+/// A diffusers `WanPipeline` directory, checked before anything heavy is loaded: every
+/// component present with a class this code implements, and the components agreeing on their
+/// shared sizes.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub root: PathBuf,
+    pub transformer: WanConfig,
+    pub vae: VaeConfig,
+    pub text_encoder: Umt5Config,
+    pub scheduler: SchedulerConfig,
+}
+
+impl ModelDir {
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::io(
+                root,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a directory (expected a diffusers Wan2.1 model directory)",
+                ),
+            ));
+        }
+        let index_path = root.join("model_index.json");
+        let idx = ConfigReader::open(&index_path)?;
+        idx.expect_class(&["WanPipeline"])?;
+        let expected: [(&str, &[&str]); 5] = [
+            ("transformer", &["WanTransformer3DModel"]),
+            ("vae", &["AutoencoderKLWan"]),
+            ("text_encoder", &["UMT5EncoderModel"]),
+            (
+                "tokenizer",
+                &[
+                    "T5TokenizerFast",
+                    "T5Tokenizer",
+                    "PreTrainedTokenizerFast",
+                    "AutoTokenizer",
+                ],
+            ),
+            (
+                "scheduler",
+                &["UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"],
+            ),
+        ];
+        for (name, classes) in expected {
+            let class = match idx.raw(name) {
+                Some(serde_json::Value::Array(a)) if a.len() == 2 => {
+                    a[1].as_str().unwrap_or("").to_string()
+                }
+                Some(v) => {
+                    return Err(idx.error(name, format!("must be [library, class], found {v}")));
+                }
+                None => {
+                    return Err(idx.error(
+                        name,
+                        format!(
+                            "missing; a Wan pipeline needs {name}/ ({})",
+                            classes.join(" or ")
+                        ),
+                    ));
+                }
+            };
+            if !classes.contains(&class.as_str()) {
+                return Err(idx.error(
+                    name,
+                    format!(
+                        "class {class:?} is not supported; allowed: {}",
+                        classes.join(", ")
+                    ),
+                ));
+            }
+            if !root.join(name).is_dir() {
+                return Err(Error::io(
+                    root.join(name),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("missing sub-folder {name}/ named in model_index.json"),
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = idx
+            .raw("transformer_2")
+            .filter(|v| v.as_array().is_none_or(|a| a.iter().any(|x| !x.is_null())))
+        {
+            return Err(idx.error(
+                "transformer_2",
+                format!("{v}: two-expert (Wan2.2) pipelines are not supported"),
+            ));
+        }
+        let transformer = WanConfig::from_file(&root.join("transformer/config.json"))?;
+        let vae = VaeConfig::from_file(&root.join("vae/config.json"))?;
+        let text_encoder = Umt5Config::from_file(&root.join("text_encoder/config.json"))?;
+        let scheduler = SchedulerConfig::from_file(&root.join("scheduler/scheduler_config.json"))?;
+        if text_encoder.d_model != transformer.text_dim {
+            return Err(Error::Config {
+                path: root.join("transformer/config.json"),
+                key: "text_dim".into(),
+                reason: format!(
+                    "is {}, but the text encoder's d_model is {} (text_encoder/config.json): the components do not belong together",
+                    transformer.text_dim, text_encoder.d_model
+                ),
+            });
+        }
+        if transformer.in_channels != vae.z_dim || transformer.out_channels != vae.z_dim {
+            return Err(Error::Config {
+                path: root.join("transformer/config.json"),
+                key: "in_channels".into(),
+                reason: format!(
+                    "in/out channels {}/{} must equal the VAE's z_dim {} (vae/config.json)",
+                    transformer.in_channels, transformer.out_channels, vae.z_dim
+                ),
+            });
+        }
+        Ok(ModelDir {
+            root: root.to_path_buf(),
+            transformer,
+            vae,
+            text_encoder,
+            scheduler,
+        })
+    }
+
+    /// Pixel height/width must be multiples of this.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.spatial_factor()
+            * self.transformer.patch_size[1].max(self.transformer.patch_size[2])
+    }
+}
+
+/// One clip to generate.
+#[derive(Debug, Clone)]
+pub struct ClipRequest {
+    pub prompt: String,
+    /// `None` is the reference's default, the empty prompt.
+    pub negative_prompt: Option<String>,
+    pub num_frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub flow_shift: Option<f64>,
+    pub seed: u64,
+    /// Initial latents `[1, z_dim, T, h, w]` replacing the seeded noise (for exact comparison
+    /// with a reference run).
+    pub noise: Option<(Vec<usize>, Vec<f32>)>,
+}
+
+/// A generated clip.
+pub struct Clip {
+    /// Final latents before de-normalisation, `[1, z_dim, T, h, w]`.
+    pub latents: Vec<f32>,
+    pub latents_shape: Vec<usize>,
+    /// The VAE output in [−1, 1], `[1, 3, F, H, W]`.
+    pub video: Vec<f32>,
+    pub video_shape: Vec<usize>,
+    /// Things the user should know (snapped frame count, truncated prompt).
+    pub notices: Vec<String>,
+}
+
+/// The loaded pipeline.
+pub struct WanPipeline<B: PipelineBackend> {
+    pub dir: ModelDir,
+    backend: B,
+    text: PromptEncoder<B>,
+    transformer: WanTransformer<B>,
+    vae: WanVaeDecoder<B>,
+}
+
+/// The latent shape `[z, T, h, w]` for a request, after validation; notices collect the
+/// reference's silent adjustments.
+pub fn latent_shape(
+    dir: &ModelDir,
+    req: &ClipRequest,
+    notices: &mut Vec<String>,
+) -> Result<[usize; 4]> {
+    let m = dir.size_multiple();
+    for (name, v) in [("height", req.height), ("width", req.width)] {
+        if v == 0 || v % m != 0 {
+            return Err(Error::input(
+                name,
+                format!("{v} must be a positive multiple of {m}"),
+            ));
+        }
+    }
+    if req.num_frames == 0 {
+        return Err(Error::input(
+            "num_frames",
+            "must be at least 1 (allowed: 1, 5, 9, …, 4k + 1)",
+        ));
+    }
+    let frames = (req.num_frames - 1) / 4 * 4 + 1;
+    if frames != req.num_frames {
+        notices.push(format!(
+            "num_frames {} is not of the form 4k + 1; using {frames} (as the reference does)",
+            req.num_frames
+        ));
+    }
+    if req.steps == 0 {
+        return Err(Error::input("steps", "must be at least 1"));
+    }
+    if !req.guidance.is_finite() || req.guidance < 0.0 {
+        return Err(Error::input(
+            "guidance",
+            format!(
+                "{} must be a number ≥ 0 (1 or less disables guidance)",
+                req.guidance
+            ),
+        ));
+    }
+    let f = dir.vae.spatial_factor();
+    Ok([
+        dir.vae.z_dim,
+        (frames - 1) / 4 + 1,
+        req.height / f,
+        req.width / f,
+    ])
+}
+
+impl<B: PipelineBackend> WanPipeline<B> {
+    pub fn load(root: &Path, backend: &B) -> Result<Self> {
+        let dir = ModelDir::open(root)?;
+        Ok(WanPipeline {
+            text: PromptEncoder::load(root, backend)?,
+            transformer: WanTransformer::load(&root.join("transformer"), backend, 0, 1)?,
+            vae: WanVaeDecoder::load(&root.join("vae"), backend)?,
+            backend: backend.clone(),
+            dir,
+        })
+    }
+
+    pub fn transformer(&self) -> &WanTransformer<B> {
+        &self.transformer
+    }
+
+    pub fn vae(&self) -> &WanVaeDecoder<B> {
+        &self.vae
+    }
+
+    /// Encode a prompt, noting truncation.
+    pub fn encode(
+        &self,
+        prompt: &str,
+        what: &str,
+        notices: &mut Vec<String>,
+    ) -> Result<PromptEmbeds> {
+        let e = self.text.encode_prompt(prompt)?;
+        if e.truncated {
+            notices.push(format!(
+                "{what} has {} tokens; only the first {} are used (the model's limit)",
+                e.full_len,
+                self.text.max_len()
+            ));
+        }
+        Ok(e)
+    }
+
+    /// Generate one clip; `progress(step, steps)` is called after every sampler step.
+    pub fn generate(
+        &self,
+        comm: &dyn Comm<B>,
+        req: &ClipRequest,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Clip> {
+        let mut notices = Vec::new();
+        let [z, t, h, w] = latent_shape(&self.dir, req, &mut notices)?;
+        if req.prompt.trim().is_empty() {
+            return Err(Error::input("prompt", "must not be empty"));
+        }
+        let mut x = match &req.noise {
+            Some((shape, data)) => {
+                if shape != &[1, z, t, h, w] {
+                    return Err(Error::input(
+                        "noise",
+                        format!("shape {shape:?}; this request needs [1, {z}, {t}, {h}, {w}]"),
+                    ));
+                }
+                if data.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::input("noise", "all values must be finite"));
+                }
+                data.clone()
+            }
+            None => latent_noise(req.seed, z, 0..t, h, w),
+        };
+        let cond = self.encode(&req.prompt, "the prompt", &mut notices)?;
+        let cfg = req.guidance > 1.0;
+        let mut text = cond.data.clone();
+        if cfg {
+            let neg = self.encode(
+                req.negative_prompt.as_deref().unwrap_or(""),
+                "the negative prompt",
+                &mut notices,
+            )?;
+            text.extend_from_slice(&neg.data);
+        }
+        let batch = if cfg { 2 } else { 1 };
+        let [_, s, d] = cond.shape;
+        let context = TextContext::from_host(&self.backend, batch, s, d, &text)?;
+        let scheduler = match req.flow_shift {
+            Some(shift) => self.dir.scheduler.clone().with_shift(shift)?,
+            None => self.dir.scheduler.clone(),
+        };
+        let mut sampler = scheduler.build(req.steps)?;
+        let n = x.len();
+        let timesteps = sampler.timesteps().to_vec();
+        for (i, &ts) in timesteps.iter().enumerate() {
+            let mut input = x.clone();
+            if cfg {
+                input.extend_from_slice(&x);
+            }
+            let latents: Tensor<B> = self.backend.upload_f32(&[batch, z, t, h, w], input)?;
+            let out = self.transformer.forward(
+                comm,
+                &DitInputs {
+                    latents: &latents,
+                    timesteps: &vec![ts; batch],
+                    context: &context,
+                },
+            )?;
+            let out = self.backend.download(&out)?;
+            let v: Vec<f32> = if cfg {
+                let (c, u) = out.split_at(n);
+                u.iter()
+                    .zip(c)
+                    .map(|(u, c)| u + req.guidance * (c - u))
+                    .collect()
+            } else {
+                out
+            };
+            sampler.step(&v, &mut x)?;
+            progress(i + 1, timesteps.len());
+        }
+        // De-normalise as the pipeline writes it: divide by the reciprocal of std, add mean.
+        let plane = t * h * w;
+        let mut zden = x.clone();
+        for (c, chunk) in zden.chunks_mut(plane).enumerate() {
+            let inv = 1.0f32 / self.dir.vae.latents_std[c];
+            let mean = self.dir.vae.latents_mean[c];
+            chunk.iter_mut().for_each(|v| *v = *v / inv + mean);
+        }
+        let (video_shape, video) = self.vae.decode_all(&zden, [1, z, t, h, w], 1)?;
+        Ok(Clip {
+            latents: x,
+            latents_shape: vec![1, z, t, h, w],
+            video,
+            video_shape,
+            notices,
+        })
+    }
+}

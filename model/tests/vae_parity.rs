@@ -1,0 +1,49 @@
+//! The Wan VAE decoder against diffusers' `AutoencoderKLWan.decode` on random-weight fixtures,
+//! and the streaming (chunked) decode against the one-shot decode.
+
+mod common;
+
+use common::{fixture, read, rel_l2};
+use longtake_model::backend::cpu::Cpu;
+use longtake_model::vae::WanVaeDecoder;
+
+/// Relative L2 error allowed against the reference.
+const TOLERANCE: f64 = 1e-4;
+
+fn decode(name: &str, chunk: usize) -> (Vec<f32>, Vec<f32>) {
+    let dir = fixture(&format!("vae/{name}"));
+    let io = dir.join("io.safetensors");
+    let (ls, latents) = read(&io, "latents");
+    let (ss, sample) = read(&io, "sample");
+    let vae = WanVaeDecoder::load(&dir.join("vae"), &Cpu).unwrap();
+    let (shape, got) = vae
+        .decode_all(&latents, [ls[0], ls[1], ls[2], ls[3], ls[4]], chunk)
+        .unwrap();
+    assert_eq!(shape, ss, "{name}: output shape");
+    (got, sample)
+}
+
+#[test]
+fn decode_matches_diffusers() {
+    for name in ["small", "b2", "long"] {
+        // One latent frame per call is how diffusers decodes.
+        let (got, expected) = decode(name, 1);
+        let err = rel_l2(&got, &expected);
+        eprintln!("vae {name}: relative L2 error {err:.3e}");
+        assert!(
+            err <= TOLERANCE,
+            "{name}: relative L2 error {err:.3e} > {TOLERANCE:e}"
+        );
+    }
+}
+
+#[test]
+fn chunked_decode_equals_one_shot() {
+    let (one_shot, _) = decode("long", usize::MAX);
+    for chunk in [1, 2, 4] {
+        let (chunked, _) = decode("long", chunk);
+        let err = rel_l2(&chunked, &one_shot);
+        eprintln!("vae long chunk {chunk} vs one-shot: relative L2 {err:.3e}");
+        assert!(err <= 1e-5, "chunk {chunk}: {err:.3e}");
+    }
+}

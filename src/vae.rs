@@ -1,0 +1,105 @@
+//! `longtake model vae-decode` and `longtake bench vae`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use longtake_model::backend::cpu::Cpu;
+use longtake_model::io::{SafetensorsFile, write_f32};
+use longtake_model::vae::WanVaeDecoder;
+
+#[derive(Args)]
+pub struct VaeDecodeArgs {
+    /// A diffusers `vae/` directory (config.json + diffusion_pytorch_model.safetensors).
+    #[arg(long)]
+    vae: PathBuf,
+    /// Safetensors file holding `latents` [B,16,T,h,w] as passed to `AutoencoderKLWan.decode`.
+    #[arg(long)]
+    input: PathBuf,
+    /// Safetensors file that receives `sample` [B,3,F,H,W] (f32, in [−1, 1]); written atomically.
+    #[arg(long)]
+    output: PathBuf,
+    /// Latent frames decoded per step of the stream (memory grows with it; the result does not
+    /// change).
+    #[arg(long, default_value_t = 1)]
+    chunk: usize,
+}
+
+#[derive(Args)]
+pub struct BenchVaeArgs {
+    /// A diffusers `vae/` directory.
+    #[arg(long)]
+    vae: PathBuf,
+    /// Safetensors file holding `latents` [B,16,T,h,w].
+    #[arg(long)]
+    input: PathBuf,
+    /// Timed decodes after one warm-up.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Latent frames per step of the stream.
+    #[arg(long, default_value_t = 1)]
+    chunk: usize,
+}
+
+fn read_latents(path: &Path) -> Result<([usize; 5], Vec<f32>)> {
+    let (shape, data) = SafetensorsFile::open(path)?.read_f32("latents")?;
+    let Ok(shape) = <[usize; 5]>::try_from(shape.as_slice()) else {
+        bail!(
+            "input `latents`: shape {shape:?}; expected [batch, channels, frames, height, width]"
+        );
+    };
+    Ok((shape, data))
+}
+
+fn check_chunk(chunk: usize) -> Result<()> {
+    if chunk == 0 {
+        bail!("--chunk must be at least 1 (latent frames per decoding step)");
+    }
+    Ok(())
+}
+
+pub fn decode(a: &VaeDecodeArgs) -> Result<()> {
+    check_chunk(a.chunk)?;
+    let vae = WanVaeDecoder::load(&a.vae, &Cpu)?;
+    let (shape, latents) = read_latents(&a.input)?;
+    let start = Instant::now();
+    let (out_shape, video) = vae.decode_all(&latents, shape, a.chunk)?;
+    write_f32(&a.output, &[("sample", &out_shape, &video)])?;
+    eprintln!(
+        "wrote {} (sample {out_shape:?}) in {:.1} ms",
+        a.output.display(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+pub fn bench(a: &BenchVaeArgs) -> Result<()> {
+    check_chunk(a.chunk)?;
+    if a.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let vae = WanVaeDecoder::load(&a.vae, &Cpu)?;
+    let (shape, latents) = read_latents(&a.input)?;
+    let mut times = Vec::with_capacity(a.iters);
+    for i in 0..=a.iters {
+        let t = Instant::now();
+        vae.decode_all(&latents, shape, a.chunk)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    eprintln!(
+        "vae decode of latents {shape:?}, chunk {}, {} threads; times (ms): {}",
+        a.chunk,
+        rayon::current_num_threads(),
+        times
+            .iter()
+            .map(|t| format!("{t:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    times.sort_by(f64::total_cmp);
+    println!("vae_ms={:.2}", times[times.len() / 2]);
+    Ok(())
+}
