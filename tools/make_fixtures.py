@@ -282,7 +282,7 @@ VAE_CASES = {
     "small": dict(cfg=VAE_SMALL_CFG, seed=3001, latents=[1, 16, 3, 4, 6], video=[1, 3, 9, 32, 48]),
     "b2": dict(cfg=dict(VAE_SMALL_CFG, base_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=2), seed=3002,
                latents=[2, 16, 2, 3, 5], video=[1, 3, 5, 24, 40]),
-    # 9 latent frames with the small VAE's weights (no copy: vae_dir points at ../small/vae).
+    # 9 latent frames, with a copy of the small VAE.
     "long": dict(weights_from="small", seed=3003, latents=[1, 16, 9, 2, 2]),
 }
 
@@ -298,14 +298,14 @@ def make_vae(out_root: Path, name: str, case: dict) -> None:
         vae_dir = out_root / "vae" / case["weights_from"] / "vae"
         if not vae_dir.is_dir():
             raise SystemExit(f"vae/{name} needs vae/{case['weights_from']} (generate it first)")
-        vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
-        vae_rel = f"../{case['weights_from']}/vae"
+        # A byte-identical copy (git stores it once), so that every vae/<name>/ has the same layout.
+        shutil.copytree(vae_dir, d / "vae")
+        vae = AutoencoderKLWan.from_pretrained(str(d / "vae"), torch_dtype=torch.float32).eval()
     else:
         torch.manual_seed(case["seed"])
         vae = AutoencoderKLWan(**case["cfg"]).eval()
         randomize_wan_vae(vae, case["seed"])
         vae.save_pretrained(str(d / "vae"), safe_serialization=True)
-        vae_rel = "vae"
 
     gen = torch.Generator().manual_seed(case["seed"] + 50_000)
     tensors = {"latents": torch.randn(*case["latents"], generator=gen)}
@@ -329,13 +329,13 @@ def make_vae(out_root: Path, name: str, case: dict) -> None:
             raise RuntimeError(f"vae/{name}: reloaded VAE differs by {err}")
 
     tensors = {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
-    meta = {"seed": case["seed"], "vae_dir": vae_rel,
+    meta = {"seed": case["seed"], "weights_from": case.get("weights_from", name),
             "note": "sample = AutoencoderKLWan.decode(latents).sample (frame-by-frame cached decode, clamped "
                     "to [-1,1]); posterior_mean/logvar = encode(video).latent_dist.mean/.logvar (logvar "
                     "clamped to [-30,20])"}
     save_file(tensors, str(d / "io.safetensors"), metadata=one_key_metadata(meta))
     smp = tensors["sample"]
-    print(f"vae/{name}: vae_dir={vae_rel} clamped={(smp.abs() >= 1).float().mean().item():.3%} "
+    print(f"vae/{name}: weights_from={meta['weights_from']} clamped={(smp.abs() >= 1).float().mean().item():.3%} "
           f"std(sample)={smp.std().item():.3f} params={sum(p.numel() for p in vae.parameters())}")
     print(f"  io tensors: " + ", ".join(f"{k}{list(v.shape)}" for k, v in tensors.items()))
 

@@ -1,4 +1,8 @@
 //! longtake-coordinator: the gRPC API, request validation, window planning, scheduling, job state
 //! and output assembly. It depends on `longtake-proto` only and never links the model.
 //!
-//! Only the crate boundary exists so far.
+//! # Layout
+//!
+//! - [`plan`]: the window plan and fusion weights (pure).
+
+pub mod plan;
