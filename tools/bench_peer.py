@@ -72,13 +72,14 @@ def bench_torch_text(model_dir: Path, prompt: str, threads: int, iters: int) -> 
     import torch
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from wan_common import wan_t5_prompt_embeds
+    from wan_common import wan_prompt_encoder, wan_t5_prompt_embeds
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"))
     te = UMT5EncoderModel.from_pretrained(str(model_dir / "text_encoder"), torch_dtype=torch.float32).eval()
     _, ids, _ = wan_t5_prompt_embeds(tok, te, prompt, 512)
-    times = time_calls(lambda: wan_t5_prompt_embeds(tok, te, prompt, 512), iters)
+    encode = wan_prompt_encoder(tok, te, 512)
+    times = time_calls(lambda: encode(prompt), iters)
     return statistics.median(times), times, len(ids)
 
 

@@ -146,26 +146,37 @@ def umt5_config(vocab_size: int, d_model: int = 32, d_kv: int = 8, num_heads: in
                       layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
 
 
-def wan_t5_prompt_embeds(tokenizer, text_encoder, prompt: str, max_sequence_length: int = 512):
-    """WanPipeline's text path for one prompt, via the pipeline's own code.
-
-    Returns (cleaned prompt, real input ids incl. </s>, prompt_embeds [1, max_len, D]).
-    """
-    from diffusers.pipelines.wan.pipeline_wan import WanPipeline, prompt_clean
-
-    cleaned = prompt_clean(prompt)
-    ids = tokenizer(cleaned, padding="max_length", max_length=max_sequence_length, truncation=True,
-                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    n = int(ids.attention_mask.sum())
-    real_ids = ids.input_ids[0, :n].tolist()
-    # Call the pipeline's method unbound, on a stand-in object holding the two components.
+def wan_prompt_encoder(tokenizer, text_encoder, max_sequence_length: int = 512):
+    """A callable prompt -> prompt_embeds [1, max_len, D] running WanPipeline's own text path
+    (`_get_t5_prompt_embeds`: clean, tokenize with padding to max_len, encode with the mask, keep the
+    real rows, zero-pad), called unbound on a stand-in object that holds the two components."""
+    from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
     class _Holder:
         _execution_device = torch.device("cpu")
 
     holder = _Holder()
     holder.tokenizer, holder.text_encoder = tokenizer, text_encoder
-    with torch.no_grad():
-        embeds = WanPipeline._get_t5_prompt_embeds(holder, prompt=prompt, max_sequence_length=max_sequence_length,
-                                                   device=torch.device("cpu"), dtype=torch.float32)
+
+    def encode(prompt: str) -> torch.Tensor:
+        with torch.no_grad():
+            return WanPipeline._get_t5_prompt_embeds(holder, prompt=prompt, max_sequence_length=max_sequence_length,
+                                                     device=torch.device("cpu"), dtype=torch.float32)
+
+    return encode
+
+
+def wan_t5_prompt_embeds(tokenizer, text_encoder, prompt: str, max_sequence_length: int = 512):
+    """WanPipeline's text path for one prompt.
+
+    Returns (cleaned prompt, real input ids incl. </s>, prompt_embeds [1, max_len, D]).
+    """
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    cleaned = prompt_clean(prompt)
+    ids = tokenizer(cleaned, padding="max_length", max_length=max_sequence_length, truncation=True,
+                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    n = int(ids.attention_mask.sum())
+    real_ids = ids.input_ids[0, :n].tolist()
+    embeds = wan_prompt_encoder(tokenizer, text_encoder, max_sequence_length)(prompt)
     return cleaned, real_ids, embeds
