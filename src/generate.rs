@@ -8,7 +8,7 @@ use clap::Args;
 use longtake_model::backend::cpu::Cpu;
 use longtake_model::comm::ThreadComm;
 use longtake_model::io::{SafetensorsFile, write_f32};
-use longtake_model::pipeline::{ClipRequest, WanPipeline};
+use longtake_model::pipeline::{ClipRequest, ModelDir, WanPipeline, latent_shape};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -81,6 +81,15 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         seed: a.seed,
         noise,
     };
+    // Check the directory and the request before loading any weights.
+    latent_shape(&ModelDir::open(&a.model)?, &req, &mut Vec::new())?;
+    let start = Instant::now();
+    let pipe = WanPipeline::load(&a.model, &Cpu)?;
+    eprintln!(
+        "loaded {} in {:.1} s",
+        a.model.display(),
+        start.elapsed().as_secs_f64()
+    );
     let comm = ThreadComm::group(1)?.remove(0);
     let t0 = Instant::now();
     let clip = pipe.generate(&comm, &req, |i, n| {

@@ -145,3 +145,88 @@ fn bench_dit_prints_the_figure_last() {
         .unwrap();
     assert!(ms > 0.0 && gf > 0.0, "{last}");
 }
+
+#[test]
+fn vae_decode_and_generate_match_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vae = fixture("vae/b2");
+    let out = tmp.path().join("vae.safetensors");
+    let o = longtake(&[
+        "model",
+        "vae-decode",
+        "--vae",
+        vae.join("vae").to_str().unwrap(),
+        "--input",
+        vae.join("io.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--chunk",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = rel_l2(
+        &read(&out, "sample"),
+        &read(&vae.join("io.safetensors"), "sample"),
+    );
+    assert!(err <= 1e-4, "vae-decode: {err:.3e}");
+
+    let model = fixture("pipeline/tiny");
+    let run = model.join("run_0.safetensors");
+    let out = tmp.path().join("clip.safetensors");
+    let o = longtake(&[
+        "model",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red fox running through snow",
+        "--negative-prompt",
+        "blurry",
+        "--num-frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "4",
+        "--guidance",
+        "5",
+        "--noise-file",
+        run.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let el = rel_l2(&read(&out, "latents"), &read(&run, "latents"));
+    let ev = rel_l2(&read(&out, "video"), &read(&run, "video"));
+    assert!(
+        el <= 1e-4 && ev <= 1e-3,
+        "generate: latents {el:.3e}, video {ev:.3e}"
+    );
+
+    // A bad request fails before any work and names the field.
+    let o = longtake(&[
+        "model",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--height",
+        "30",
+        "--width",
+        "48",
+        "--num-frames",
+        "5",
+        "--steps",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("height") && stderr.contains("multiple of 16"),
+        "{stderr}"
+    );
+}

@@ -287,9 +287,6 @@ impl<B: PipelineBackend> WanPipeline<B> {
     ) -> Result<Clip> {
         let mut notices = Vec::new();
         let [z, t, h, w] = latent_shape(&self.dir, req, &mut notices)?;
-        if req.prompt.trim().is_empty() {
-            return Err(Error::input("prompt", "must not be empty"));
-        }
         let mut x = match &req.noise {
             Some((shape, data)) => {
                 if shape != &[1, z, t, h, w] {
