@@ -62,13 +62,6 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         ),
         None => None,
     };
-    let start = Instant::now();
-    let pipe = WanPipeline::load(&a.model, &Cpu)?;
-    eprintln!(
-        "loaded {} in {:.1} s",
-        a.model.display(),
-        start.elapsed().as_secs_f64()
-    );
     let req = ClipRequest {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def run_longtake(binary: str, args: list[str], threads: int, pattern: re.Pattern
     path = check_binary(binary)
     cmd = [str(path), "bench", *args]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    print(f"running: RAYON_NUM_THREADS={threads} {' '.join(cmd)}", flush=True)
+    print(f"running: RAYON_NUM_THREADS={threads} {shlex.join(cmd)}", flush=True)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     except subprocess.TimeoutExpired:

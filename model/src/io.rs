@@ -147,7 +147,12 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
             self.shape
         }
         fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            if cfg!(target_endian = "little") {
+                // The in-memory bytes already are the little-endian encoding: no copy.
+                std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
+            } else {
+                self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
         }
         fn data_len(&self) -> usize {
             self.data.len() * 4
