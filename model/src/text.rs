@@ -289,19 +289,16 @@ impl<B: TextOps> PromptEncoder<B> {
         let sub = |name: &str| -> Result<PathBuf> {
             let p = model_dir.join(name);
             if p.is_dir() {
-                Ok(p)
-            } else {
-                Err(Error::io(
-                    &p,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!(
-                            "no {name}/ folder in the model directory (expected a diffusers \
-                             Wan model with text_encoder/ and tokenizer/)"
-                        ),
-                    ),
-                ))
+                return Ok(p);
             }
+            Err(Error::input(
+                model_dir.display().to_string(),
+                format!(
+                    "{} is missing; a diffusers Wan model directory holds text_encoder/ and \
+                     tokenizer/",
+                    p.display()
+                ),
+            ))
         };
         let tok_dir = sub("tokenizer")?;
         let enc_dir = sub("text_encoder")?;

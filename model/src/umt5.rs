@@ -36,10 +36,10 @@ impl Umt5Config {
     /// Read and validate `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let c = ConfigReader::open(path)?;
-        if let Some(v) = c.raw("model_type") {
-            if v.as_str() != Some("umt5") {
-                return Err(c.error("model_type", format!("{v} is not supported; use \"umt5\"")));
-            }
+        if let Some(v) = c.raw("model_type")
+            && v.as_str() != Some("umt5")
+        {
+            return Err(c.error("model_type", format!("{v} is not supported; use \"umt5\"")));
         }
         let ffp = c.str_or("feed_forward_proj", "gated-gelu")?;
         if ffp != "gated-gelu" {
@@ -80,7 +80,7 @@ impl Umt5Config {
             layer_norm_epsilon: c.f64_or("layer_norm_epsilon", 1e-6)? as f32,
         };
         let nb = cfg.relative_attention_num_buckets;
-        if nb < 4 || nb % 2 != 0 {
+        if nb < 4 || !nb.is_multiple_of(2) {
             return Err(c.error(
                 "relative_attention_num_buckets",
                 format!("must be even and at least 4 (half per direction), found {nb}"),
@@ -96,7 +96,8 @@ impl Umt5Config {
                 ),
             ));
         }
-        if !(cfg.layer_norm_epsilon > 0.0) {
+        let eps = cfg.layer_norm_epsilon;
+        if eps.is_nan() || eps <= 0.0 {
             return Err(c.error("layer_norm_epsilon", "must be a positive number"));
         }
         Ok(cfg)

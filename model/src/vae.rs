@@ -163,7 +163,7 @@ impl VaeConfig {
     }
 }
 
-/// A convolution's weights; `slot` indexes its frame cache in [`DecodeState`] when it is causal
+/// A convolution's weights; `slot` indexes its frame cache in [`StreamState`] when it is causal
 /// in time (temporal kernel > 1).
 struct Conv<B: Backend> {
     w: Tensor<B>,
@@ -197,11 +197,13 @@ struct UpBlock<B: Backend> {
     upsample: Option<Upsample<B>>,
 }
 
-/// Per-stream decoder state: each causal convolution's last input frames, and whether each
-/// temporal upsampler has passed the first frame through.
-pub struct DecodeState<B: Backend> {
+/// Per-stream state of an encoder or decoder: each causal convolution's last input frames,
+/// whether each temporal upsampler has passed the first frame through, and each temporal
+/// downsampler's last input frame.
+pub struct StreamState<B: Backend> {
     history: Vec<Option<Tensor<B>>>,
     seen_first: Vec<bool>,
+    down_last: Vec<Option<Tensor<B>>>,
 }
 
 /// The decoder half of `AutoencoderKLWan` (plus `post_quant_conv`).
@@ -276,6 +278,69 @@ impl<B: Backend> Builder<'_, B> {
             },
         })
     }
+}
+
+/// A causal convolution on a chunk, updating its frame cache.
+fn conv<B: VideoOps>(
+    be: &B,
+    c: &Conv<B>,
+    x: &Tensor<B>,
+    st: &mut StreamState<B>,
+) -> Result<Tensor<B>> {
+    let Some(slot) = c.slot else {
+        return be.conv3d_causal(x, None, &c.w, Some(&c.b));
+    };
+    let out = be.conv3d_causal(x, st.history[slot].as_ref(), &c.w, Some(&c.b))?;
+    let keep = c.w.shape()[2] - 1;
+    let t = x.shape()[0];
+    let new_hist = if t >= keep {
+        be.slice_rows(x, t - keep, keep)?
+    } else {
+        let mut parts = Vec::new();
+        if let Some(h) = st.history[slot].take() {
+            let ht = h.shape()[0];
+            let from_old = (keep - t).min(ht);
+            parts.push(be.slice_rows(&h, ht - from_old, from_old)?);
+        }
+        parts.push(be.slice_rows(x, 0, t)?);
+        be.concat_rows(&parts)?
+    };
+    st.history[slot] = Some(new_hist);
+    Ok(out)
+}
+
+fn res<B: VideoOps>(
+    be: &B,
+    r: &Res<B>,
+    x: &Tensor<B>,
+    st: &mut StreamState<B>,
+) -> Result<Tensor<B>> {
+    let h = be.channel_rms_norm(x, &r.norm1, true)?;
+    let h = conv(be, &r.conv1, &h, st)?;
+    let h = be.channel_rms_norm(&h, &r.norm2, true)?;
+    let mut h = conv(be, &r.conv2, &h, st)?;
+    match &r.shortcut {
+        Some(s) => {
+            let sc = conv(be, s, x, st)?;
+            be.add_gated(&mut h, &sc, None)?;
+        }
+        None => be.add_gated(&mut h, x, None)?,
+    }
+    Ok(h)
+}
+
+fn attn<B: VideoOps>(
+    be: &B,
+    a: &Attn<B>,
+    x: &Tensor<B>,
+    st: &mut StreamState<B>,
+) -> Result<Tensor<B>> {
+    let n = be.channel_rms_norm(x, &a.norm, false)?;
+    let qkv = conv(be, &a.qkv, &n, st)?;
+    let o = be.spatial_attention(&qkv)?;
+    let mut o = conv(be, &a.proj, &o, st)?;
+    be.add_gated(&mut o, x, None)?;
+    Ok(o)
 }
 
 impl<B: VideoOps> WanVaeDecoder<B> {
@@ -359,69 +424,19 @@ impl<B: VideoOps> WanVaeDecoder<B> {
     }
 
     /// A fresh stream state (one per video being decoded).
-    pub fn new_state(&self) -> DecodeState<B> {
-        DecodeState {
+    pub fn new_state(&self) -> StreamState<B> {
+        StreamState {
             history: (0..self.slots).map(|_| None).collect(),
             seen_first: vec![false; self.up_slots],
+            down_last: Vec::new(),
         }
-    }
-
-    /// A causal convolution on a chunk, updating its frame cache.
-    fn conv(&self, c: &Conv<B>, x: &Tensor<B>, st: &mut DecodeState<B>) -> Result<Tensor<B>> {
-        let be = &self.backend;
-        let Some(slot) = c.slot else {
-            return be.conv3d_causal(x, None, &c.w, Some(&c.b));
-        };
-        let out = be.conv3d_causal(x, st.history[slot].as_ref(), &c.w, Some(&c.b))?;
-        let keep = c.w.shape()[2] - 1;
-        let t = x.shape()[0];
-        let new_hist = if t >= keep {
-            be.slice_rows(x, t - keep, keep)?
-        } else {
-            let mut parts = Vec::new();
-            if let Some(h) = st.history[slot].take() {
-                let ht = h.shape()[0];
-                let from_old = (keep - t).min(ht);
-                parts.push(be.slice_rows(&h, ht - from_old, from_old)?);
-            }
-            parts.push(be.slice_rows(x, 0, t)?);
-            be.concat_rows(&parts)?
-        };
-        st.history[slot] = Some(new_hist);
-        Ok(out)
-    }
-
-    fn res(&self, r: &Res<B>, x: &Tensor<B>, st: &mut DecodeState<B>) -> Result<Tensor<B>> {
-        let be = &self.backend;
-        let h = be.channel_rms_norm(x, &r.norm1, true)?;
-        let h = self.conv(&r.conv1, &h, st)?;
-        let h = be.channel_rms_norm(&h, &r.norm2, true)?;
-        let mut h = self.conv(&r.conv2, &h, st)?;
-        match &r.shortcut {
-            Some(s) => {
-                let sc = self.conv(s, x, st)?;
-                be.add_gated(&mut h, &sc, None)?;
-            }
-            None => be.add_gated(&mut h, x, None)?,
-        }
-        Ok(h)
-    }
-
-    fn attn(&self, a: &Attn<B>, x: &Tensor<B>, st: &mut DecodeState<B>) -> Result<Tensor<B>> {
-        let be = &self.backend;
-        let n = be.channel_rms_norm(x, &a.norm, false)?;
-        let qkv = self.conv(&a.qkv, &n, st)?;
-        let o = be.spatial_attention(&qkv)?;
-        let mut o = self.conv(&a.proj, &o, st)?;
-        be.add_gated(&mut o, x, None)?;
-        Ok(o)
     }
 
     fn upsample(
         &self,
         u: &Upsample<B>,
         x: Tensor<B>,
-        st: &mut DecodeState<B>,
+        st: &mut StreamState<B>,
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
         let x = match &u.time {
@@ -441,7 +456,7 @@ impl<B: VideoOps> WanVaeDecoder<B> {
                 let rest = match rest {
                     Some(r) => {
                         let rt = r.shape()[0];
-                        Some(self.conv(tc, &r, st)?.reshape(&[2 * rt, c, h, w])?)
+                        Some(conv(&self.backend, tc, &r, st)?.reshape(&[2 * rt, c, h, w])?)
                     }
                     None => None,
                 };
@@ -454,13 +469,13 @@ impl<B: VideoOps> WanVaeDecoder<B> {
             }
         };
         let x = be.upsample2x(&x)?;
-        self.conv(&u.conv, &x, st)
+        conv(&self.backend, &u.conv, &x, st)
     }
 
     /// Decode one chunk of consecutive latent frames `[t, z_dim, h, w]` (frame-major) of a
     /// stream; returns its pixel frames `[t', 3, 8h, 8w]` clamped to [−1, 1]. Chunks must come in
     /// order; any chunking gives the same frames as one chunk holding everything.
-    pub fn decode_chunk(&self, z: &Tensor<B>, st: &mut DecodeState<B>) -> Result<Tensor<B>> {
+    pub fn decode_chunk(&self, z: &Tensor<B>, st: &mut StreamState<B>) -> Result<Tensor<B>> {
         let be = &self.backend;
         let s = z.shape();
         if s.len() != 4 || s[1] != self.cfg.z_dim || s[0] == 0 {
@@ -472,21 +487,21 @@ impl<B: VideoOps> WanVaeDecoder<B> {
                 ),
             ));
         }
-        let x = self.conv(&self.post_quant, z, st)?;
-        let mut x = self.conv(&self.conv_in, &x, st)?;
-        x = self.res(&self.mid.0, &x, st)?;
-        x = self.attn(&self.mid.1, &x, st)?;
-        x = self.res(&self.mid.2, &x, st)?;
+        let x = conv(&self.backend, &self.post_quant, z, st)?;
+        let mut x = conv(&self.backend, &self.conv_in, &x, st)?;
+        x = res(&self.backend, &self.mid.0, &x, st)?;
+        x = attn(&self.backend, &self.mid.1, &x, st)?;
+        x = res(&self.backend, &self.mid.2, &x, st)?;
         for up in &self.ups {
             for r in &up.resnets {
-                x = self.res(r, &x, st)?;
+                x = res(&self.backend, r, &x, st)?;
             }
             if let Some(u) = &up.upsample {
                 x = self.upsample(u, x, st)?;
             }
         }
         let x = be.channel_rms_norm(&x, &self.norm_out, true)?;
-        let mut x = self.conv(&self.conv_out, &x, st)?;
+        let mut x = conv(&self.backend, &self.conv_out, &x, st)?;
         be.clamp(&mut x, -1.0, 1.0)?;
         Ok(x)
     }
@@ -577,5 +592,230 @@ impl<B: VideoOps> WanVaeDecoder<B> {
             )?;
         }
         Ok((vec![b, oc, frames, oh, ow], out))
+    }
+}
+
+struct Downsample<B: Backend> {
+    /// Spatial stride-2 convolution `[C, C, 3, 3]`.
+    w: Tensor<B>,
+    b: Tensor<B>,
+    /// downsample3d: the stride-2 temporal convolution and the slot of its last-frame cache.
+    time: Option<(Tensor<B>, Tensor<B>, usize)>,
+}
+
+enum DownItem<B: Backend> {
+    Res(Res<B>),
+    Down(Downsample<B>),
+}
+
+/// The encoder half of `AutoencoderKLWan` (plus `quant_conv`): video in [−1, 1] to the
+/// posterior's mean and log-variance.
+pub struct WanVaeEncoder<B: Backend> {
+    cfg: VaeConfig,
+    backend: B,
+    conv_in: Conv<B>,
+    down: Vec<DownItem<B>>,
+    mid: (Res<B>, Attn<B>, Res<B>),
+    norm_out: Tensor<B>,
+    conv_out: Conv<B>,
+    quant: Conv<B>,
+    slots: usize,
+    down_slots: usize,
+}
+
+/// The posterior of an encoded video: `[z_dim, T, h, w]` mean and log-variance (clamped to
+/// [−30, 20] as the reference does).
+pub struct Posterior {
+    pub shape: [usize; 4],
+    pub mean: Vec<f32>,
+    pub logvar: Vec<f32>,
+}
+
+impl<B: VideoOps> WanVaeEncoder<B> {
+    /// Load the encoder from a diffusers `vae/` directory. Decoder tensors are not loaded.
+    pub fn load(dir: &Path, backend: &B) -> Result<Self> {
+        let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir, "diffusion_pytorch_model")?;
+        let mut bd = Builder {
+            ld: WeightLoader::new(&ckpt, backend, 0, 1),
+            backend,
+            slots: 0,
+            up_slots: 0,
+        };
+        let base = cfg.base_dim;
+        let mut dims = vec![base];
+        dims.extend(cfg.dim_mult.iter().map(|m| base * m));
+        let conv_in = bd.conv("encoder.conv_in", dims[0], 3, &[3, 3, 3])?;
+        let mut down = Vec::new();
+        let mut idx = 0;
+        let mut down_slots = 0;
+        let n = cfg.dim_mult.len();
+        for i in 0..n {
+            let (mut cin, cout) = (dims[i], dims[i + 1]);
+            for _ in 0..cfg.num_res_blocks {
+                down.push(DownItem::Res(bd.res(
+                    &format!("encoder.down_blocks.{idx}"),
+                    cin,
+                    cout,
+                )?));
+                idx += 1;
+                cin = cout;
+            }
+            if i + 1 < n {
+                let p = format!("encoder.down_blocks.{idx}");
+                let time = if cfg.temperal_downsample[i] {
+                    let w = bd.f32(&format!("{p}.time_conv.weight"), &[cout, cout, 3, 1, 1])?;
+                    let b = bd.f32(&format!("{p}.time_conv.bias"), &[cout])?;
+                    down_slots += 1;
+                    Some((w, b, down_slots - 1))
+                } else {
+                    None
+                };
+                down.push(DownItem::Down(Downsample {
+                    w: bd.f32(&format!("{p}.resample.1.weight"), &[cout, cout, 3, 3])?,
+                    b: bd.f32(&format!("{p}.resample.1.bias"), &[cout])?,
+                    time,
+                }));
+                idx += 1;
+            }
+        }
+        let c = dims[n];
+        let mid = (
+            bd.res("encoder.mid_block.resnets.0", c, c)?,
+            Attn {
+                norm: bd.gamma("encoder.mid_block.attentions.0.norm", c, 2)?,
+                qkv: bd.conv("encoder.mid_block.attentions.0.to_qkv", 3 * c, c, &[1, 1])?,
+                proj: bd.conv("encoder.mid_block.attentions.0.proj", c, c, &[1, 1])?,
+            },
+            bd.res("encoder.mid_block.resnets.1", c, c)?,
+        );
+        let norm_out = bd.gamma("encoder.norm_out", c, 3)?;
+        let z2 = 2 * cfg.z_dim;
+        let conv_out = bd.conv("encoder.conv_out", z2, c, &[3, 3, 3])?;
+        let quant = bd.conv("quant_conv", z2, z2, &[1, 1, 1])?;
+        let slots = bd.slots;
+        bd.ld.finish(&["decoder.", "post_quant_conv."])?;
+        Ok(WanVaeEncoder {
+            cfg,
+            backend: backend.clone(),
+            conv_in,
+            down,
+            mid,
+            norm_out,
+            conv_out,
+            quant,
+            slots,
+            down_slots,
+        })
+    }
+
+    /// Pixel frames per latent frame after the first.
+    fn temporal_factor(&self) -> usize {
+        1 << self.cfg.temperal_downsample.iter().filter(|b| **b).count()
+    }
+
+    fn encode_chunk(&self, x: &Tensor<B>, st: &mut StreamState<B>) -> Result<Tensor<B>> {
+        let be = &self.backend;
+        let mut x = conv(be, &self.conv_in, x, st)?;
+        for item in &self.down {
+            x = match item {
+                DownItem::Res(r) => res(be, r, &x, st)?,
+                DownItem::Down(d) => {
+                    let y = be.conv2d_down2(&x, &d.w, Some(&d.b))?;
+                    match &d.time {
+                        None => y,
+                        Some((tw, tb, slot)) => {
+                            let t = y.shape()[0];
+                            let last = be.slice_rows(&y, t - 1, 1)?;
+                            match st.down_last[*slot].replace(last) {
+                                // The first chunk passes through; later ones see the previous
+                                // chunk's last frame first.
+                                None => y,
+                                Some(prev) => {
+                                    be.conv_time_down2(&be.concat_rows(&[prev, y])?, tw, Some(tb))?
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+        }
+        x = res(be, &self.mid.0, &x, st)?;
+        x = attn(be, &self.mid.1, &x, st)?;
+        x = res(be, &self.mid.2, &x, st)?;
+        let x = be.channel_rms_norm(&x, &self.norm_out, true)?;
+        let x = conv(be, &self.conv_out, &x, st)?;
+        conv(be, &self.quant, &x, st)
+    }
+
+    /// Encode one video `[3, F, H, W]` (diffusers layout, host f32 in [−1, 1]; F = 1 + 4k, H and
+    /// W multiples of 8) chunk by chunk as the reference does: the first frame, then four at a
+    /// time.
+    pub fn encode(&self, video: &[f32], shape: [usize; 4]) -> Result<Posterior> {
+        let [c, f, h, w] = shape;
+        let tf = self.temporal_factor();
+        let sf = self.cfg.spatial_factor();
+        if c != 3
+            || video.len() != c * f * h * w
+            || f == 0
+            || (f - 1) % tf != 0
+            || h % sf != 0
+            || w % sf != 0
+            || h == 0
+            || w == 0
+        {
+            return Err(Error::input(
+                "video",
+                format!(
+                    "shape [{c}, {f}, {h}, {w}]; expected [3, 1 + {tf}k frames, height and width multiples of {sf}]"
+                ),
+            ));
+        }
+        let mut st = StreamState {
+            history: (0..self.slots).map(|_| None).collect(),
+            seen_first: Vec::new(),
+            down_last: (0..self.down_slots).map(|_| None).collect(),
+        };
+        let hw = h * w;
+        let z = self.cfg.z_dim;
+        let (t, lh, lw) = (1 + (f - 1) / tf, h / sf, w / sf);
+        let lplane = lh * lw;
+        let mut mean = vec![0.0f32; z * t * lplane];
+        let mut logvar = vec![0.0f32; z * t * lplane];
+        let mut t0 = 0;
+        let mut f0 = 0;
+        while f0 < f {
+            let n = if f0 == 0 { 1 } else { tf };
+            let mut fm = Vec::with_capacity(n * c * hw);
+            for fr in f0..f0 + n {
+                for ch in 0..c {
+                    fm.extend_from_slice(&video[(ch * f + fr) * hw..(ch * f + fr + 1) * hw]);
+                }
+            }
+            let x = self.backend.upload_f32(&[n, c, h, w], fm)?;
+            let out = self.encode_chunk(&x, &mut st)?;
+            let nt = out.shape()[0];
+            let data = self.backend.download(&out)?;
+            for j in 0..nt {
+                for ch in 0..2 * z {
+                    let src = &data[(j * 2 * z + ch) * lplane..(j * 2 * z + ch + 1) * lplane];
+                    let (dst, c2) = if ch < z {
+                        (&mut mean, ch)
+                    } else {
+                        (&mut logvar, ch - z)
+                    };
+                    let off = (c2 * t + t0 + j) * lplane;
+                    dst[off..off + lplane].copy_from_slice(src);
+                }
+            }
+            t0 += nt;
+            f0 += n;
+        }
+        logvar.iter_mut().for_each(|v| *v = v.clamp(-30.0, 20.0));
+        Ok(Posterior {
+            shape: [z, t, lh, lw],
+            mean,
+            logvar,
+        })
     }
 }

@@ -47,3 +47,27 @@ fn chunked_decode_equals_one_shot() {
         assert!(err <= 1e-5, "chunk {chunk}: {err:.3e}");
     }
 }
+
+#[test]
+fn encode_matches_diffusers() {
+    use longtake_model::vae::WanVaeEncoder;
+    for name in ["small", "b2"] {
+        let dir = fixture(&format!("vae/{name}"));
+        let io = dir.join("io.safetensors");
+        let (vs, video) = read(&io, "video");
+        let (ms, mean) = read(&io, "posterior_mean");
+        let (_, logvar) = read(&io, "posterior_logvar");
+        let enc = WanVaeEncoder::load(&dir.join("vae"), &Cpu).unwrap();
+        let post = enc.encode(&video, [vs[1], vs[2], vs[3], vs[4]]).unwrap();
+        assert_eq!(post.shape[..], ms[1..], "{name}: posterior shape");
+        let em = rel_l2(&post.mean, &mean);
+        let el = rel_l2(&post.logvar, &logvar);
+        eprintln!("vae {name} encode: mean relative L2 {em:.3e}, logvar {el:.3e}");
+        assert!(
+            em <= TOLERANCE && el <= TOLERANCE,
+            "{name}: mean {em:.3e}, logvar {el:.3e}"
+        );
+        let bad = enc.encode(&video[..video.len() - 1], [vs[1], vs[2], vs[3], vs[4]]);
+        assert!(bad.is_err_and(|e| e.to_string().contains("video")));
+    }
+}

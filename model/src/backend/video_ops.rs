@@ -34,6 +34,15 @@ pub trait VideoOps: Backend {
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>>;
 
+    /// Temporal convolution with weight `[Cout, Cin, kt, 1, 1]`, stride 2, no padding: output
+    /// frame `j` sees input frames `2j .. 2j + kt` (Wan's temporal downsampler).
+    fn conv_time_down2(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>>;
+
     /// Wan's RMS norm over channels: `x / max(‖x_c‖₂, 1e−12) · √C · γ`, optionally followed by
     /// SiLU, for `[T, C, H, W]` (per frame and pixel).
     fn channel_rms_norm(
@@ -328,6 +337,64 @@ impl VideoOps for Cpu {
                 }
             });
         Cpu.upload_f32(&[t, cout, ho, wo], out)
+    }
+
+    fn conv_time_down2(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>> {
+        let [t, cin, h, w] = dims4(x, "conv_time_down2")?;
+        expect_rank("conv_time_down2 weight", weight, 5)?;
+        let ws = weight.shape();
+        let [cout, kt] = [ws[0], ws[2]];
+        if ws[1] != cin
+            || ws[3] != 1
+            || ws[4] != 1
+            || t < kt
+            || bias.is_some_and(|b| b.numel() != cout)
+        {
+            return Err(Error::shape(
+                "conv_time_down2",
+                format!("input {:?}, weight {ws:?}", x.shape()),
+            ));
+        }
+        let to = (t - kt) / 2 + 1;
+        let hw = h * w;
+        let xs = f32s(x, "conv_time_down2")?;
+        let wts = f32s(weight, "conv_time_down2")?;
+        let bias = match bias {
+            Some(b) => Some(f32s(b, "conv_time_down2")?),
+            None => None,
+        };
+        let mut out = vec![0.0f32; to * cout * hw];
+        for (j, dst) in out.chunks_mut(cout * hw).enumerate() {
+            for a in 0..kt {
+                let src = &xs[(2 * j + a) * cin * hw..(2 * j + a + 1) * cin * hw];
+                gemm_into(
+                    cout,
+                    hw,
+                    cin,
+                    dst,
+                    hw,
+                    a > 0,
+                    &wts[a..],
+                    cin * kt,
+                    kt,
+                    src,
+                    hw,
+                    1,
+                    true,
+                );
+            }
+            if let Some(b) = bias {
+                for (co, plane) in dst.chunks_mut(hw).enumerate() {
+                    plane.iter_mut().for_each(|v| *v += b[co]);
+                }
+            }
+        }
+        Cpu.upload_f32(&[to, cout, h, w], out)
     }
 
     fn channel_rms_norm(
