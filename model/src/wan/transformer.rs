@@ -489,8 +489,14 @@ impl<B: Backend> WanTransformer<B> {
         let a = self.attention(comm, &blk.attn1, &n, &n, None, Some(rope))?;
         be.add_gated(x, &a, Some(row(2)))?;
 
-        let n = be.layer_norm(x, eps, blk.norm2.as_ref().map(|(w, bb)| (w, bb)), None)?;
-        let a = self.attention(comm, &blk.attn2, &n, ctx, Some(ctx_mult), None)?;
+        // Cross-attention: affine layer norm first when `cross_attn_norm`, else no norm at all.
+        let a = match &blk.norm2 {
+            Some((w, bb)) => {
+                let n = be.layer_norm(x, eps, Some((w, bb)), None)?;
+                self.attention(comm, &blk.attn2, &n, ctx, Some(ctx_mult), None)?
+            }
+            None => self.attention(comm, &blk.attn2, x, ctx, Some(ctx_mult), None)?,
+        };
         be.add_gated(x, &a, None)?;
 
         let n = be.layer_norm(
