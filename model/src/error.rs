@@ -7,11 +7,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // === Files ===
-    #[error("{path}: {source}")]
+    // The I/O error is shown in the message and not chained as a source, so that reports that
+    // print the chain do not repeat it.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a valid safetensors file: {reason}")]
     SafeTensors { path: PathBuf, reason: String },
@@ -81,7 +82,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

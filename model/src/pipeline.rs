@@ -197,6 +197,15 @@ pub fn latent_shape(
     req: &ClipRequest,
     notices: &mut Vec<String>,
 ) -> Result<[usize; 4]> {
+    if req.prompt.trim().is_empty() {
+        return Err(Error::input("prompt", "must not be empty"));
+    }
+    if let Some(s) = req.flow_shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(Error::input(
+            "flow_shift",
+            format!("{s} must be a positive number"),
+        ));
+    }
     let m = dir.size_multiple();
     for (name, v) in [("height", req.height), ("width", req.width)] {
         if v == 0 || v % m != 0 {
@@ -278,6 +287,47 @@ impl<B: PipelineBackend> WanPipeline<B> {
         Ok(e)
     }
 
+    /// The scheduler of a request (the model's, with `flow_shift` applied).
+    pub fn scheduler(&self, req: &ClipRequest) -> Result<SchedulerConfig> {
+        match req.flow_shift {
+            Some(shift) => self.dir.scheduler.clone().with_shift(shift),
+            None => Ok(self.dir.scheduler.clone()),
+        }
+    }
+
+    /// Encode a request's prompts into the guided model.
+    pub fn guided(&self, req: &ClipRequest, notices: &mut Vec<String>) -> Result<Guided<'_, B>> {
+        let cond = self.encode(&req.prompt, "the prompt", notices)?;
+        let neg = if req.guidance > 1.0 {
+            Some(self.encode(
+                req.negative_prompt.as_deref().unwrap_or(""),
+                "the negative prompt",
+                notices,
+            )?)
+        } else {
+            None
+        };
+        Guided::new(
+            &self.transformer,
+            &self.backend,
+            &cond,
+            neg.as_ref(),
+            req.guidance,
+        )
+    }
+
+    /// De-normalise final latents `[z, T, h, w]` as the pipeline writes it (divide by the
+    /// reciprocal of std, add the mean) for the VAE.
+    pub fn denormalize(&self, latents: &[f32], frames_hw: usize) -> Vec<f32> {
+        let mut z = latents.to_vec();
+        for (c, chunk) in z.chunks_mut(frames_hw).enumerate() {
+            let inv = 1.0f32 / self.dir.vae.latents_std[c];
+            let mean = self.dir.vae.latents_mean[c];
+            chunk.iter_mut().for_each(|v| *v = *v / inv + mean);
+        }
+        z
+    }
+
     /// Generate one clip; `progress(step, steps)` is called after every sampler step.
     pub fn generate(
         &self,
@@ -302,62 +352,15 @@ impl<B: PipelineBackend> WanPipeline<B> {
             }
             None => latent_noise(req.seed, z, 0..t, h, w),
         };
-        let cond = self.encode(&req.prompt, "the prompt", &mut notices)?;
-        let cfg = req.guidance > 1.0;
-        let mut text = cond.data.clone();
-        if cfg {
-            let neg = self.encode(
-                req.negative_prompt.as_deref().unwrap_or(""),
-                "the negative prompt",
-                &mut notices,
-            )?;
-            text.extend_from_slice(&neg.data);
-        }
-        let batch = if cfg { 2 } else { 1 };
-        let [_, s, d] = cond.shape;
-        let context = TextContext::from_host(&self.backend, batch, s, d, &text)?;
-        let scheduler = match req.flow_shift {
-            Some(shift) => self.dir.scheduler.clone().with_shift(shift)?,
-            None => self.dir.scheduler.clone(),
-        };
-        let mut sampler = scheduler.build(req.steps)?;
-        let n = x.len();
+        let guided = self.guided(req, &mut notices)?;
+        let mut sampler = self.scheduler(req)?.build(req.steps)?;
         let timesteps = sampler.timesteps().to_vec();
         for (i, &ts) in timesteps.iter().enumerate() {
-            let mut input = x.clone();
-            if cfg {
-                input.extend_from_slice(&x);
-            }
-            let latents: Tensor<B> = self.backend.upload_f32(&[batch, z, t, h, w], input)?;
-            let out = self.transformer.forward(
-                comm,
-                &DitInputs {
-                    latents: &latents,
-                    timesteps: &vec![ts; batch],
-                    context: &context,
-                },
-            )?;
-            let out = self.backend.download(&out)?;
-            let v: Vec<f32> = if cfg {
-                let (c, u) = out.split_at(n);
-                u.iter()
-                    .zip(c)
-                    .map(|(u, c)| u + req.guidance * (c - u))
-                    .collect()
-            } else {
-                out
-            };
+            let v = guided.velocity(comm, &x, [z, t, h, w], ts)?;
             sampler.step(&v, &mut x)?;
             progress(i + 1, timesteps.len());
         }
-        // De-normalise as the pipeline writes it: divide by the reciprocal of std, add mean.
-        let plane = t * h * w;
-        let mut zden = x.clone();
-        for (c, chunk) in zden.chunks_mut(plane).enumerate() {
-            let inv = 1.0f32 / self.dir.vae.latents_std[c];
-            let mean = self.dir.vae.latents_mean[c];
-            chunk.iter_mut().for_each(|v| *v = *v / inv + mean);
-        }
+        let zden = self.denormalize(&x, t * h * w);
         let (video_shape, video) = self.vae.decode_all(&zden, [1, z, t, h, w], 1)?;
         Ok(Clip {
             latents: x,
@@ -365,6 +368,82 @@ impl<B: PipelineBackend> WanPipeline<B> {
             video,
             video_shape,
             notices,
+        })
+    }
+}
+
+/// The transformer with a prompt's conditioning and classifier-free guidance: latents in, the
+/// guided flow velocity out. The conditional and unconditional passes run as one batch of two.
+pub struct Guided<'a, B: PipelineBackend> {
+    transformer: &'a WanTransformer<B>,
+    backend: B,
+    context: TextContext<B>,
+    guidance: f32,
+    cfg: bool,
+}
+
+impl<'a, B: PipelineBackend> Guided<'a, B> {
+    /// `neg` present means guidance is on (the reference's `guidance_scale > 1`).
+    pub fn new(
+        transformer: &'a WanTransformer<B>,
+        backend: &B,
+        cond: &PromptEmbeds,
+        neg: Option<&PromptEmbeds>,
+        guidance: f32,
+    ) -> Result<Self> {
+        let mut text = cond.data.clone();
+        if let Some(n) = neg {
+            if n.shape != cond.shape {
+                return Err(Error::input(
+                    "negative_prompt",
+                    "embeddings differ in shape from the prompt's",
+                ));
+            }
+            text.extend_from_slice(&n.data);
+        }
+        let batch = if neg.is_some() { 2 } else { 1 };
+        let [_, s, d] = cond.shape;
+        Ok(Guided {
+            transformer,
+            backend: backend.clone(),
+            context: TextContext::from_host(backend, batch, s, d, &text)?,
+            guidance,
+            cfg: neg.is_some(),
+        })
+    }
+
+    /// The guided velocity for latents `x` of shape `[z, T, h, w]` at timestep `t`.
+    pub fn velocity(
+        &self,
+        comm: &dyn Comm<B>,
+        x: &[f32],
+        shape: [usize; 4],
+        t: f32,
+    ) -> Result<Vec<f32>> {
+        let batch = if self.cfg { 2 } else { 1 };
+        let mut input = x.to_vec();
+        if self.cfg {
+            input.extend_from_slice(x);
+        }
+        let [z, f, h, w] = shape;
+        let latents: Tensor<B> = self.backend.upload_f32(&[batch, z, f, h, w], input)?;
+        let out = self.transformer.forward(
+            comm,
+            &DitInputs {
+                latents: &latents,
+                timesteps: &vec![t; batch],
+                context: &self.context,
+            },
+        )?;
+        let out = self.backend.download(&out)?;
+        Ok(if self.cfg {
+            let (c, u) = out.split_at(x.len());
+            u.iter()
+                .zip(c)
+                .map(|(u, c)| u + self.guidance * (c - u))
+                .collect()
+        } else {
+            out
         })
     }
 }
