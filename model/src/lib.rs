@@ -11,11 +11,14 @@
 //! - [`config`]: JSON config reading with errors that name the key.
 //! - [`wan`]: the Wan2.1 transformer (`WanTransformer3DModel`).
 //! - [`sched`]: the flow-matching samplers (UniPC, Euler).
+//! - [`smoke`]: the built-in random-weight model for smoke tests.
 //! - [`tp`]: running a tensor-parallel group of CPU ranks on threads.
 //! - [`umt5`]: the UMT5 text encoder; [`text`]: prompt cleaning, tokenizing and encoding.
 //! - [`vae`]: the Wan2.1 video autoencoder (streaming causal decoder).
 //! - [`noise`]: counter-based initial noise keyed by (seed, frame, channel, row, column).
 //! - [`pipeline`]: the single-clip text-to-video pipeline over a diffusers model directory.
+//! - [`window`]: denoising long sequences as overlapping windows (co-denoising, independent,
+//!   autoregressive).
 
 pub mod backend;
 pub mod comm;
@@ -26,10 +29,12 @@ pub mod io;
 pub mod noise;
 pub mod pipeline;
 pub mod sched;
+pub mod smoke;
 pub mod text;
 pub mod tp;
 pub mod umt5;
 pub mod vae;
 pub mod wan;
+pub mod window;
 
 pub use error::{Error, Result};

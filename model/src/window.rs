@@ -1,0 +1,371 @@
+//! Denoising a long latent sequence as overlapping windows (ARCHITECTURE.md §3).
+//!
+//! Latents are `[C, T, h·w]` (one batch item, diffusers layout). A window sees frames
+//! `start .. start + len` with rotary positions starting at 0. The building blocks here —
+//! per-window sampler state, the fusion of window predictions, re-noising held frames — are the
+//! same whether all windows live in one process ([`denoise`]) or are spread over workers that
+//! exchange only the overlaps: every fused value is computed from the same inputs in the same
+//! order, so the result does not depend on where windows ran.
+
+use std::ops::Range;
+
+use crate::comm::Comm;
+use crate::error::{Error, Result};
+use crate::pipeline::{Guided, PipelineBackend};
+use crate::sched::{Sampler, SchedulerConfig};
+
+/// How windows are stitched together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stitching {
+    /// Every step, each window's guided prediction is fused per frame with the plan's weights,
+    /// then one sampler step is applied to the whole sequence.
+    Codenoise,
+    /// Windows sampled alone; their final latents fused with the same weights.
+    Independent,
+    /// Windows in order; each window's frames shared with the previous one are held to that
+    /// window's clean result, re-noised to every step's noise level.
+    Autoregressive,
+}
+
+impl Stitching {
+    pub fn parse(s: &str) -> Option<Stitching> {
+        match s {
+            "codenoise" => Some(Stitching::Codenoise),
+            "independent" => Some(Stitching::Independent),
+            "autoregressive" => Some(Stitching::Autoregressive),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stitching::Codenoise => "codenoise",
+            Stitching::Independent => "independent",
+            Stitching::Autoregressive => "autoregressive",
+        }
+    }
+}
+
+/// One window of the plan: frames `start .. start + len` and each frame's fusion weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSpec {
+    pub start: usize,
+    pub len: usize,
+    pub weights: Vec<f32>,
+}
+
+impl WindowSpec {
+    pub fn frames(&self) -> Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
+/// The geometry of a latent sequence: channels, frames, pixels per frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub channels: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Geometry {
+    fn plane(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// The `[C, len, h, w]` shape of a window.
+    pub fn window_shape(&self, len: usize) -> [usize; 4] {
+        [self.channels, len, self.height, self.width]
+    }
+
+    /// Copy frames `range` of `x` (`[C, T, hw]`) into a `[C, range.len(), hw]` buffer.
+    pub fn take(&self, x: &[f32], range: Range<usize>) -> Vec<f32> {
+        let hw = self.plane();
+        let mut out = Vec::with_capacity(self.channels * range.len() * hw);
+        for c in 0..self.channels {
+            let base = c * self.frames * hw;
+            out.extend_from_slice(&x[base + range.start * hw..base + range.end * hw]);
+        }
+        out
+    }
+
+    /// Write `src` (`[C, n, hw]`) over frames `start .. start + n` of `x`.
+    pub fn put(&self, x: &mut [f32], start: usize, src: &[f32]) {
+        let hw = self.plane();
+        let n = src.len() / (self.channels * hw).max(1);
+        for c in 0..self.channels {
+            let base = c * self.frames * hw;
+            x[base + start * hw..base + (start + n) * hw]
+                .copy_from_slice(&src[c * n * hw..(c + 1) * n * hw]);
+        }
+    }
+}
+
+/// A window's prediction (or latents) over frames `start .. start + len`, `[C, len, hw]`, with
+/// the index of the window that made it.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub window: usize,
+    pub start: usize,
+    pub len: usize,
+    pub data: Vec<f32>,
+}
+
+/// Fuse parts over frames `range`: every frame is `Σ_w weight_w · part_w` over the parts that
+/// cover it, added in ascending window order starting from zero (the fixed order is what makes
+/// every worker compute bit-identical values). `plan[w]` gives window `w`'s weights.
+pub fn fuse(
+    geo: &Geometry,
+    plan: &[WindowSpec],
+    range: Range<usize>,
+    parts: &[&Part],
+) -> Result<Vec<f32>> {
+    let hw = geo.plane();
+    let n = range.len();
+    let mut out = vec![0.0f32; geo.channels * n * hw];
+    let mut order: Vec<&&Part> = parts.iter().collect();
+    order.sort_by_key(|p| p.window);
+    let mut covered = vec![false; n];
+    for p in order {
+        let spec = plan
+            .get(p.window)
+            .ok_or_else(|| Error::input("window", format!("{} is not in the plan", p.window)))?;
+        if p.data.len() != geo.channels * p.len * hw
+            || p.start < spec.start
+            || p.start + p.len > spec.start + spec.len
+        {
+            return Err(Error::input(
+                "halo",
+                format!(
+                    "part of window {} over frames {}..{} does not fit the plan",
+                    p.window,
+                    p.start,
+                    p.start + p.len
+                ),
+            ));
+        }
+        let lo = p.start.max(range.start);
+        let hi = (p.start + p.len).min(range.end);
+        for f in lo..hi {
+            let wgt = spec.weights[f - spec.start];
+            covered[f - range.start] = true;
+            for c in 0..geo.channels {
+                let src =
+                    &p.data[(c * p.len + f - p.start) * hw..(c * p.len + f - p.start + 1) * hw];
+                let dst =
+                    &mut out[(c * n + f - range.start) * hw..(c * n + f - range.start + 1) * hw];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += wgt * *s);
+            }
+        }
+    }
+    if let Some(i) = covered.iter().position(|c| !c) {
+        return Err(Error::input(
+            "halo",
+            format!("no prediction covers frame {}", range.start + i),
+        ));
+    }
+    Ok(out)
+}
+
+/// One window's sampling state.
+pub struct WindowState {
+    pub index: usize,
+    pub spec: WindowSpec,
+    /// The window's latents `[C, len, hw]`.
+    pub x: Vec<f32>,
+    /// The initial noise of the window's frames (for re-noising held frames).
+    noise: Vec<f32>,
+    sampler: Box<dyn Sampler>,
+}
+
+impl WindowState {
+    /// A window starting from `noise` (the whole sequence's initial noise).
+    pub fn new(
+        index: usize,
+        spec: WindowSpec,
+        geo: &Geometry,
+        noise_all: &[f32],
+        scheduler: &SchedulerConfig,
+        steps: usize,
+    ) -> Result<Self> {
+        let noise = geo.take(noise_all, spec.frames());
+        Ok(WindowState {
+            index,
+            x: noise.clone(),
+            noise,
+            sampler: scheduler.build(steps)?,
+            spec,
+        })
+    }
+
+    pub fn timesteps(&self) -> &[f32] {
+        self.sampler.timesteps()
+    }
+
+    /// The guided prediction for the current step.
+    pub fn predict<B: PipelineBackend>(
+        &self,
+        guided: &Guided<'_, B>,
+        comm: &dyn Comm<B>,
+        geo: &Geometry,
+    ) -> Result<Part> {
+        let i = self.sampler.step_index();
+        let t = *self
+            .sampler
+            .timesteps()
+            .get(i)
+            .ok_or_else(|| Error::input("step", "sampling is finished"))?;
+        let data = guided.velocity(comm, &self.x, geo.window_shape(self.spec.len), t)?;
+        Ok(Part {
+            window: self.index,
+            start: self.spec.start,
+            len: self.spec.len,
+            data,
+        })
+    }
+
+    /// Apply one sampler step with the (fused) velocity over the window's frames.
+    pub fn step(&mut self, velocity: &[f32]) -> Result<()> {
+        self.sampler.step(velocity, &mut self.x)
+    }
+
+    /// Hold frames `range` (absolute) to `clean` (`[C, range.len(), hw]`), re-noised to the
+    /// current step's noise level: `(1 − σ)·clean + σ·noise`; after the last step, `clean`.
+    pub fn hold(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32]) {
+        let sigma = self
+            .sampler
+            .sigmas()
+            .get(self.sampler.step_index())
+            .copied()
+            .unwrap_or(0.0);
+        let local = range.start - self.spec.start..range.end - self.spec.start;
+        let wgeo = Geometry {
+            frames: self.spec.len,
+            ..*geo
+        };
+        let noise = wgeo.take(&self.noise, local.clone());
+        let held: Vec<f32> = clean
+            .iter()
+            .zip(&noise)
+            .map(|(c, n)| (1.0 - sigma) * c + sigma * n)
+            .collect();
+        wgeo.put(&mut self.x, local.start, &held);
+    }
+
+    /// The window's current latents as a part.
+    pub fn latents(&self) -> Part {
+        Part {
+            window: self.index,
+            start: self.spec.start,
+            len: self.spec.len,
+            data: self.x.clone(),
+        }
+    }
+}
+
+/// Frames shared by two windows.
+pub fn overlap(a: &WindowSpec, b: &WindowSpec) -> Range<usize> {
+    let lo = a.start.max(b.start);
+    let hi = (a.start + a.len).min(b.start + b.len);
+    lo..hi.max(lo)
+}
+
+/// Denoise a whole sequence in one process: the reference for the distributed run, and the
+/// single-worker path. `noise` is `[C, T, h, w]`; returns the final latents in the same layout.
+/// `progress(done, total)` counts window-steps.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise<B: PipelineBackend>(
+    guided: &Guided<'_, B>,
+    comm: &dyn Comm<B>,
+    scheduler: &SchedulerConfig,
+    steps: usize,
+    geo: &Geometry,
+    noise: &[f32],
+    plan: &[WindowSpec],
+    stitching: Stitching,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<f32>> {
+    if noise.len() != geo.channels * geo.frames * geo.plane() {
+        return Err(Error::input("noise", "does not match the latent geometry"));
+    }
+    let mut windows: Vec<WindowState> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, s)| WindowState::new(i, s.clone(), geo, noise, scheduler, steps))
+        .collect::<Result<_>>()?;
+    let total = steps * windows.len();
+    let mut done = 0;
+    let mut out = vec![0.0f32; noise.len()];
+    match stitching {
+        Stitching::Codenoise => {
+            for _ in 0..steps {
+                let preds: Vec<Part> = windows
+                    .iter()
+                    .map(|w| w.predict(guided, comm, geo))
+                    .collect::<Result<_>>()?;
+                let refs: Vec<&Part> = preds.iter().collect();
+                for w in windows.iter_mut() {
+                    let fused = fuse(geo, plan, w.spec.frames(), &refs)?;
+                    w.step(&fused)?;
+                    done += 1;
+                    progress(done, total);
+                }
+            }
+            // Overlap frames are identical in every window that holds them; take each frame
+            // from the first.
+            for w in windows.iter().rev() {
+                geo.put(&mut out, w.spec.start, &w.x);
+            }
+        }
+        Stitching::Independent => {
+            for w in windows.iter_mut() {
+                for _ in 0..steps {
+                    let p = w.predict(guided, comm, geo)?;
+                    w.step(&p.data)?;
+                    done += 1;
+                    progress(done, total);
+                }
+            }
+            let finals: Vec<Part> = windows.iter().map(|w| w.latents()).collect();
+            let refs: Vec<&Part> = finals.iter().collect();
+            out = fuse(geo, plan, 0..geo.frames, &refs)?;
+        }
+        Stitching::Autoregressive => {
+            let mut prev: Option<Part> = None;
+            for w in windows.iter_mut() {
+                let held = prev.as_ref().map(|p| {
+                    let r = overlap(
+                        &WindowSpec {
+                            start: p.start,
+                            len: p.len,
+                            weights: vec![],
+                        },
+                        &w.spec,
+                    );
+                    let pgeo = Geometry {
+                        frames: p.len,
+                        ..*geo
+                    };
+                    let clean = pgeo.take(&p.data, r.start - p.start..r.end - p.start);
+                    (r, clean)
+                });
+                for _ in 0..steps {
+                    if let Some((r, clean)) = &held {
+                        w.hold(geo, r.clone(), clean);
+                    }
+                    let p = w.predict(guided, comm, geo)?;
+                    w.step(&p.data)?;
+                    done += 1;
+                    progress(done, total);
+                }
+                if let Some((r, clean)) = &held {
+                    w.hold(geo, r.clone(), clean);
+                }
+                geo.put(&mut out, w.spec.start, &w.x);
+                prev = Some(w.latents());
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,195 @@
+//! Window stitching: one window equals the single-clip pipeline; several co-denoised windows
+//! equal the straightforward reference loop of `tools/reference_codenoise.py`.
+
+mod common;
+
+use common::{fixture, read, rel_l2};
+use longtake_model::backend::cpu::Cpu;
+use longtake_model::comm::ThreadComm;
+use longtake_model::pipeline::{ClipRequest, WanPipeline, latent_shape};
+use longtake_model::window::{Geometry, Stitching, WindowSpec, denoise};
+
+fn request(run: &serde_json::Value, noise: (Vec<usize>, Vec<f32>)) -> ClipRequest {
+    let a = &run["args"];
+    ClipRequest {
+        prompt: a["prompt"].as_str().unwrap().into(),
+        negative_prompt: a["negative_prompt"].as_str().map(String::from),
+        num_frames: a["num_frames"].as_u64().unwrap() as usize,
+        height: a["height"].as_u64().unwrap() as usize,
+        width: a["width"].as_u64().unwrap() as usize,
+        steps: a["num_inference_steps"]
+            .as_u64()
+            .or(a["steps"].as_u64())
+            .unwrap() as usize,
+        guidance: a["guidance_scale"]
+            .as_f64()
+            .or(a["guidance"].as_f64())
+            .unwrap() as f32,
+        flow_shift: None,
+        seed: 0,
+        noise: Some(noise),
+    }
+}
+
+fn windows(starts: &[usize], len: usize, weights: &[f32]) -> Vec<WindowSpec> {
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| WindowSpec {
+            start: s,
+            len,
+            weights: weights[i * len..(i + 1) * len].to_vec(),
+        })
+        .collect()
+}
+
+fn run_windows(
+    pipe: &WanPipeline<Cpu>,
+    req: &ClipRequest,
+    plan: &[WindowSpec],
+    stitching: Stitching,
+) -> Vec<f32> {
+    let comm = ThreadComm::group(1).unwrap().remove(0);
+    let [c, t, h, w] = latent_shape(&pipe.dir, req, &mut Vec::new()).unwrap();
+    let geo = Geometry {
+        channels: c,
+        frames: t,
+        height: h,
+        width: w,
+    };
+    let guided = pipe.guided(req, &mut Vec::new()).unwrap();
+    let scheduler = pipe.scheduler(req).unwrap();
+    let noise = &req.noise.as_ref().unwrap().1;
+    let mut calls = 0;
+    let out = denoise(
+        &guided,
+        &comm,
+        &scheduler,
+        req.steps,
+        &geo,
+        noise,
+        plan,
+        stitching,
+        |d, n| {
+            calls += 1;
+            assert!(d <= n);
+        },
+    )
+    .unwrap();
+    assert_eq!(calls, req.steps * plan.len());
+    out
+}
+
+#[test]
+fn one_window_is_the_pipeline_bit_for_bit() {
+    let dir = fixture("pipeline/tiny");
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("runs.json")).unwrap()).unwrap();
+    let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
+    let run = &runs[0];
+    let req = request(run, read(&dir.join("run_0.safetensors"), "noise"));
+    let t = 3;
+    let plan = vec![WindowSpec {
+        start: 0,
+        len: t,
+        weights: vec![1.0; t],
+    }];
+    let comm = ThreadComm::group(1).unwrap().remove(0);
+    let clip = pipe.generate(&comm, &req, |_, _| {}).unwrap();
+    for stitching in [
+        Stitching::Codenoise,
+        Stitching::Independent,
+        Stitching::Autoregressive,
+    ] {
+        let got = run_windows(&pipe, &req, &plan, stitching);
+        assert_eq!(
+            got, clip.latents,
+            "{stitching:?} with one window differs from the pipeline"
+        );
+    }
+}
+
+#[test]
+fn codenoise_matches_the_reference_loop() {
+    let dir = fixture("codenoise/tiny");
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("runs.json")).unwrap()).unwrap();
+    let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
+    for (k, run) in runs.as_array().unwrap().iter().enumerate() {
+        let file = dir.join(format!("run_{k}.safetensors"));
+        let req = request(run, read(&file, "noise"));
+        let (_, starts) = read(&file, "window_starts");
+        let (ws, weights) = read(&file, "weights");
+        let starts: Vec<usize> = starts.iter().map(|s| *s as usize).collect();
+        let plan = windows(&starts, ws[1], &weights);
+        let got = run_windows(&pipe, &req, &plan, Stitching::Codenoise);
+        let (_, expected) = read(&file, "latents");
+        let err = rel_l2(&got, &expected);
+        eprintln!(
+            "codenoise run {k} ({} windows): relative L2 {err:.3e}",
+            plan.len()
+        );
+        assert!(err <= 1e-4, "run {k}: {err:.3e}");
+    }
+}
+
+#[test]
+fn strategies_differ_but_share_the_first_window_frames_where_expected() {
+    let dir = fixture("pipeline/tiny");
+    let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
+    let t = 7;
+    let noise = longtake_model::noise::latent_noise(3, 16, 0..t, 4, 6);
+    let req = ClipRequest {
+        prompt: "a fox".into(),
+        negative_prompt: None,
+        num_frames: 25,
+        height: 32,
+        width: 48,
+        steps: 2,
+        guidance: 3.0,
+        flow_shift: None,
+        seed: 3,
+        noise: Some((vec![1, 16, t, 4, 6], noise)),
+    };
+    // Windows 0..3, 2..5, 4..7 with the plan's linear weights (overlap 1: ½ / ½).
+    let w = |s| WindowSpec {
+        start: s,
+        len: 3,
+        weights: vec![1.0, 1.0, 1.0],
+    };
+    let mut plan = vec![w(0), w(2), w(4)];
+    plan[0].weights[2] = 0.5;
+    plan[1].weights = vec![0.5, 1.0, 0.5];
+    plan[2].weights[0] = 0.5;
+    let co = run_windows(&pipe, &req, &plan, Stitching::Codenoise);
+    let ind = run_windows(&pipe, &req, &plan, Stitching::Independent);
+    let ar = run_windows(&pipe, &req, &plan, Stitching::Autoregressive);
+    assert_ne!(co, ind);
+    assert_ne!(co, ar);
+    // Autoregressive: the first window's frames are exactly an independent run of it.
+    let geo = Geometry {
+        channels: 16,
+        frames: t,
+        height: 4,
+        width: 6,
+    };
+    let alone = run_windows(
+        &pipe,
+        &ClipRequest {
+            num_frames: 9,
+            noise: Some((
+                vec![1, 16, 3, 4, 6],
+                geo.take(&req.noise.as_ref().unwrap().1, 0..3),
+            )),
+            ..req.clone()
+        },
+        &[WindowSpec {
+            start: 0,
+            len: 3,
+            weights: vec![1.0; 3],
+        }],
+        Stitching::Codenoise,
+    );
+    assert_eq!(geo.take(&ar, 0..3), alone);
+    assert!(co.iter().chain(&ind).chain(&ar).all(|v| v.is_finite()));
+}
