@@ -1,5 +1,9 @@
 //! longtake-worker: a process that owns local devices, forms tensor-parallel groups, loads models
 //! from `longtake-model`, executes the window tasks the coordinator hands out and exchanges halos.
 //!
-//! Only the crate boundary exists so far; the model it will drive lives in `longtake-model`.
+//! # Layout
+//!
+//! - [`media`]: decoded frames to H.264/MP4 and PNG.
+
+pub mod media;
 pub use longtake_model as model;
