@@ -65,6 +65,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An error raised by a caller's code inside a model callback (a frame sink), named by
+    /// what it was handling.
+    pub fn external(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::input(name, reason)
+    }
+
     pub(crate) fn input(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Input {
             name: name.into(),

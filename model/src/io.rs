@@ -133,6 +133,43 @@ fn decode(dtype: DType, bytes: &[u8]) -> Owned {
     }
 }
 
+/// Read one tensor of an in-memory safetensors file as f32: (shape, data).
+pub fn read_f32_bytes(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bad = |reason: String| Error::input(name, reason);
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let view = st.tensor(name).map_err(|_| {
+        bad(format!(
+            "not found; the file holds: {}",
+            st.names().join(", ")
+        ))
+    })?;
+    let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+        bad(format!(
+            "dtype {:?} is not supported; use F32, BF16 or F16",
+            view.dtype()
+        ))
+    })?;
+    Ok((view.shape().to_vec(), decode(dtype, view.data()).to_f32()))
+}
+
+/// An in-memory safetensors file holding f32 tensors.
+pub fn f32_bytes(tensors: &[(&str, &[usize], &[f32])]) -> Result<Vec<u8>> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.to_vec(),
+                bytemuck::cast_slice(data),
+            )
+            .map(|v| (n.to_string(), v))
+            .map_err(|e| Error::shape("f32_bytes", format!("{n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, None).map_err(|e| Error::shape("f32_bytes", e.to_string()))
+}
+
 /// Write f32 tensors to a safetensors file atomically (a temporary file renamed into place).
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
     struct V<'a> {

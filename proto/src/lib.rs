@@ -1,5 +1,26 @@
-//! longtake-proto: the gRPC API of longtake (the public `RenderService` and the worker-facing
-//! service) and its generated tonic/prost code. Nothing else lives here.
+//! longtake-proto: the gRPC API of longtake and its generated tonic/prost code. Nothing else
+//! lives here.
 //!
-//! The services are defined with the coordinator and worker crates; until then this crate is
-//! empty so the workspace layout is fixed from the start.
+//! - `proto/longtake/v1/render.proto`: the public `RenderService` (submit, get, list, watch,
+//!   cancel), called by studios and the `longtake` CLI.
+//! - `proto/longtake/v1/worker.proto`: the worker-facing `WorkerService` (register, heartbeat,
+//!   task stream, progress, halo exchange, results), called by workers.
+//!
+//! Both are served by the coordinator, with gRPC health checking and server reflection
+//! ([`FILE_DESCRIPTOR_SET`]) on the same port.
+
+/// Package `longtake.v1`: messages, `render_service_{client,server}` and
+/// `worker_service_{client,server}`.
+pub mod v1 {
+    tonic::include_proto!("longtake.v1");
+}
+
+/// The encoded `FileDescriptorSet` of every file above (with its imports), for server
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/longtake_descriptor.bin"));
+
+/// The message size limit, in both directions, that longtake's servers accept and its clients
+/// should set (`max_decoding_message_size` / `max_encoding_message_size`): window latents, fused
+/// latents and initial noise travel as `bytes` and exceed tonic's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;

@@ -1,9 +1,12 @@
-//! longtake-worker: a process that owns local devices, forms tensor-parallel groups, loads models
-//! from `longtake-model`, executes the window tasks the coordinator hands out and exchanges halos.
+//! longtake-worker: a process that owns local devices, loads models from `longtake-model`,
+//! executes the window tasks the coordinator hands out and exchanges halos.
 //!
 //! # Layout
 //!
+//! - [`runtime`]: register, heartbeat, pull tasks, run them on a compute thread, report.
 //! - [`media`]: decoded frames to H.264/MP4 and PNG.
 
 pub mod media;
+pub mod runtime;
 pub use longtake_model as model;
+pub use runtime::{WorkerError, WorkerOptions, run};

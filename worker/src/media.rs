@@ -43,7 +43,7 @@ pub struct Mp4Writer {
 
 impl Mp4Writer {
     pub fn new(width: usize, height: usize, fps: u32) -> Result<Self, MediaError> {
-        if width == 0 || height == 0 || width % 2 != 0 || height % 2 != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(2) || !height.is_multiple_of(2) {
             return Err(MediaError::Size { width, height });
         }
         // About 0.15 bits per pixel per frame, at least 200 kbit/s.

@@ -1,0 +1,145 @@
+//! Output storage: opening a render's output location (a local directory or an S3 prefix) as an
+//! `object_store`, and writing `manifest.json`, the object that marks a render as finished.
+
+use std::sync::Arc;
+
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+/// The environment variable naming a non-AWS S3 endpoint (MinIO, Ceph, ...), for example
+/// `http://127.0.0.1:9000`. Credentials and region come from the standard `AWS_*` variables.
+pub const S3_ENDPOINT_ENV: &str = "LONGTAKE_S3_ENDPOINT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot create output directory {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("output {url:?} is not a directory path or s3://bucket[/prefix]")]
+    BadUrl { url: String },
+    #[error("object store error at {url}: {source}")]
+    Store {
+        url: String,
+        source: object_store::Error,
+    },
+}
+
+/// Open `url` (a local directory path or `s3://bucket[/prefix]`): the store and the key prefix
+/// under which the location's objects live. A local directory is created if missing and becomes
+/// the store's root (empty prefix).
+pub fn open_store(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), OutputError> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(OutputError::BadUrl {
+                url: url.to_string(),
+            });
+        }
+        // reqwest is built without a default TLS crypto provider; install ring's once per process
+        // (an error means another provider is already installed, which is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Ok(endpoint) = std::env::var(S3_ENDPOINT_ENV)
+            && !endpoint.is_empty()
+        {
+            builder = builder
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_endpoint(endpoint);
+        }
+        let store = builder.build().map_err(|source| OutputError::Store {
+            url: url.to_string(),
+            source,
+        })?;
+        return Ok((Arc::new(store), Path::from(prefix)));
+    }
+    if url.is_empty() || url.contains("://") {
+        return Err(OutputError::BadUrl {
+            url: url.to_string(),
+        });
+    }
+    std::fs::create_dir_all(url).map_err(|source| OutputError::CreateDir {
+        path: url.to_string(),
+        source,
+    })?;
+    let store = LocalFileSystem::new_with_prefix(url).map_err(|source| OutputError::Store {
+        url: url.to_string(),
+        source,
+    })?;
+    Ok((Arc::new(store), Path::default()))
+}
+
+/// `base` joined with a relative key like `jobs/<id>` (a URL for S3, a path otherwise).
+pub fn join_uri(base: &str, rel: &str) -> String {
+    let rel = rel.trim_matches('/');
+    if rel.is_empty() {
+        return base.to_string();
+    }
+    if base.ends_with('/') {
+        format!("{base}{rel}")
+    } else {
+        format!("{base}/{rel}")
+    }
+}
+
+/// The key of a render's manifest under its output prefix.
+pub fn manifest_path(prefix: &Path) -> Path {
+    prefix.clone().join("manifest.json")
+}
+
+/// Write `manifest` as `<prefix>/manifest.json` in one put of the complete object (atomic on S3;
+/// the local store writes a temporary file and renames it), so a reader sees either no manifest
+/// or the whole of it.
+pub async fn write_manifest(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    manifest: &serde_json::Value,
+) -> Result<(), object_store::Error> {
+    let mut body = serde_json::to_vec_pretty(manifest).expect("a JSON value serialises");
+    body.push(b'\n');
+    store
+        .put(&manifest_path(prefix), PutPayload::from(body))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join() {
+        assert_eq!(join_uri("s3://b/p", "jobs/x"), "s3://b/p/jobs/x");
+        assert_eq!(join_uri("s3://b", "jobs/x"), "s3://b/jobs/x");
+        assert_eq!(join_uri("/out/", "jobs/x"), "/out/jobs/x");
+        assert_eq!(join_uri("/out", ""), "/out");
+    }
+
+    #[tokio::test]
+    async fn local_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a/b");
+        let (store, prefix) = open_store(target.to_str().unwrap()).unwrap();
+        write_manifest(&*store, &prefix, &serde_json::json!({"ok": true}))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(target.join("manifest.json")).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+            serde_json::json!({"ok": true})
+        );
+        assert!(matches!(
+            open_store("ftp://x/y"),
+            Err(OutputError::BadUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn s3_prefix() {
+        let (_store, prefix) = open_store("s3://bucket-name/some/prefix").unwrap();
+        assert_eq!(prefix.as_ref(), "some/prefix");
+        assert_eq!(manifest_path(&prefix).as_ref(), "some/prefix/manifest.json");
+    }
+}

@@ -1,0 +1,1539 @@
+//! The coordinator: live state (renders, workers and their leases, the running render's
+//! assignment, halo rendezvous), scheduling, and the `RenderService` / `WorkerService`
+//! implementations.
+//!
+//! # Scheduling
+//!
+//! One render runs at a time, on every worker registered when it starts: the highest-priority
+//! queued render (then the oldest) starts as soon as no render is running and at least one worker
+//! is registered. It is planned ([`crate::plan`]), its windows are split into contiguous groups
+//! over the workers in proportion to their capacity (AUTOREGRESSIVE renders, being sequential, go
+//! whole to the first worker), and each worker gets a `DenoiseTask` with a fresh epoch. When every
+//! window's final latents are in, they are fused with the plan's weights
+//! ([`crate::assemble::fuse`]) and one `DecodeTask` goes to the owner of window 0 (or the first
+//! worker left). When the decoder reports its outputs written, `manifest.json` is written last and
+//! the render is SUCCEEDED.
+//!
+//! # Halo exchange
+//!
+//! Under CODENOISE, window `w`'s halo partners are the windows that overlap it and belong to
+//! another worker. An ExchangeHalo call for (render, epoch, step, window) first deposits its parts
+//! in the slots of their destination windows, then waits on its own window's slot until every
+//! partner's part has arrived, takes them and returns. Slots are keyed by (render, epoch, step,
+//! destination window) and removed when taken or when the render stops. The bytes are relayed,
+//! never read.
+//!
+//! # Failure
+//!
+//! A task result carrying an error, or a worker whose lease lapses while it holds unfinished
+//! work, fails the render; its other workers get a `CancelTask`. (Rescheduling comes later.)
+//!
+//! # Locking
+//!
+//! All state sits behind one `std::sync::Mutex`: critical sections are short, never await, and
+//! the only CPU-heavy step (fusing the latents) runs on a blocking thread outside it. Job records
+//! are written to the [`JobStore`] by one background task, in the order the changes were made.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use longtake_proto::v1 as pb;
+use pb::render_service_server::RenderService;
+use pb::worker_service_server::WorkerService;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::CoordinatorConfig;
+use crate::assemble;
+use crate::output;
+use crate::plan::{self, WindowPlan};
+use crate::store::{self, JobRecord, JobState, JobStore, PlanRecord, StoreError};
+use crate::validate::{self, StitchingMode};
+
+/// The coordinator's shared state; cheap to clone (one `Arc`). Serve it with [`crate::serve`].
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: CoordinatorConfig,
+    state: Mutex<State>,
+    /// Job-store writes, applied in order by the persister task.
+    persist: mpsc::UnboundedSender<PersistOp>,
+    /// Flipped to true on shutdown: watch streams end and halo waits give up.
+    closing: watch::Sender<bool>,
+}
+
+struct PersistOp {
+    key: String,
+    value: Vec<u8>,
+    /// Told when the write is done (SubmitRender waits for its record to be stored).
+    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: HashMap<String, Job>,
+    /// Idempotency key → render id.
+    idempotency: HashMap<String, String>,
+    /// Registered workers by id; ids sort in registration order.
+    workers: BTreeMap<String, Worker>,
+    worker_seq: u64,
+    /// The assignment of the render being worked on, if any (one at a time).
+    run: Option<Run>,
+    /// The last assignment epoch handed out.
+    epoch: u64,
+    halos: HashMap<HaloKey, HaloSlot>,
+}
+
+struct Job {
+    record: JobRecord,
+    noise: Option<Vec<u8>>,
+    progress: pb::Progress,
+    /// The latest snapshot, for WatchRender.
+    events: watch::Sender<pb::Render>,
+    /// Set while `manifest.json` is written: the render can no longer be cancelled.
+    finalizing: bool,
+}
+
+struct Run {
+    render_id: String,
+    epoch: u64,
+    plan: WindowPlan,
+    /// [C, T, h, w].
+    shape: [u32; 4],
+    /// Per window, the owning worker's id.
+    owners: Vec<String>,
+    /// Per window, its halo partners (empty unless CODENOISE).
+    partners: Vec<Vec<usize>>,
+    tasks: BTreeMap<String, RunTask>,
+    /// Per window, its final latents once handed in.
+    latents: Vec<Option<Vec<f32>>>,
+    model_identity: String,
+    worker_timings: BTreeMap<String, BTreeMap<String, f64>>,
+    started: Instant,
+    phase_started: Instant,
+    timings: BTreeMap<&'static str, f64>,
+    outputs: Vec<String>,
+    frame_count: u32,
+}
+
+struct RunTask {
+    worker_id: String,
+    worker_name: String,
+    kind: TaskKind,
+    done: bool,
+    window_steps_done: u64,
+    frames_done: u64,
+}
+
+enum TaskKind {
+    Denoise { windows: Range<usize> },
+    Decode,
+}
+
+type TaskSender = mpsc::UnboundedSender<Result<pb::Task, Status>>;
+type TaskReceiver = mpsc::UnboundedReceiver<Result<pb::Task, Status>>;
+
+struct Worker {
+    name: String,
+    capacity: u32,
+    last_heartbeat: Instant,
+    tasks: TaskSender,
+    /// The receiving end until the worker opens PullTasks.
+    pending: Option<TaskReceiver>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct HaloKey {
+    render: String,
+    epoch: u64,
+    step: u32,
+    to_window: u32,
+}
+
+#[derive(Default)]
+struct HaloSlot {
+    /// Parts addressed to the slot's window, by sender window.
+    parts: BTreeMap<u32, pb::HaloPart>,
+    /// Woken (one permit) when a part arrives or the render stops.
+    notify: Arc<Notify>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// `ms` since the Unix epoch as RFC 3339 UTC (`2026-11-02T10:04:05.123Z`).
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// FNV-1a over the request's protobuf encoding: stable across processes and versions.
+fn fingerprint(spec: &pb::RenderSpec) -> String {
+    let bytes = prost::Message::encode_to_vec(spec);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn random_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+fn ranges_text(r: &Range<usize>) -> String {
+    if r.len() == 1 {
+        format!("window {}", r.start)
+    } else {
+        format!("windows {}..={}", r.start, r.end - 1)
+    }
+}
+
+impl Job {
+    fn snapshot(&self) -> pb::Render {
+        let r = &self.record;
+        pb::Render {
+            id: r.id.clone(),
+            spec: Some(r.spec.to_proto(None)),
+            state: r.state.to_proto() as i32,
+            plan: r.plan.as_ref().map(|p| pb::PlanSummary {
+                num_frames: p.num_frames,
+                latent_frames: p.latent_frames,
+                windows: p
+                    .windows
+                    .iter()
+                    .map(|&[start, len]| pb::WindowSpan { start, len })
+                    .collect(),
+            }),
+            progress: Some(self.progress.clone()),
+            error: r.error.clone(),
+            output_uri: r.output_uri.clone(),
+            has_initial_noise: r.spec.has_initial_noise,
+            created_at: Some(timestamp(r.created_at_ms)),
+            started_at: r.started_at_ms.map(timestamp),
+            finished_at: r.finished_at_ms.map(timestamp),
+            idempotency_key: r.idempotency_key.clone(),
+        }
+    }
+}
+
+impl Coordinator {
+    /// A coordinator over `store`. Starts its background tasks (the store writer and the lease
+    /// reaper), so it must be called inside a Tokio runtime; they stop when the last clone of the
+    /// coordinator is dropped.
+    pub fn new(config: CoordinatorConfig, store: Arc<dyn JobStore>) -> Self {
+        let (persist, mut persist_rx) = mpsc::unbounded_channel::<PersistOp>();
+        let (closing, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            config,
+            state: Mutex::new(State::default()),
+            persist,
+            closing,
+        });
+        tokio::spawn(async move {
+            while let Some(op) = persist_rx.recv().await {
+                let result = store.put(&op.key, op.value).await.map(|_| ());
+                if let Err(e) = &result {
+                    tracing::error!(key = %op.key, error = %e, "job store write failed");
+                }
+                if let Some(done) = op.done {
+                    let _ = done.send(result);
+                }
+            }
+        });
+        let weak: Weak<Inner> = Arc::downgrade(&inner);
+        let tick = (inner.config.lease_ttl / 4).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(inner) = weak.upgrade() else { break };
+                inner.expire_leases();
+            }
+        });
+        Coordinator { inner }
+    }
+
+    /// End the open streams and halo waits (server shutdown).
+    pub(crate) fn close(&self) {
+        self.inner.closing.send_replace(true);
+        let mut st = self.inner.lock();
+        st.workers.clear();
+        for slot in st.halos.values() {
+            slot.notify.notify_one();
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    /// Queue the job's record for the store and publish its snapshot to watchers.
+    fn save(&self, job: &Job, done: Option<oneshot::Sender<Result<(), StoreError>>>) {
+        let _ = self.persist.send(PersistOp {
+            key: store::job_key(&job.record.id),
+            value: store::encode_job(&job.record),
+            done,
+        });
+        self.publish(job);
+    }
+
+    fn publish(&self, job: &Job) {
+        job.events.send_replace(job.snapshot());
+    }
+
+    fn set_state(&self, job: &mut Job, state: JobState) {
+        job.record.state = state;
+        job.progress.phase = state.to_proto() as i32;
+        if state.is_terminal() {
+            job.record.finished_at_ms = Some(now_ms());
+            job.noise = None;
+        }
+        self.save(job, None);
+    }
+
+    /// Start the next queued render if nothing runs and a worker is registered.
+    fn schedule(&self, st: &mut State) {
+        while st.run.is_none() && !st.workers.is_empty() {
+            let next = st
+                .jobs
+                .values()
+                .filter(|j| j.record.state == JobState::Queued)
+                .max_by(|a, b| {
+                    (a.record.spec.priority)
+                        .cmp(&b.record.spec.priority)
+                        .then(b.record.created_at_ms.cmp(&a.record.created_at_ms))
+                        .then(b.record.id.cmp(&a.record.id))
+                })
+                .map(|j| j.record.id.clone());
+            let Some(id) = next else { return };
+            self.start(st, &id);
+        }
+    }
+
+    /// Plan render `id` and hand its windows to the registered workers.
+    fn start(&self, st: &mut State, id: &str) {
+        st.epoch += 1;
+        let epoch = st.epoch;
+        let State {
+            jobs, workers, run, ..
+        } = &mut *st;
+        let Some(job) = jobs.get_mut(id) else { return };
+        let started = Instant::now();
+        job.record.started_at_ms = Some(now_ms());
+        self.set_state(job, JobState::Planning);
+        let spec = job.record.spec.clone();
+        let shape = spec.latent_shape();
+        let plan = match plan::plan(
+            shape[1] as usize,
+            spec.window as usize,
+            spec.overlap as usize,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                job.record.error = format!("cannot plan the render: {e}");
+                self.set_state(job, JobState::Failed);
+                return;
+            }
+        };
+        let n = plan.windows.len();
+        let worker_list: Vec<(&String, &Worker)> = workers.iter().collect();
+        let groups = match spec.stitching {
+            // Sequential by nature: one worker does all of it.
+            StitchingMode::Autoregressive => {
+                let mut g = vec![0..0; worker_list.len()];
+                g[0] = 0..n;
+                g
+            }
+            _ => assemble::split_windows(
+                n,
+                &worker_list
+                    .iter()
+                    .map(|(_, w)| w.capacity)
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let mut owner_index = vec![0usize; n];
+        let mut owners = vec![String::new(); n];
+        for (k, g) in groups.iter().enumerate() {
+            for w in g.clone() {
+                owner_index[w] = k;
+                owners[w] = worker_list[k].0.clone();
+            }
+        }
+        let partners = if spec.stitching == StitchingMode::Codenoise {
+            assemble::halo_partners(&plan.windows, &owner_index)
+        } else {
+            vec![Vec::new(); n]
+        };
+        let pb_plan = pb::WindowPlan {
+            latent_frames: plan.latent_frames as u32,
+            window: plan.window as u32,
+            overlap: plan.overlap as u32,
+            windows: plan
+                .windows
+                .iter()
+                .zip(&plan.weights)
+                .map(|(w, weights)| pb::PlannedWindow {
+                    start: w.start as u32,
+                    len: w.len as u32,
+                    weights: weights.clone(),
+                })
+                .collect(),
+        };
+        let pb_spec = spec.to_proto(job.noise.clone());
+        let mut tasks = BTreeMap::new();
+        let mut closed = Vec::new();
+        for (k, g) in groups.iter().enumerate() {
+            if g.is_empty() {
+                continue;
+            }
+            let (worker_id, worker) = worker_list[k];
+            let task_id = format!("{id}/{epoch}/denoise-{k}");
+            let task = pb::Task {
+                task_id: task_id.clone(),
+                kind: Some(pb::task::Kind::Denoise(pb::DenoiseTask {
+                    render_id: id.to_string(),
+                    epoch,
+                    spec: Some(pb_spec.clone()),
+                    plan: Some(pb_plan.clone()),
+                    owned_windows: g.clone().map(|w| w as u32).collect(),
+                    latent_shape: Some(latent_shape(shape)),
+                    num_frames: spec.num_frames,
+                })),
+            };
+            if worker.tasks.send(Ok(task)).is_err() {
+                closed.push(worker_id.clone());
+            }
+            tasks.insert(
+                task_id,
+                RunTask {
+                    worker_id: worker_id.clone(),
+                    worker_name: worker.name.clone(),
+                    kind: TaskKind::Denoise { windows: g.clone() },
+                    done: false,
+                    window_steps_done: 0,
+                    frames_done: 0,
+                },
+            );
+            tracing::info!(render = id, epoch, worker = %worker.name, windows = ?g, "denoise task sent");
+        }
+        job.record.plan = Some(PlanRecord {
+            num_frames: spec.num_frames,
+            latent_frames: shape[1],
+            windows: plan
+                .windows
+                .iter()
+                .map(|w| [w.start as u32, w.len as u32])
+                .collect(),
+        });
+        job.progress.window_steps_total = n as u64 * u64::from(spec.steps);
+        job.progress.frames_total = u64::from(spec.num_frames);
+        job.progress.message = format!(
+            "{n} window(s) of {} latent frames on {} worker(s)",
+            plan.window.min(plan.latent_frames),
+            groups.iter().filter(|g| !g.is_empty()).count()
+        );
+        let mut timings = BTreeMap::new();
+        timings.insert("plan", started.elapsed().as_secs_f64());
+        *run = Some(Run {
+            render_id: id.to_string(),
+            epoch,
+            plan,
+            shape,
+            owners,
+            partners,
+            tasks,
+            latents: vec![None; n],
+            model_identity: String::new(),
+            worker_timings: BTreeMap::new(),
+            started,
+            phase_started: Instant::now(),
+            timings,
+            outputs: Vec::new(),
+            frame_count: 0,
+        });
+        self.set_state(job, JobState::EncodingText);
+        if !closed.is_empty() {
+            // A worker whose task stream is gone cannot take part; drop it.
+            let names: Vec<String> = closed
+                .iter()
+                .filter_map(|w| st.workers.remove(w).map(|w| w.name))
+                .collect();
+            self.end_render(
+                st,
+                id,
+                JobState::Failed,
+                format!(
+                    "worker(s) {} closed their task stream before the render started",
+                    names.join(", ")
+                ),
+            );
+        }
+    }
+
+    /// Stop render `id` as FAILED or CANCELLED: tell its workers, drop its halo slots, start the
+    /// next render.
+    fn end_render(&self, st: &mut State, id: &str, state: JobState, reason: String) {
+        let State {
+            jobs,
+            workers,
+            run,
+            halos,
+            ..
+        } = &mut *st;
+        let Some(job) = jobs.get_mut(id) else { return };
+        if job.record.state.is_terminal() {
+            return;
+        }
+        if let Some(run) = run.take_if(|r| r.render_id == id) {
+            let busy: BTreeSet<&String> = run
+                .tasks
+                .values()
+                .filter(|t| !t.done)
+                .map(|t| &t.worker_id)
+                .collect();
+            for worker_id in busy {
+                if let Some(w) = workers.get(worker_id) {
+                    let _ = w.tasks.send(Ok(pb::Task {
+                        task_id: format!("{id}/{}/cancel", run.epoch),
+                        kind: Some(pb::task::Kind::Cancel(pb::CancelTask {
+                            render_id: id.to_string(),
+                            epoch: run.epoch,
+                            reason: reason.clone(),
+                        })),
+                    }));
+                }
+            }
+        }
+        halos.retain(|k, slot| {
+            if k.render == id {
+                slot.notify.notify_one();
+                false
+            } else {
+                true
+            }
+        });
+        if state == JobState::Failed {
+            job.record.error = reason.clone();
+        }
+        job.finalizing = false;
+        job.progress.message = reason;
+        tracing::warn!(render = id, state = ?state, error = %job.record.error, "render stopped");
+        self.set_state(job, state);
+        self.schedule(st);
+    }
+
+    /// Drop workers whose lease lapsed; fail the render that still needed one of them.
+    fn expire_leases(&self) {
+        let ttl = self.config.lease_ttl;
+        let mut st = self.lock();
+        let expired: Vec<String> = st
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_heartbeat.elapsed() > ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for worker_id in expired {
+            let Some(worker) = st.workers.remove(&worker_id) else {
+                continue;
+            };
+            let silent = worker.last_heartbeat.elapsed();
+            tracing::warn!(worker = %worker.name, id = %worker_id, "worker lease lapsed");
+            let held = st.run.as_ref().and_then(|run| {
+                let held = run
+                    .tasks
+                    .values()
+                    .find(|t| !t.done && t.worker_id == worker_id)?;
+                let what = match &held.kind {
+                    TaskKind::Denoise { windows } => ranges_text(windows),
+                    TaskKind::Decode => "the decode task".to_string(),
+                };
+                Some((run.render_id.clone(), what))
+            });
+            if let Some((render_id, what)) = held {
+                let reason = format!(
+                    "worker {} ({worker_id}) lost its lease: no heartbeat for {:.1} s \
+                     (lease ttl {:.1} s) while it held {what}",
+                    worker.name,
+                    silent.as_secs_f64(),
+                    ttl.as_secs_f64()
+                );
+                self.end_render(&mut st, &render_id, JobState::Failed, reason);
+            }
+        }
+    }
+
+    /// The job `render_id` and its run at `epoch`, or the status a worker call gets otherwise.
+    fn running<'a>(
+        jobs: &'a mut HashMap<String, Job>,
+        run: &'a mut Option<Run>,
+        render_id: &str,
+        epoch: u64,
+    ) -> Result<(&'a mut Job, &'a mut Run), Status> {
+        let job = jobs
+            .get_mut(render_id)
+            .ok_or_else(|| Status::not_found(format!("render_id: no render {render_id:?}")))?;
+        match run {
+            Some(run) if run.render_id == render_id => {
+                if run.epoch != epoch {
+                    return Err(Status::failed_precondition(format!(
+                        "epoch: {epoch} is stale; render {render_id} is at epoch {}",
+                        run.epoch
+                    )));
+                }
+                Ok((job, run))
+            }
+            _ => Err(match job.record.state {
+                JobState::Cancelled => {
+                    Status::cancelled(format!("render {render_id} was cancelled"))
+                }
+                JobState::Failed => Status::failed_precondition(format!(
+                    "render {render_id} failed: {}",
+                    job.record.error
+                )),
+                state => Status::failed_precondition(format!(
+                    "render {render_id} is not running (state {state:?})"
+                )),
+            }),
+        }
+    }
+
+    /// Every window's latents are in: fuse them off the runtime, then send the decode task.
+    fn begin_decode(self: &Arc<Self>, run: &mut Run) {
+        let plan = run.plan.clone();
+        let shape = run.shape;
+        let windows: Vec<Vec<f32>> = run
+            .latents
+            .iter_mut()
+            .map(|l| l.take().unwrap_or_default())
+            .collect();
+        let (id, epoch) = (run.render_id.clone(), run.epoch);
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let fused = tokio::task::spawn_blocking(move || {
+                let plane = (shape[2] * shape[3]) as usize;
+                let data = assemble::fuse(&plan, shape[0] as usize, plane, &windows);
+                assemble::latents_safetensors(shape, &data)
+            })
+            .await;
+            inner.dispatch_decode(&id, epoch, fused.ok());
+        });
+    }
+
+    fn dispatch_decode(&self, id: &str, epoch: u64, latents: Option<Vec<u8>>) {
+        let mut st = self.lock();
+        let State {
+            jobs, workers, run, ..
+        } = &mut *st;
+        let Ok((job, run)) = Self::running(jobs, run, id, epoch) else {
+            return;
+        };
+        let Some(latents) = latents else {
+            let reason = "fusing the windows' latents failed".to_string();
+            self.end_render(&mut st, id, JobState::Failed, reason);
+            return;
+        };
+        let target = workers
+            .get_key_value(&run.owners[0])
+            .or_else(|| workers.iter().next());
+        let Some((worker_id, worker)) = target else {
+            let reason = "no worker is left to decode the latents".to_string();
+            self.end_render(&mut st, id, JobState::Failed, reason);
+            return;
+        };
+        let task_id = format!("{id}/{epoch}/decode");
+        let spec = &job.record.spec;
+        let task = pb::Task {
+            task_id: task_id.clone(),
+            kind: Some(pb::task::Kind::Decode(pb::DecodeTask {
+                render_id: id.to_string(),
+                epoch,
+                spec: Some(spec.to_proto(None)),
+                latents: Some(pb::decode_task::Latents::LatentsSafetensors(latents)),
+                latent_shape: Some(latent_shape(run.shape)),
+                num_frames: spec.num_frames,
+                output_uri: job.record.output_uri.clone(),
+            })),
+        };
+        let sent = worker.tasks.send(Ok(task)).is_ok();
+        run.tasks.insert(
+            task_id,
+            RunTask {
+                worker_id: worker_id.clone(),
+                worker_name: worker.name.clone(),
+                kind: TaskKind::Decode,
+                done: false,
+                window_steps_done: 0,
+                frames_done: 0,
+            },
+        );
+        job.progress.message = format!("decoding on {}", worker.name);
+        self.publish(job);
+        tracing::info!(render = id, epoch, worker = %worker.name, "decode task sent");
+        if !sent {
+            let reason = format!("worker {} closed its task stream", worker.name);
+            let worker_id = worker_id.clone();
+            st.workers.remove(&worker_id);
+            self.end_render(&mut st, id, JobState::Failed, reason);
+        }
+    }
+
+    /// Write `manifest.json` (the last object of a render), then mark the render SUCCEEDED.
+    fn finalize(
+        self: &Arc<Self>,
+        id: String,
+        epoch: u64,
+        output_uri: String,
+        manifest: serde_json::Value,
+    ) {
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let written = async {
+                let (store, prefix) = output::open_store(&output_uri).map_err(|e| e.to_string())?;
+                output::write_manifest(&*store, &prefix, &manifest)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            let mut st = inner.lock();
+            let State { jobs, run, .. } = &mut *st;
+            if Self::running(jobs, run, &id, epoch).is_err() {
+                return;
+            }
+            match written {
+                Ok(()) => {
+                    *run = None;
+                    let job = jobs.get_mut(&id).expect("checked above");
+                    job.finalizing = false;
+                    job.progress.message = format!("written to {output_uri}");
+                    inner.set_state(job, JobState::Succeeded);
+                    tracing::info!(render = %id, output = %output_uri, "render succeeded");
+                    inner.schedule(&mut st);
+                }
+                Err(e) => {
+                    let reason = format!("cannot write manifest.json under {output_uri}: {e}");
+                    inner.end_render(&mut st, &id, JobState::Failed, reason);
+                }
+            }
+        });
+    }
+}
+
+fn latent_shape(shape: [u32; 4]) -> pb::LatentShape {
+    pb::LatentShape {
+        channels: shape[0],
+        frames: shape[1],
+        height: shape[2],
+        width: shape[3],
+    }
+}
+
+/// The manifest: request, plan, model, outputs, timings and versions of a finished render.
+fn manifest(job: &Job, run: &Run) -> serde_json::Value {
+    let r = &job.record;
+    let spec = &r.spec;
+    let windows: Vec<serde_json::Value> = run
+        .plan
+        .windows
+        .iter()
+        .zip(&run.plan.weights)
+        .enumerate()
+        .map(|(i, (w, weights))| {
+            serde_json::json!({
+                "index": i,
+                "start": w.start,
+                "len": w.len,
+                "weights": weights,
+                "worker": run.tasks.values().find(|t| matches!(&t.kind,
+                    TaskKind::Denoise { windows } if windows.contains(&i)))
+                    .map(|t| t.worker_name.clone()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "format": "longtake.manifest",
+        "format_version": 1,
+        "render_id": r.id,
+        "smoke_test": spec.is_smoke(),
+        "request": spec,
+        "idempotency_key": r.idempotency_key,
+        "seed": spec.seed,
+        "video": {
+            "num_frames": spec.num_frames,
+            "frames_written": run.frame_count,
+            "fps": spec.fps,
+            "width": spec.width,
+            "height": spec.height,
+        },
+        "plan": {
+            "latent_frames": run.plan.latent_frames,
+            "window": run.plan.window,
+            "overlap": run.plan.overlap,
+            "latent_shape": [1, run.shape[0], run.shape[1], run.shape[2], run.shape[3]],
+            "stitching": spec.stitching,
+            "windows": windows,
+        },
+        "model": {
+            "path": if spec.is_smoke() { serde_json::Value::Null } else { spec.model.clone().into() },
+            "identity": run.model_identity,
+        },
+        "outputs": run.outputs,
+        "timings_s": run.timings,
+        "worker_timings_s": run.worker_timings,
+        "versions": {
+            "longtake": env!("CARGO_PKG_VERSION"),
+            "git_sha": option_env!("LONGTAKE_GIT_SHA").unwrap_or("unknown"),
+        },
+        "created_at": rfc3339(r.created_at_ms),
+        "started_at": r.started_at_ms.map(rfc3339),
+        "finished_at": rfc3339(now_ms()),
+    })
+}
+
+#[tonic::async_trait]
+impl RenderService for Coordinator {
+    async fn submit_render(
+        &self,
+        request: Request<pb::SubmitRenderRequest>,
+    ) -> Result<Response<pb::SubmitRenderResponse>, Status> {
+        let inner = &self.inner;
+        let req = request.into_inner();
+        let Some(spec) = req.spec else {
+            return Err(Status::invalid_argument("spec: is missing"));
+        };
+        let key = req.idempotency_key;
+        if key.chars().count() > validate::MAX_IDEMPOTENCY_KEY_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key: is {} characters; at most {}",
+                key.chars().count(),
+                validate::MAX_IDEMPOTENCY_KEY_CHARS
+            )));
+        }
+        let fingerprint = fingerprint(&spec);
+        let valid = validate::validate(
+            &spec,
+            &inner.config.limits,
+            &inner.config.default_output,
+            random_u64(),
+        )?;
+        let (id, stored) = {
+            let mut st = inner.lock();
+            if !key.is_empty()
+                && let Some(id) = st.idempotency.get(&key)
+            {
+                let job = &st.jobs[id];
+                if job.record.request_fingerprint == fingerprint {
+                    return Ok(Response::new(pb::SubmitRenderResponse {
+                        render_id: id.clone(),
+                        created: false,
+                    }));
+                }
+                return Err(Status::already_exists(format!(
+                    "idempotency_key: {key:?} was already used for render {id} with a different \
+                     spec; repeat that spec exactly to get the same render, or use a new key"
+                )));
+            }
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let base = if valid.output.starts_with("s3://") {
+                valid.output.clone()
+            } else {
+                std::path::absolute(&valid.output)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| valid.output.clone())
+            };
+            let rel = output::join_uri(&inner.config.jobs_prefix, &id);
+            let rel = rel.trim_start_matches('/');
+            let record = JobRecord {
+                id: id.clone(),
+                spec: valid,
+                idempotency_key: key.clone(),
+                request_fingerprint: fingerprint,
+                state: JobState::Queued,
+                error: String::new(),
+                output_uri: output::join_uri(&base, rel),
+                plan: None,
+                created_at_ms: now_ms(),
+                started_at_ms: None,
+                finished_at_ms: None,
+            };
+            let progress = pb::Progress {
+                phase: pb::RenderState::Queued as i32,
+                message: "waiting for workers".to_string(),
+                ..Default::default()
+            };
+            let noise = spec.initial_noise;
+            if let Some(n) = &noise {
+                let _ = inner.persist.send(PersistOp {
+                    key: store::noise_key(&id),
+                    value: n.clone(),
+                    done: None,
+                });
+            }
+            let job = Job {
+                record,
+                noise,
+                progress,
+                events: watch::channel(pb::Render::default()).0,
+                finalizing: false,
+            };
+            let (done, stored) = oneshot::channel();
+            inner.save(&job, Some(done));
+            st.jobs.insert(id.clone(), job);
+            if !key.is_empty() {
+                st.idempotency.insert(key, id.clone());
+            }
+            tracing::info!(render = %id, "render queued");
+            inner.schedule(&mut st);
+            (id, stored)
+        };
+        match stored.await {
+            Ok(Ok(())) => Ok(Response::new(pb::SubmitRenderResponse {
+                render_id: id,
+                created: true,
+            })),
+            failure => {
+                let why = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the store writer stopped".to_string(),
+                };
+                let mut st = inner.lock();
+                inner.end_render(
+                    &mut st,
+                    &id,
+                    JobState::Failed,
+                    format!("the job could not be stored: {why}"),
+                );
+                Err(Status::unavailable(format!(
+                    "render {id} could not be stored: {why}"
+                )))
+            }
+        }
+    }
+
+    async fn get_render(
+        &self,
+        request: Request<pb::GetRenderRequest>,
+    ) -> Result<Response<pb::Render>, Status> {
+        let id = request.into_inner().render_id;
+        let st = self.inner.lock();
+        let job = st
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("render_id: no render {id:?}")))?;
+        Ok(Response::new(job.snapshot()))
+    }
+
+    async fn list_renders(
+        &self,
+        request: Request<pb::ListRendersRequest>,
+    ) -> Result<Response<pb::ListRendersResponse>, Status> {
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size: is {n}; allowed: 1..=1000 (0: 100)"
+                )));
+            }
+        };
+        let mut states = BTreeSet::new();
+        for s in &req.states {
+            let state = pb::RenderState::try_from(*s)
+                .ok()
+                .and_then(JobState::from_proto)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "states: {s} is not a render state (allowed: 1..=8)"
+                    ))
+                })?;
+            states.insert(state.to_proto() as i32);
+        }
+        // Token: "<created_at_ms>.<id>" of the last render of the previous page.
+        let after: Option<(u64, String)> = if req.page_token.is_empty() {
+            None
+        } else {
+            let parsed = req
+                .page_token
+                .split_once('.')
+                .and_then(|(ms, id)| Some((ms.parse().ok()?, id.to_string())));
+            Some(parsed.ok_or_else(|| {
+                Status::invalid_argument("page_token: is not a token this server issued")
+            })?)
+        };
+        let st = self.inner.lock();
+        let mut jobs: Vec<&Job> = st
+            .jobs
+            .values()
+            .filter(|j| states.is_empty() || states.contains(&(j.record.state.to_proto() as i32)))
+            .filter(|j| match &after {
+                None => true,
+                Some((ms, id)) => (j.record.created_at_ms, &j.record.id) < (*ms, id),
+            })
+            .collect();
+        jobs.sort_by(|a, b| {
+            (b.record.created_at_ms, &b.record.id).cmp(&(a.record.created_at_ms, &a.record.id))
+        });
+        let more = jobs.len() > page_size;
+        jobs.truncate(page_size);
+        let next_page_token = match (more, jobs.last()) {
+            (true, Some(last)) => format!("{}.{}", last.record.created_at_ms, last.record.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListRendersResponse {
+            renders: jobs.iter().map(|j| j.snapshot()).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchRenderStream = ReceiverStream<Result<pb::RenderEvent, Status>>;
+
+    async fn watch_render(
+        &self,
+        request: Request<pb::WatchRenderRequest>,
+    ) -> Result<Response<Self::WatchRenderStream>, Status> {
+        let id = request.into_inner().render_id;
+        let mut events = {
+            let st = self.inner.lock();
+            st.jobs
+                .get(&id)
+                .ok_or_else(|| Status::not_found(format!("render_id: no render {id:?}")))?
+                .events
+                .subscribe()
+        };
+        let mut closing = self.inner.closing.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let render = events.borrow_and_update().clone();
+                let terminal = pb::RenderState::try_from(render.state)
+                    .ok()
+                    .and_then(JobState::from_proto)
+                    .is_some_and(JobState::is_terminal);
+                let event = pb::RenderEvent {
+                    render: Some(render),
+                };
+                if tx.send(Ok(event)).await.is_err() || terminal {
+                    return;
+                }
+                tokio::select! {
+                    changed = events.changed() => if changed.is_err() { return },
+                    _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+                        let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_render(
+        &self,
+        request: Request<pb::CancelRenderRequest>,
+    ) -> Result<Response<pb::Render>, Status> {
+        let id = request.into_inner().render_id;
+        let mut st = self.inner.lock();
+        let job = st
+            .jobs
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("render_id: no render {id:?}")))?;
+        if !job.record.state.is_terminal() && !job.finalizing {
+            self.inner.end_render(
+                &mut st,
+                &id,
+                JobState::Cancelled,
+                "cancelled by the user".to_string(),
+            );
+        }
+        Ok(Response::new(st.jobs[&id].snapshot()))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Coordinator {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let inner = &self.inner;
+        if inner.is_closing() {
+            return Err(Status::unavailable("the coordinator is shutting down"));
+        }
+        let mut st = inner.lock();
+        st.worker_seq += 1;
+        let worker_id = format!(
+            "w{:05}-{}",
+            st.worker_seq,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let name = if req.worker_name.is_empty() {
+            worker_id.clone()
+        } else {
+            req.worker_name
+        };
+        let (tasks, pending) = mpsc::unbounded_channel();
+        tracing::info!(worker = %name, id = %worker_id, devices = ?req.devices, capacity = req.capacity, "worker registered");
+        st.workers.insert(
+            worker_id.clone(),
+            Worker {
+                name,
+                capacity: req.capacity,
+                last_heartbeat: Instant::now(),
+                tasks,
+                pending: Some(pending),
+            },
+        );
+        inner.schedule(&mut st);
+        let ttl = inner.config.lease_ttl;
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id,
+            lease_ttl: Some(prost_types::Duration {
+                seconds: ttl.as_secs() as i64,
+                nanos: ttl.subsec_nanos() as i32,
+            }),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = request.into_inner().worker_id;
+        let mut st = self.inner.lock();
+        let worker = st.workers.get_mut(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "worker_id: {id:?} is not registered (its lease lapsed?); register again"
+            ))
+        })?;
+        worker.last_heartbeat = Instant::now();
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    type PullTasksStream = UnboundedReceiverStream<Result<pb::Task, Status>>;
+
+    async fn pull_tasks(
+        &self,
+        request: Request<pb::PullTasksRequest>,
+    ) -> Result<Response<Self::PullTasksStream>, Status> {
+        let id = request.into_inner().worker_id;
+        let mut st = self.inner.lock();
+        let worker = st.workers.get_mut(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "worker_id: {id:?} is not registered; register first"
+            ))
+        })?;
+        let rx = match worker.pending.take() {
+            Some(rx) => rx,
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                worker.tasks = tx;
+                rx
+            }
+        };
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::TaskProgress>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let req = request.into_inner();
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        let State { jobs, run, .. } = &mut *st;
+        let (job, run) = Inner::running(jobs, run, &req.render_id, req.epoch)?;
+        let steps = u64::from(job.record.spec.steps);
+        let task = run.tasks.get_mut(&req.task_id).ok_or_else(|| {
+            Status::not_found(format!("task_id: no task {:?} in this render", req.task_id))
+        })?;
+        if task.worker_id != req.worker_id {
+            return Err(Status::permission_denied(format!(
+                "task {} belongs to another worker",
+                req.task_id
+            )));
+        }
+        match &task.kind {
+            TaskKind::Denoise { windows } => {
+                task.window_steps_done = req.window_steps_done.min(windows.len() as u64 * steps);
+            }
+            TaskKind::Decode => task.frames_done = req.frames_done,
+        }
+        if !req.message.is_empty() {
+            job.progress.message = format!("{}: {}", task.worker_name, req.message);
+        }
+        job.progress.window_steps_done = run.tasks.values().map(|t| t.window_steps_done).sum();
+        job.progress.frames_done = run.tasks.values().map(|t| t.frames_done).sum();
+        let denoising = req.phase == pb::RenderState::Denoising as i32 || req.window_steps_done > 0;
+        if job.record.state == JobState::EncodingText && denoising {
+            inner.set_state(job, JobState::Denoising);
+        } else {
+            inner.publish(job);
+        }
+        Ok(Response::new(pb::ReportProgressResponse {}))
+    }
+
+    async fn exchange_halo(
+        &self,
+        request: Request<pb::HaloRequest>,
+    ) -> Result<Response<pb::HaloResponse>, Status> {
+        let req = request.into_inner();
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + inner.config.halo_timeout;
+        let me = req.window;
+        let expected: Vec<usize> = {
+            let mut st = inner.lock();
+            let State {
+                jobs, run, halos, ..
+            } = &mut *st;
+            let (job, run) = Inner::running(jobs, run, &req.render_id, req.epoch)?;
+            let steps = job.record.spec.steps;
+            let n = run.plan.windows.len();
+            if me as usize >= n {
+                return Err(Status::invalid_argument(format!(
+                    "window: is {me}; the plan has windows 0..={}",
+                    n - 1
+                )));
+            }
+            if req.step >= steps {
+                return Err(Status::invalid_argument(format!(
+                    "step: is {}; allowed: 0..={}",
+                    req.step,
+                    steps - 1
+                )));
+            }
+            let partners = run.partners[me as usize].clone();
+            let mut seen = BTreeSet::new();
+            let [channels, _, h, w] = run.shape;
+            for part in &req.parts {
+                let to = part.neighbor_window as usize;
+                if !partners.contains(&to) {
+                    return Err(Status::invalid_argument(format!(
+                        "parts.neighbor_window: {to} is not a halo partner of window {me} \
+                         (partners: {partners:?})"
+                    )));
+                }
+                if !seen.insert(to) {
+                    return Err(Status::invalid_argument(format!(
+                        "parts.neighbor_window: {to} appears twice"
+                    )));
+                }
+                let shared =
+                    assemble::intersection(&run.plan.windows[me as usize], &run.plan.windows[to])
+                        .expect("partners overlap");
+                if part.frame_start as usize != shared.start
+                    || part.frame_count as usize != shared.len()
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "parts.frame_start/frame_count: {}+{} for window {to}; the shared frames are {}+{}",
+                        part.frame_start,
+                        part.frame_count,
+                        shared.start,
+                        shared.len()
+                    )));
+                }
+                let want = 4 * (channels * part.frame_count * h * w) as usize;
+                if part.data.len() != want {
+                    return Err(Status::invalid_argument(format!(
+                        "parts.data: {} bytes for window {to}; expected {want} (f32 [{channels}, {}, {h}, {w}])",
+                        part.data.len(),
+                        part.frame_count
+                    )));
+                }
+            }
+            if seen.len() != partners.len() {
+                let missing: Vec<usize> = partners
+                    .iter()
+                    .copied()
+                    .filter(|p| !seen.contains(p))
+                    .collect();
+                return Err(Status::invalid_argument(format!(
+                    "parts: no part for window(s) {missing:?}; window {me} must send one part to \
+                     each partner {partners:?}"
+                )));
+            }
+            for part in req.parts {
+                let key = HaloKey {
+                    render: req.render_id.clone(),
+                    epoch: req.epoch,
+                    step: req.step,
+                    to_window: part.neighbor_window,
+                };
+                let slot = halos.entry(key).or_default();
+                slot.parts.insert(
+                    me,
+                    pb::HaloPart {
+                        neighbor_window: me,
+                        ..part
+                    },
+                );
+                slot.notify.notify_one();
+            }
+            partners
+        };
+        if expected.is_empty() {
+            return Ok(Response::new(pb::HaloResponse { parts: Vec::new() }));
+        }
+        let key = HaloKey {
+            render: req.render_id.clone(),
+            epoch: req.epoch,
+            step: req.step,
+            to_window: me,
+        };
+        loop {
+            let notify = {
+                let mut st = inner.lock();
+                if inner.is_closing() {
+                    return Err(Status::unavailable("the coordinator is shutting down"));
+                }
+                let State {
+                    jobs, run, halos, ..
+                } = &mut *st;
+                Inner::running(jobs, run, &req.render_id, req.epoch)?;
+                let slot = halos.entry(key.clone()).or_default();
+                if expected
+                    .iter()
+                    .all(|w| slot.parts.contains_key(&(*w as u32)))
+                {
+                    let slot = halos.remove(&key).expect("present");
+                    return Ok(Response::new(pb::HaloResponse {
+                        parts: slot.parts.into_values().collect(),
+                    }));
+                }
+                Arc::clone(&slot.notify)
+            };
+            if tokio::time::timeout_at(deadline, notify.notified())
+                .await
+                .is_err()
+            {
+                let st = inner.lock();
+                let have: Vec<u32> = st
+                    .halos
+                    .get(&key)
+                    .map(|s| s.parts.keys().copied().collect())
+                    .unwrap_or_default();
+                return Err(Status::deadline_exceeded(format!(
+                    "halo exchange of window {me} at step {} timed out after {:.0} s: waiting for \
+                     windows {expected:?}, received {have:?}",
+                    req.step,
+                    inner.config.halo_timeout.as_secs_f64()
+                )));
+            }
+        }
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::TaskResult>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let req = request.into_inner();
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        let State { jobs, run, .. } = &mut *st;
+        let (job, run) = Inner::running(jobs, run, &req.render_id, req.epoch)?;
+        let task = run.tasks.get_mut(&req.task_id).ok_or_else(|| {
+            Status::not_found(format!("task_id: no task {:?} in this render", req.task_id))
+        })?;
+        if task.worker_id != req.worker_id {
+            return Err(Status::permission_denied(format!(
+                "task {} belongs to another worker",
+                req.task_id
+            )));
+        }
+        if task.done {
+            return Ok(Response::new(pb::CompleteTaskResponse {}));
+        }
+        let worker_name = task.worker_name.clone();
+        if !req.model_identity.is_empty() {
+            run.model_identity = req.model_identity.clone();
+        }
+        if !req.timings_s.is_empty() {
+            run.worker_timings.insert(
+                req.task_id.clone(),
+                req.timings_s.clone().into_iter().collect(),
+            );
+        }
+        let id = req.render_id.clone();
+        let epoch = req.epoch;
+        let outcome = req
+            .outcome
+            .ok_or_else(|| Status::invalid_argument("outcome: is missing"));
+        let failure = match (outcome?, &task.kind) {
+            (pb::task_result::Outcome::Error(message), _) => {
+                // The reporting worker has dropped the task; only the others need a CancelTask.
+                task.done = true;
+                Some((format!("worker {worker_name}: {message}"), None))
+            }
+            (pb::task_result::Outcome::Denoise(result), TaskKind::Denoise { windows }) => {
+                let windows = windows.clone();
+                let [channels, _, h, w] = run.shape;
+                let mut got = BTreeMap::new();
+                let mut bad = None;
+                for wl in result.windows {
+                    let i = wl.window as usize;
+                    let Some(win) = windows.contains(&i).then(|| run.plan.windows[i]) else {
+                        bad = Some(format!(
+                            "window {i} is not one of this task's {}",
+                            ranges_text(&windows)
+                        ));
+                        break;
+                    };
+                    let want = 4 * channels as usize * win.len * (h * w) as usize;
+                    if wl.latents.len() != want {
+                        bad = Some(format!(
+                            "window {i}: {} bytes of latents; expected {want} (f32 [{channels}, {}, {h}, {w}])",
+                            wl.latents.len(),
+                            win.len
+                        ));
+                        break;
+                    }
+                    got.insert(i, wl.latents);
+                }
+                if bad.is_none() && got.len() != windows.len() {
+                    bad = Some(format!(
+                        "{} window(s) of latents; the task owns {}",
+                        got.len(),
+                        ranges_text(&windows)
+                    ));
+                }
+                match bad {
+                    Some(reason) => Some((
+                        format!("worker {worker_name} sent an invalid denoise result: {reason}"),
+                        Some(Status::invalid_argument(format!("denoise: {reason}"))),
+                    )),
+                    None => {
+                        for (i, bytes) in got {
+                            run.latents[i] = assemble::f32s_from_le(&bytes);
+                        }
+                        task.done = true;
+                        task.window_steps_done =
+                            windows.len() as u64 * u64::from(job.record.spec.steps);
+                        job.progress.window_steps_done =
+                            run.tasks.values().map(|t| t.window_steps_done).sum();
+                        if run.latents.iter().all(Option::is_some) {
+                            let now = Instant::now();
+                            run.timings.insert(
+                                "denoise",
+                                now.duration_since(run.phase_started).as_secs_f64(),
+                            );
+                            run.phase_started = now;
+                            job.progress.message = "fusing the windows' latents".to_string();
+                            inner.set_state(job, JobState::Decoding);
+                            inner.begin_decode(run);
+                        } else {
+                            inner.publish(job);
+                        }
+                        None
+                    }
+                }
+            }
+            (pb::task_result::Outcome::Decode(result), TaskKind::Decode) => {
+                task.done = true;
+                task.frames_done = u64::from(result.frame_count);
+                run.outputs = result.objects;
+                run.frame_count = result.frame_count;
+                run.timings
+                    .insert("decode", run.phase_started.elapsed().as_secs_f64());
+                run.timings
+                    .insert("total", run.started.elapsed().as_secs_f64());
+                job.progress.frames_done = u64::from(result.frame_count);
+                job.progress.message = "writing manifest.json".to_string();
+                job.finalizing = true;
+                inner.publish(job);
+                let manifest = manifest(job, run);
+                let output_uri = job.record.output_uri.clone();
+                drop(st);
+                inner.finalize(id, epoch, output_uri, manifest);
+                return Ok(Response::new(pb::CompleteTaskResponse {}));
+            }
+            (_, _) => Some((
+                format!(
+                    "worker {worker_name} sent a result of the wrong kind for task {}",
+                    req.task_id
+                ),
+                Some(Status::invalid_argument(
+                    "outcome: does not match the task's kind",
+                )),
+            )),
+        };
+        if let Some((reason, status)) = failure {
+            inner.end_render(&mut st, &id, JobState::Failed, reason);
+            if let Some(status) = status {
+                return Err(status);
+            }
+        }
+        Ok(Response::new(pb::CompleteTaskResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_798_761_599_000), "2026-12-31T23:59:59.000Z");
+    }
+
+    #[test]
+    fn fingerprint_is_stable() {
+        let spec = pb::RenderSpec {
+            prompt: "x".into(),
+            ..Default::default()
+        };
+        assert_eq!(fingerprint(&spec), fingerprint(&spec.clone()));
+        assert_ne!(
+            fingerprint(&spec),
+            fingerprint(&pb::RenderSpec {
+                seed: Some(1),
+                ..spec
+            })
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! Job state storage: the [`JobStore`] trait (a small revisioned key-value interface that etcd
+//! and an embedded map can both provide) and the versioned JSON job record kept in it.
+//!
+//! Keys: `jobs/<render id>` holds a [`JobRecord`]; `noise/<render id>` holds a render's
+//! `initial_noise` file as raw bytes. The coordinator keeps live state in memory and writes every
+//! state change through to the store, in order.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::validate::ValidSpec;
+
+/// A stored value and the store-wide revision of its last write (like etcd's `mod_revision`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub revision: u64,
+    pub value: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("revision conflict on {key}: expected {expected:?}, found {found:?} (None: no value)")]
+    Conflict {
+        key: String,
+        expected: Option<u64>,
+        found: Option<u64>,
+    },
+    #[error("job store unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A revisioned key-value store. Revisions increase store-wide with every write.
+pub trait JobStore: Send + Sync + 'static {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Versioned>>;
+    /// Write unconditionally; returns the new revision.
+    fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, u64>;
+    /// Write only if the key's current revision is `expected` (`None`: the key must not exist);
+    /// otherwise [`StoreError::Conflict`]. Returns the new revision.
+    fn compare_and_set<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> StoreFuture<'a, u64>;
+    /// Every key starting with `prefix`, in key order.
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>>;
+}
+
+/// The embedded store: a map in memory, for a single machine and for tests.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    revision: u64,
+    entries: BTreeMap<String, Versioned>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn write(
+        &self,
+        key: &str,
+        expected: Option<Option<u64>>,
+        value: Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(expected) = expected {
+            let found = inner.entries.get(key).map(|v| v.revision);
+            if found != expected {
+                return Err(StoreError::Conflict {
+                    key: key.to_string(),
+                    expected,
+                    found,
+                });
+            }
+        }
+        inner.revision += 1;
+        let revision = inner.revision;
+        inner
+            .entries
+            .insert(key.to_string(), Versioned { revision, value });
+        Ok(revision)
+    }
+}
+
+impl JobStore for MemoryStore {
+    fn get<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Versioned>> {
+        let found = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .get(key)
+            .cloned();
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, u64> {
+        let result = self.write(key, None, value);
+        Box::pin(async move { result })
+    }
+
+    fn compare_and_set<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    ) -> StoreFuture<'a, u64> {
+        let result = self.write(key, Some(expected), value);
+        Box::pin(async move { result })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>> {
+        let found = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+/// The life of a render (the proto `RenderState` without `UNSPECIFIED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Planning,
+    EncodingText,
+    Denoising,
+    Decoding,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    pub fn to_proto(self) -> longtake_proto::v1::RenderState {
+        use longtake_proto::v1::RenderState as S;
+        match self {
+            JobState::Queued => S::Queued,
+            JobState::Planning => S::Planning,
+            JobState::EncodingText => S::EncodingText,
+            JobState::Denoising => S::Denoising,
+            JobState::Decoding => S::Decoding,
+            JobState::Succeeded => S::Succeeded,
+            JobState::Failed => S::Failed,
+            JobState::Cancelled => S::Cancelled,
+        }
+    }
+
+    pub fn from_proto(state: longtake_proto::v1::RenderState) -> Option<Self> {
+        use longtake_proto::v1::RenderState as S;
+        Some(match state {
+            S::Unspecified => return None,
+            S::Queued => JobState::Queued,
+            S::Planning => JobState::Planning,
+            S::EncodingText => JobState::EncodingText,
+            S::Denoising => JobState::Denoising,
+            S::Decoding => JobState::Decoding,
+            S::Succeeded => JobState::Succeeded,
+            S::Failed => JobState::Failed,
+            S::Cancelled => JobState::Cancelled,
+        })
+    }
+}
+
+/// The window plan as recorded for a job: enough to report it, not the weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub num_frames: u32,
+    pub latent_frames: u32,
+    /// `[start, len]` per window, in latent frames.
+    pub windows: Vec<[u32; 2]>,
+}
+
+/// One render as stored under `jobs/<id>` (format version 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: ValidSpec,
+    /// Empty when the client gave none.
+    pub idempotency_key: String,
+    /// A hash of the request's spec as sent (before defaults): a repeat with the same key must
+    /// match it.
+    pub request_fingerprint: String,
+    pub state: JobState,
+    /// Why the render failed; empty otherwise.
+    pub error: String,
+    /// `<output>/<jobs prefix>/<id>`: where the render's objects are written.
+    pub output_uri: String,
+    pub plan: Option<PlanRecord>,
+    pub created_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+}
+
+/// The stored form: the record tagged with its format version, so that a later format can still
+/// read old records.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum StoredJob {
+    #[serde(rename = "1")]
+    V1(JobRecord),
+}
+
+pub fn job_key(id: &str) -> String {
+    format!("jobs/{id}")
+}
+
+pub fn noise_key(id: &str) -> String {
+    format!("noise/{id}")
+}
+
+pub fn encode_job(record: &JobRecord) -> Vec<u8> {
+    serde_json::to_vec(&StoredJob::V1(record.clone())).expect("a job record serialises")
+}
+
+pub fn decode_job(key: &str, bytes: &[u8]) -> Result<JobRecord, StoreError> {
+    match serde_json::from_slice::<StoredJob>(bytes) {
+        Ok(StoredJob::V1(r)) => Ok(r),
+        Err(e) => Err(StoreError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::StitchingMode;
+
+    fn block<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// The conformance suite every `JobStore` implementation must pass.
+    fn conformance(store: &dyn JobStore) {
+        assert_eq!(block(store.get("jobs/a")).unwrap(), None);
+        let r1 = block(store.put("jobs/a", b"1".to_vec())).unwrap();
+        let got = block(store.get("jobs/a")).unwrap().unwrap();
+        assert_eq!(
+            got,
+            Versioned {
+                revision: r1,
+                value: b"1".to_vec()
+            }
+        );
+
+        // Create-only fails on an existing key, succeeds on a new one.
+        assert!(matches!(
+            block(store.compare_and_set("jobs/a", None, b"x".to_vec())),
+            Err(StoreError::Conflict { found: Some(_), .. })
+        ));
+        let r2 = block(store.compare_and_set("jobs/b", None, b"2".to_vec())).unwrap();
+        assert!(r2 > r1);
+
+        // Update with the current revision succeeds; with a stale one it fails.
+        let r3 = block(store.compare_and_set("jobs/a", Some(r1), b"3".to_vec())).unwrap();
+        assert!(r3 > r2);
+        assert!(matches!(
+            block(store.compare_and_set("jobs/a", Some(r1), b"4".to_vec())),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(block(store.get("jobs/a")).unwrap().unwrap().value, b"3");
+
+        block(store.put("noise/a", b"n".to_vec())).unwrap();
+        block(store.put("jobsx", b"n".to_vec())).unwrap();
+        let listed: Vec<String> = block(store.list("jobs/"))
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(listed, ["jobs/a", "jobs/b"]);
+    }
+
+    #[test]
+    fn memory_store_conforms() {
+        conformance(&MemoryStore::new());
+    }
+
+    /// A version-1 record as written by this code: reading it must keep working.
+    const V1_GOLDEN: &str = r#"{"version":"1","id":"r1","spec":{"prompt":"a lighthouse","negative_prompt":"","duration_s":60.0,"num_frames":961,"fps":16,"width":64,"height":64,"seed":7,"steps":4,"guidance":5.0,"flow_shift":null,"model":"","stitching":"codenoise","window":21,"overlap":4,"output":"renders","png_frames":false,"priority":0,"has_initial_noise":false},"idempotency_key":"k","request_fingerprint":"00ff","state":"denoising","error":"","output_uri":"/tmp/renders/jobs/r1","plan":{"num_frames":961,"latent_frames":241,"windows":[[0,21],[17,21]]},"created_at_ms":1,"started_at_ms":2,"finished_at_ms":null}"#;
+
+    #[test]
+    fn v1_record_golden() {
+        let r = decode_job("jobs/r1", V1_GOLDEN.as_bytes()).unwrap();
+        assert_eq!(r.state, JobState::Denoising);
+        assert_eq!(r.spec.stitching, StitchingMode::Codenoise);
+        assert_eq!(r.plan.as_ref().unwrap().windows[1], [17, 21]);
+        assert_eq!(String::from_utf8(encode_job(&r)).unwrap(), V1_GOLDEN);
+        assert!(matches!(
+            decode_job("jobs/x", br#"{"version":"9"}"#),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,640 @@
+//! The worker process: register with the coordinator, keep the lease alive, pull tasks, and run
+//! them on a dedicated compute thread (model code is synchronous CPU work and must not block the
+//! async runtime; gRPC calls made from the compute thread go through the runtime's handle).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use longtake_model::backend::cpu::Cpu;
+use longtake_model::comm::ThreadComm;
+use longtake_model::io::read_f32_bytes;
+use longtake_model::noise::latent_noise;
+use longtake_model::pipeline::{ClipRequest, WanPipeline};
+use longtake_model::window::{self, Geometry, Part, Stitching, WindowSpec, WindowState};
+use longtake_proto::v1 as pb;
+use longtake_proto::v1::worker_service_client::WorkerServiceClient;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+
+use crate::media::{Mp4Writer, png, to_rgb8};
+
+/// Errors that stop a worker (task failures are reported to the coordinator instead).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("coordinator call {call}: {status}")]
+    Rpc {
+        call: &'static str,
+        status: tonic::Status,
+    },
+}
+
+/// How a worker presents itself.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub name: String,
+    /// Devices this worker owns, as reported to the coordinator.
+    pub devices: Vec<String>,
+    /// Relative share of windows to give this worker.
+    pub capacity: u32,
+}
+
+type Client = WorkerServiceClient<Channel>;
+
+fn client(channel: Channel) -> Client {
+    WorkerServiceClient::new(channel)
+        .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
+}
+
+/// Run a worker against the coordinator behind `channel` until `shutdown` resolves or the
+/// coordinator closes the task stream.
+pub async fn run(
+    channel: Channel,
+    opts: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let mut rpc = client(channel);
+    let reg = rpc
+        .register(pb::RegisterRequest {
+            worker_name: opts.name.clone(),
+            devices: opts.devices.clone(),
+            capacity: opts.capacity,
+        })
+        .await
+        .map_err(|status| WorkerError::Rpc {
+            call: "Register",
+            status,
+        })?
+        .into_inner();
+    let worker_id = reg.worker_id.clone();
+    let ttl = reg
+        .lease_ttl
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::from_secs(10));
+
+    // Keep the lease: heartbeats at a third of its length.
+    let beat = {
+        let mut rpc = rpc.clone();
+        let id = worker_id.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            loop {
+                tick.tick().await;
+                if rpc
+                    .heartbeat(pb::HeartbeatRequest {
+                        worker_id: id.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    // The coordinator is gone or dropped us; the task stream ends too.
+                    break;
+                }
+            }
+        })
+    };
+
+    let mut stream = rpc
+        .pull_tasks(pb::PullTasksRequest {
+            worker_id: worker_id.clone(),
+        })
+        .await
+        .map_err(|status| WorkerError::Rpc {
+            call: "PullTasks",
+            status,
+        })?
+        .into_inner();
+
+    // The compute thread takes tasks in order; cancellation flags are per render.
+    let (tx, rx) = std::sync::mpsc::channel::<pb::Task>();
+    let cancelled: Arc<std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
+    let compute = {
+        let ctx = Compute {
+            rpc: rpc.clone(),
+            handle: Handle::current(),
+            worker_id: worker_id.clone(),
+            models: HashMap::new(),
+            cancelled: Arc::clone(&cancelled),
+        };
+        std::thread::Builder::new()
+            .name(format!("longtake-worker-{}", opts.name))
+            .spawn(move || ctx.serve(rx))
+            .expect("spawn the compute thread")
+    };
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            msg = stream.message() => match msg {
+                Ok(Some(task)) => {
+                    if let Some(pb::task::Kind::Cancel(c)) = &task.kind {
+                        flag(&cancelled, &c.render_id).store(true, Ordering::SeqCst);
+                        continue;
+                    }
+                    if tx.send(task).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    drop(tx);
+    beat.abort();
+    // The compute thread finishes its current task (or notices the closed channel) and exits.
+    let _ = tokio::task::spawn_blocking(move || compute.join()).await;
+    Ok(())
+}
+
+fn flag(map: &std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>, render: &str) -> Arc<AtomicBool> {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    Arc::clone(m.entry(render.to_string()).or_default())
+}
+
+/// State of the compute thread.
+struct Compute {
+    rpc: Client,
+    handle: Handle,
+    worker_id: String,
+    /// Loaded pipelines by model directory ("" = the built-in smoke model).
+    models: HashMap<String, Arc<WanPipeline<Cpu>>>,
+    cancelled: Arc<std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>>,
+}
+
+/// A task failure: the message sent to the coordinator.
+type TaskResult<T> = Result<T, String>;
+
+impl Compute {
+    fn serve(mut self, rx: std::sync::mpsc::Receiver<pb::Task>) {
+        while let Ok(task) = rx.recv() {
+            let started = Instant::now();
+            let (render_id, epoch, outcome, identity, timings) = match &task.kind {
+                Some(pb::task::Kind::Denoise(d)) => {
+                    let mut timings = HashMap::new();
+                    let r = self.denoise(&task.task_id, d, &mut timings);
+                    (
+                        d.render_id.clone(),
+                        d.epoch,
+                        r.map(pb::task_result::Outcome::Denoise),
+                        self.identity(d.spec.as_ref()),
+                        timings,
+                    )
+                }
+                Some(pb::task::Kind::Decode(d)) => {
+                    let mut timings = HashMap::new();
+                    let r = self.decode(&task.task_id, d, &mut timings);
+                    (
+                        d.render_id.clone(),
+                        d.epoch,
+                        r.map(pb::task_result::Outcome::Decode),
+                        self.identity(d.spec.as_ref()),
+                        timings,
+                    )
+                }
+                _ => continue,
+            };
+            let mut timings = timings;
+            timings.insert("task_total".into(), started.elapsed().as_secs_f64());
+            let result = pb::TaskResult {
+                worker_id: self.worker_id.clone(),
+                task_id: task.task_id.clone(),
+                render_id,
+                epoch,
+                outcome: Some(outcome.unwrap_or_else(pb::task_result::Outcome::Error)),
+                model_identity: identity,
+                timings_s: timings,
+            };
+            let mut rpc = self.rpc.clone();
+            // A coordinator that is gone cannot be told; the task stream ends and so do we.
+            let _ = self.handle.block_on(rpc.complete_task(result));
+        }
+    }
+
+    fn identity(&self, spec: Option<&pb::RenderSpec>) -> String {
+        let model = spec.map(|s| s.model.as_str()).unwrap_or("");
+        if model.is_empty() {
+            format!(
+                "{} fingerprint {}",
+                longtake_model::smoke::NAME,
+                longtake_model::smoke::fingerprint()
+            )
+        } else {
+            format!("{model} (diffusers directory)")
+        }
+    }
+
+    fn pipeline(&mut self, model: &str) -> TaskResult<Arc<WanPipeline<Cpu>>> {
+        if let Some(p) = self.models.get(model) {
+            return Ok(Arc::clone(p));
+        }
+        let dir = if model.is_empty() {
+            longtake_model::smoke::model_dir().map_err(|e| e.to_string())?
+        } else {
+            PathBuf::from(model)
+        };
+        let pipe = Arc::new(
+            WanPipeline::load(&dir, &Cpu)
+                .map_err(|e| format!("loading model {}: {e}", dir.display()))?,
+        );
+        self.models.insert(model.to_string(), Arc::clone(&pipe));
+        Ok(pipe)
+    }
+
+    fn progress(
+        &self,
+        task_id: &str,
+        render_id: &str,
+        epoch: u64,
+        phase: pb::RenderState,
+        steps: u64,
+        frames: u64,
+        message: String,
+    ) {
+        let mut rpc = self.rpc.clone();
+        let _ = self.handle.block_on(rpc.report_progress(pb::TaskProgress {
+            worker_id: self.worker_id.clone(),
+            task_id: task_id.to_string(),
+            render_id: render_id.to_string(),
+            epoch,
+            phase: phase as i32,
+            window_steps_done: steps,
+            frames_done: frames,
+            message,
+        }));
+    }
+
+    fn denoise(
+        &mut self,
+        task_id: &str,
+        t: &pb::DenoiseTask,
+        timings: &mut HashMap<String, f64>,
+    ) -> TaskResult<pb::DenoiseResult> {
+        let spec = t.spec.as_ref().ok_or("denoise task without a spec")?;
+        let shape = t
+            .latent_shape
+            .as_ref()
+            .ok_or("denoise task without a latent shape")?;
+        let plan_pb = t.plan.as_ref().ok_or("denoise task without a plan")?;
+        let pipe = self.pipeline(&spec.model)?;
+        let geo = Geometry {
+            channels: shape.channels as usize,
+            frames: shape.frames as usize,
+            height: shape.height as usize,
+            width: shape.width as usize,
+        };
+        let plan: Vec<WindowSpec> = plan_pb
+            .windows
+            .iter()
+            .map(|w| WindowSpec {
+                start: w.start as usize,
+                len: w.len as usize,
+                weights: w.weights.clone(),
+            })
+            .collect();
+        let stitching =
+            match pb::Stitching::try_from(spec.stitching).unwrap_or(pb::Stitching::Codenoise) {
+                pb::Stitching::Independent => Stitching::Independent,
+                pb::Stitching::Autoregressive => Stitching::Autoregressive,
+                _ => Stitching::Codenoise,
+            };
+        let steps = spec.steps.unwrap_or(50) as usize;
+        let req = ClipRequest {
+            prompt: spec.prompt.clone(),
+            negative_prompt: Some(spec.negative_prompt.clone()),
+            num_frames: t.num_frames as usize,
+            height: geo.height * pipe.dir.vae.spatial_factor(),
+            width: geo.width * pipe.dir.vae.spatial_factor(),
+            steps,
+            guidance: spec.guidance.unwrap_or(5.0),
+            flow_shift: spec.flow_shift.map(f64::from),
+            seed: spec.seed.unwrap_or(0),
+            noise: None,
+        };
+        let noise = match &spec.initial_noise {
+            Some(bytes) => {
+                let (s, data) =
+                    read_f32_bytes(bytes, "noise").map_err(|e| format!("initial noise: {e}"))?;
+                if s != [1, geo.channels, geo.frames, geo.height, geo.width] {
+                    return Err(format!(
+                        "initial noise has shape {s:?}; the render needs [1, {}, {}, {}, {}]",
+                        geo.channels, geo.frames, geo.height, geo.width
+                    ));
+                }
+                data
+            }
+            None => latent_noise(req.seed, geo.channels, 0..geo.frames, geo.height, geo.width),
+        };
+        let cancel = flag(&self.cancelled, &t.render_id);
+        let comm = ThreadComm::group(1).map_err(|e| e.to_string())?.remove(0);
+        let clock = Instant::now();
+        let guided = pipe
+            .guided(&req, &mut Vec::new())
+            .map_err(|e| e.to_string())?;
+        timings.insert("text_encode".into(), clock.elapsed().as_secs_f64());
+        let scheduler = pipe.scheduler(&req).map_err(|e| e.to_string())?;
+        let owned: Vec<usize> = t.owned_windows.iter().map(|w| *w as usize).collect();
+        if owned.iter().any(|w| *w >= plan.len()) {
+            return Err(format!(
+                "owned windows {owned:?} are not all in a plan of {}",
+                plan.len()
+            ));
+        }
+        let clock = Instant::now();
+        let mut done = 0u64;
+        let report = |done: u64| {
+            self.progress(
+                task_id,
+                &t.render_id,
+                t.epoch,
+                pb::RenderState::Denoising,
+                done,
+                0,
+                String::new(),
+            );
+        };
+        let finals: Vec<Part> =
+            if stitching == Stitching::Autoregressive && owned.len() == plan.len() {
+                // Sequential by nature: the whole sequence runs here.
+                let out = window::denoise(
+                    &guided,
+                    &comm,
+                    &scheduler,
+                    steps,
+                    &geo,
+                    &noise,
+                    &plan,
+                    stitching,
+                    |d, _| {
+                        if d % plan.len() == 0 {
+                            report(d as u64);
+                        }
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+                plan.iter()
+                    .enumerate()
+                    .map(|(i, w)| Part {
+                        window: i,
+                        start: w.start,
+                        len: w.len,
+                        data: geo.take(&out, w.frames()),
+                    })
+                    .collect()
+            } else if stitching == Stitching::Autoregressive {
+                return Err("autoregressive renders must be planned onto one worker".into());
+            } else {
+                let mut states: Vec<WindowState> = owned
+                    .iter()
+                    .map(|&i| WindowState::new(i, plan[i].clone(), &geo, &noise, &scheduler, steps))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| e.to_string())?;
+                for step in 0..steps {
+                    if cancel.load(Ordering::SeqCst) {
+                        return Err("cancelled".into());
+                    }
+                    let preds: Vec<Part> = states
+                        .iter()
+                        .map(|w| w.predict(&guided, &comm, &geo))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| e.to_string())?;
+                    let received = if stitching == Stitching::Codenoise {
+                        self.exchange(t, step as u32, &plan, &owned, &preds, &geo)?
+                    } else {
+                        HashMap::new()
+                    };
+                    for (w, p) in states.iter_mut().zip(&preds) {
+                        let fused = if stitching == Stitching::Codenoise {
+                            let mut parts: Vec<&Part> = preds
+                                .iter()
+                                .filter(|q| !window::overlap(&plan[q.window], &w.spec).is_empty())
+                                .collect();
+                            if let Some(r) = received.get(&w.index) {
+                                parts.extend(r.iter());
+                            }
+                            window::fuse(&geo, &plan, w.spec.frames(), &parts)
+                                .map_err(|e| e.to_string())?
+                        } else {
+                            p.data.clone()
+                        };
+                        w.step(&fused).map_err(|e| e.to_string())?;
+                        done += 1;
+                    }
+                    report(done);
+                }
+                states.iter().map(|w| w.latents()).collect()
+            };
+        timings.insert("denoise".into(), clock.elapsed().as_secs_f64());
+        Ok(pb::DenoiseResult {
+            windows: finals
+                .into_iter()
+                .map(|p| pb::WindowLatents {
+                    window: p.window as u32,
+                    latents: f32_le(&p.data),
+                })
+                .collect(),
+        })
+    }
+
+    /// Send each owned window's prediction over the frames it shares with remote windows, and
+    /// receive theirs: received parts by destination window.
+    fn exchange(
+        &self,
+        t: &pb::DenoiseTask,
+        step: u32,
+        plan: &[WindowSpec],
+        owned: &[usize],
+        preds: &[Part],
+        geo: &Geometry,
+    ) -> TaskResult<HashMap<usize, Vec<Part>>> {
+        let mut calls = Vec::new();
+        for p in preds {
+            let me = &plan[p.window];
+            let parts: Vec<pb::HaloPart> = plan
+                .iter()
+                .enumerate()
+                .filter(|(j, other)| !owned.contains(j) && !window::overlap(me, other).is_empty())
+                .map(|(j, other)| {
+                    let r = window::overlap(me, other);
+                    let wgeo = Geometry {
+                        frames: me.len,
+                        ..*geo
+                    };
+                    let data = wgeo.take(&p.data, r.start - me.start..r.end - me.start);
+                    pb::HaloPart {
+                        neighbor_window: j as u32,
+                        frame_start: r.start as u32,
+                        frame_count: r.len() as u32,
+                        data: f32_le(&data),
+                    }
+                })
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            let mut rpc = self.rpc.clone();
+            let req = pb::HaloRequest {
+                render_id: t.render_id.clone(),
+                epoch: t.epoch,
+                step,
+                window: p.window as u32,
+                parts,
+            };
+            let w = p.window;
+            calls.push(async move { (w, rpc.exchange_halo(req).await) });
+        }
+        let answers = self.handle.block_on(futures::future::join_all(calls));
+        let mut out: HashMap<usize, Vec<Part>> = HashMap::new();
+        for (w, answer) in answers {
+            let resp = answer
+                .map_err(|s| {
+                    format!(
+                        "halo exchange for window {w} at step {step}: {}",
+                        s.message()
+                    )
+                })?
+                .into_inner();
+            for part in resp.parts {
+                let data = f32_from_le(&part.data);
+                let len = part.frame_count as usize;
+                if data.len() != geo.channels * len * geo.height * geo.width {
+                    return Err(format!(
+                        "halo from window {} has {} values for {len} frames",
+                        part.neighbor_window,
+                        data.len()
+                    ));
+                }
+                out.entry(w).or_default().push(Part {
+                    window: part.neighbor_window as usize,
+                    start: part.frame_start as usize,
+                    len,
+                    data,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn decode(
+        &mut self,
+        task_id: &str,
+        t: &pb::DecodeTask,
+        timings: &mut HashMap<String, f64>,
+    ) -> TaskResult<pb::DecodeResult> {
+        let spec = t.spec.as_ref().ok_or("decode task without a spec")?;
+        let pipe = self.pipeline(&spec.model)?;
+        let latents_file = match &t.latents {
+            Some(pb::decode_task::Latents::LatentsSafetensors(b)) => b.clone(),
+            _ => return Err("decode task without latents bytes".into()),
+        };
+        let (shape, latents) =
+            read_f32_bytes(&latents_file, "latents").map_err(|e| e.to_string())?;
+        let [_, c, tt, h, w] = <[usize; 5]>::try_from(shape.as_slice())
+            .map_err(|_| format!("latents shape {shape:?}"))?;
+        let (store, prefix) = open_store(&t.output_uri)?;
+        let put = |name: &str, bytes: Vec<u8>| -> TaskResult<String> {
+            let key = if prefix.as_ref().is_empty() {
+                StorePath::from(name)
+            } else {
+                StorePath::from(format!("{}/{name}", prefix.as_ref()))
+            };
+            self.handle
+                .block_on(store.put(&key, bytes.into()))
+                .map_err(|e| format!("writing {name} to {}: {e}", t.output_uri))?;
+            Ok(name.to_string())
+        };
+        let mut objects = vec![put("latents.safetensors", latents_file.clone())?];
+        let clock = Instant::now();
+        let z = pipe.denormalize(&latents, tt * h * w);
+        let sf = pipe.dir.vae.spatial_factor();
+        let (ph, pw) = (h * sf, w * sf);
+        let fps = spec.fps.unwrap_or(16);
+        let mut mp4 = Mp4Writer::new(pw, ph, fps).map_err(|e| e.to_string())?;
+        let mut frame_no = 0usize;
+        let mut encode_s = 0.0;
+        let total = pipe.dir.vae.frames_for(tt);
+        pipe.vae()
+            .decode_stream(&z, [c, tt, h, w], 1, |px| {
+                let data = Cpu.download(&px)?;
+                let e = Instant::now();
+                let plane = 3 * ph * pw;
+                for f in data.chunks_exact(plane) {
+                    let rgb = to_rgb8(f, ph, pw);
+                    mp4.push_rgb(&rgb)
+                        .map_err(|e| longtake_model::Error::external("video", e.to_string()))?;
+                    if spec.png_frames {
+                        let bytes = png(&rgb, pw, ph)
+                            .map_err(|e| longtake_model::Error::external("png", e.to_string()))?;
+                        objects.push(
+                            put(&format!("frames/{frame_no:06}.png"), bytes)
+                                .map_err(|e| longtake_model::Error::external("png", e))?,
+                        );
+                    }
+                    frame_no += 1;
+                }
+                encode_s += e.elapsed().as_secs_f64();
+                self.progress(
+                    task_id,
+                    &t.render_id,
+                    t.epoch,
+                    pb::RenderState::Decoding,
+                    0,
+                    frame_no as u64,
+                    format!("{frame_no}/{total} frames"),
+                );
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        let video = mp4.finish().map_err(|e| e.to_string())?;
+        timings.insert("decode".into(), clock.elapsed().as_secs_f64() - encode_s);
+        timings.insert("video_encode".into(), encode_s);
+        let clock = Instant::now();
+        objects.push(put("video.mp4", video)?);
+        timings.insert("write".into(), clock.elapsed().as_secs_f64());
+        Ok(pb::DecodeResult {
+            objects,
+            frame_count: frame_no as u32,
+        })
+    }
+}
+
+use longtake_model::backend::Backend;
+
+fn f32_le(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// A local directory or `s3://bucket[/prefix]`: the store and the key prefix.
+fn open_store(url: &str) -> TaskResult<(Arc<dyn ObjectStore>, StorePath)> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Ok(endpoint) = std::env::var("LONGTAKE_S3_ENDPOINT")
+            && !endpoint.is_empty()
+        {
+            b = b
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_endpoint(endpoint);
+        }
+        let s = b.build().map_err(|e| format!("output {url}: {e}"))?;
+        return Ok((Arc::new(s), StorePath::from(prefix)));
+    }
+    std::fs::create_dir_all(url).map_err(|e| format!("output {url}: {e}"))?;
+    let s = object_store::local::LocalFileSystem::new_with_prefix(url)
+        .map_err(|e| format!("output {url}: {e}"))?;
+    Ok((Arc::new(s), StorePath::default()))
+}
