@@ -5,6 +5,7 @@
 
 mod dit;
 mod generate;
+mod render;
 mod text;
 mod vae;
 
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Render a video on this machine: coordinator, workers and storage in one process.
+    Render(Box<render::RenderArgs>),
     /// Run one model component on safetensors files (developer tools; parity checks).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
+        Command::Render(a) => render::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {
             dit::forward(&a.transformer, &a.input, &a.output, a.tp)
         }

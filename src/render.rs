@@ -1,0 +1,320 @@
+//! `longtake render`: one render on this machine through the same coordinator → worker →
+//! storage path a cluster uses — the coordinator, N workers and the output store in this
+//! process, talking real gRPC over loopback.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use longtake_coordinator::CoordinatorConfig;
+use longtake_proto::v1 as pb;
+use longtake_proto::v1::render_service_client::RenderServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Args)]
+pub struct RenderArgs {
+    /// What the video shows.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from (default: none, the empty prompt).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// A diffusers Wan2.1 model directory. Without it, a built-in random-weight model of the
+    /// Wan architecture at a small resolution renders a smoke test (noise-like video, not a
+    /// picture).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Length in seconds (frames = 4·⌈seconds·fps/4⌉ + 1: 60 s at 16 fps is 961 frames).
+    #[arg(long, conflicts_with = "num_frames")]
+    duration: Option<f64>,
+    /// Length in pixel frames (4k + 1). Default: 5 s.
+    #[arg(long)]
+    num_frames: Option<u32>,
+    /// Frames per second (default 16).
+    #[arg(long)]
+    fps: Option<u32>,
+    /// Width in pixels, a multiple of 16 (default 832; the smoke model: 64).
+    #[arg(long)]
+    width: Option<u32>,
+    /// Height in pixels, a multiple of 16 (default 480; the smoke model: 64).
+    #[arg(long)]
+    height: Option<u32>,
+    /// Seed of the initial noise (default: random, recorded in the manifest).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Sampler steps (default 50; the smoke model: 4).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Classifier-free guidance scale (default 5; 1 or less disables it).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Override the scheduler's flow shift.
+    #[arg(long)]
+    flow_shift: Option<f32>,
+    /// How windows are joined: codenoise (default), independent or autoregressive.
+    #[arg(long, default_value = "codenoise")]
+    stitching: String,
+    /// Window length in latent frames (default 21, the model's native clip).
+    #[arg(long)]
+    window: Option<u32>,
+    /// Overlap between windows in latent frames (default 4; must be smaller than the window).
+    #[arg(long)]
+    overlap: Option<u32>,
+    /// In-process workers (default: one per device; one on the CPU).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
+    #[arg(long)]
+    noise_file: Option<PathBuf>,
+    /// Write the render to DIR/<render id>/ (default: ./renders).
+    #[arg(long, conflicts_with = "store")]
+    out: Option<PathBuf>,
+    /// Write the render to an object store: s3://bucket/prefix (objects under jobs/<render id>/;
+    /// endpoint and credentials from the AWS_* variables and LONGTAKE_S3_ENDPOINT).
+    #[arg(long)]
+    store: Option<String>,
+    /// Also write every frame as PNG (frames/000000.png, ...).
+    #[arg(long)]
+    png_frames: bool,
+}
+
+fn stitching(s: &str) -> Result<pb::Stitching> {
+    Ok(match s {
+        "codenoise" => pb::Stitching::Codenoise,
+        "independent" => pb::Stitching::Independent,
+        "autoregressive" => pb::Stitching::Autoregressive,
+        other => bail!(
+            "stitching: {other:?} is not a strategy; allowed: codenoise, independent, autoregressive"
+        ),
+    })
+}
+
+pub fn run(a: &RenderArgs) -> Result<()> {
+    // Everything that can be checked here is checked before any work starts.
+    if a.workers == 0 || a.workers > 64 {
+        bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
+    }
+    let stitching = stitching(&a.stitching)?;
+    let model = match &a.model {
+        Some(dir) => {
+            longtake_model::pipeline::ModelDir::open(dir).with_context(|| {
+                format!(
+                    "model: {} is not a usable Wan2.1 model directory",
+                    dir.display()
+                )
+            })?;
+            dir.canonicalize()
+                .with_context(|| format!("model: {}", dir.display()))?
+                .to_string_lossy()
+                .into_owned()
+        }
+        None => String::new(),
+    };
+    let initial_noise = match &a.noise_file {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("noise_file: {}", p.display()))?;
+            longtake_model::io::read_f32_bytes(&bytes, "noise")
+                .with_context(|| format!("noise_file: {}", p.display()))?;
+            Some(bytes)
+        }
+        None => None,
+    };
+    let (output, jobs_prefix) = match (&a.out, &a.store) {
+        (_, Some(url)) => {
+            if !url.starts_with("s3://") || url.len() <= 5 {
+                bail!("store: {url:?} must be s3://bucket[/prefix]");
+            }
+            (url.clone(), "jobs".to_string())
+        }
+        (Some(dir), None) => (dir.to_string_lossy().into_owned(), String::new()),
+        (None, None) => ("renders".to_string(), String::new()),
+    };
+    let length = match (a.duration, a.num_frames) {
+        (Some(d), _) => Some(pb::render_spec::Length::DurationS(d)),
+        (None, Some(n)) => Some(pb::render_spec::Length::NumFrames(n)),
+        (None, None) => Some(pb::render_spec::Length::DurationS(5.0)),
+    };
+    let spec = pb::RenderSpec {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        length,
+        fps: a.fps,
+        width: a.width,
+        height: a.height,
+        seed: a.seed,
+        steps: a.steps,
+        guidance: a.guidance,
+        flow_shift: a.flow_shift,
+        model,
+        stitching: stitching as i32,
+        window: a.window,
+        overlap: a.overlap,
+        output: output.clone(),
+        png_frames: a.png_frames,
+        initial_noise,
+        priority: 0,
+    };
+    let config = CoordinatorConfig {
+        jobs_prefix,
+        default_output: output,
+        ..CoordinatorConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(render(spec, config, a.workers))
+}
+
+async fn render(spec: pb::RenderSpec, config: CoordinatorConfig, workers: u32) -> Result<()> {
+    let started = Instant::now();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the coordinator to loopback")?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let coordinator = tokio::spawn(longtake_coordinator::run(
+        listener,
+        wait(stop_rx.clone()),
+        config,
+    ));
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?;
+    let connect = || async {
+        for _ in 0..50 {
+            if let Ok(c) = endpoint.connect().await {
+                return Ok(c);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("could not reach the in-process coordinator at {addr}")
+    };
+    let channel: Channel = connect().await?;
+    let mut worker_tasks = Vec::new();
+    for i in 0..workers {
+        let ch = connect().await?;
+        let opts = longtake_worker::WorkerOptions {
+            name: format!("local-{i}"),
+            devices: vec!["cpu".into()],
+            capacity: 1,
+        };
+        worker_tasks.push(tokio::spawn(longtake_worker::run(
+            ch,
+            opts,
+            wait(stop_rx.clone()),
+        )));
+    }
+    let mut client = RenderServiceClient::new(channel)
+        .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES);
+    let outcome = async {
+        let resp = client
+            .submit_render(pb::SubmitRenderRequest {
+                spec: Some(spec),
+                idempotency_key: String::new(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        watch(&mut client, &resp.render_id).await
+    }
+    .await;
+    let _ = stop_tx.send(true);
+    for w in worker_tasks {
+        let _ = w.await;
+    }
+    let _ = coordinator.await;
+    let render = outcome?;
+    let state = pb::RenderState::try_from(render.state).unwrap_or(pb::RenderState::Unspecified);
+    if state != pb::RenderState::Succeeded {
+        bail!(
+            "render {} {}: {}",
+            render.id,
+            state.as_str_name(),
+            render.error
+        );
+    }
+    let spec = render.spec.unwrap_or_default();
+    let frames = render.plan.as_ref().map(|p| p.num_frames).unwrap_or(0);
+    if spec.model.is_empty() {
+        eprintln!(
+            "note: rendered with the built-in random-weight smoke model: the video is noise, not a picture"
+        );
+    }
+    eprintln!(
+        "render {} done in {:.1} s: {frames} frames → {}",
+        render.id,
+        started.elapsed().as_secs_f64(),
+        render.output_uri
+    );
+    println!("{}", render.output_uri);
+    Ok(())
+}
+
+/// Follow a render until it ends, showing progress: a bar on a terminal, log lines otherwise.
+async fn watch(client: &mut RenderServiceClient<Channel>, id: &str) -> Result<pb::Render> {
+    let mut stream = client
+        .watch_render(pb::WatchRenderRequest {
+            render_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(0);
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:<28} [{bar:40}] {pos}/{len} {elapsed_precise} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut last = pb::Render::default();
+    let mut last_line = String::new();
+    let mut last_log = Instant::now() - Duration::from_secs(10);
+    while let Some(ev) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    {
+        let Some(r) = ev.render else { continue };
+        let state = pb::RenderState::try_from(r.state).unwrap_or(pb::RenderState::Unspecified);
+        let p = r.progress.clone().unwrap_or_default();
+        let (done, total, unit) = if state == pb::RenderState::Decoding {
+            (p.frames_done, p.frames_total, "frames")
+        } else {
+            (p.window_steps_done, p.window_steps_total, "window-steps")
+        };
+        let phase = state
+            .as_str_name()
+            .trim_start_matches("RENDER_STATE_")
+            .to_lowercase();
+        if tty {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(format!("{phase} ({unit})"));
+        } else {
+            let line = format!("render {id}: {phase} {done}/{total} {unit}");
+            if line != last_line
+                && (last_log.elapsed() > Duration::from_secs(2)
+                    || state != pb::RenderState::try_from(last.state).unwrap_or_default())
+            {
+                eprintln!("{line}");
+                last_log = Instant::now();
+                last_line = line;
+            }
+        }
+        last = r;
+    }
+    bar.finish_and_clear();
+    Ok(last)
+}
