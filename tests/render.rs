@@ -1,0 +1,328 @@
+//! `longtake render` end to end, as a user runs it: real processes, real gRPC between the
+//! in-process coordinator and workers, outputs on the local filesystem.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use longtake_model::io::SafetensorsFile;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("model/tests/fixtures")
+        .join(rel)
+}
+
+fn longtake(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_longtake"))
+        .args(args)
+        .current_dir(cwd)
+        // Keep the unpacked smoke model inside the test's directory.
+        .env("XDG_CACHE_HOME", cwd.join("cache"))
+        .output()
+        .expect("run longtake")
+}
+
+/// Run a render and return its output directory (the last line on stdout).
+fn render(args: &[&str], cwd: &Path) -> PathBuf {
+    let mut all = vec!["render"];
+    all.extend_from_slice(args);
+    let o = longtake(&all, cwd);
+    assert!(
+        o.status.success(),
+        "render {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    cwd.join(
+        out.lines()
+            .last()
+            .expect("the render's location on stdout")
+            .trim(),
+    )
+}
+
+fn latents(dir: &Path) -> Vec<f32> {
+    SafetensorsFile::open(&dir.join("latents.safetensors"))
+        .unwrap()
+        .read_f32("latents")
+        .unwrap()
+        .1
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Video samples in an MP4 (the `stsz` box's sample count), read without external tools.
+fn mp4_frames(path: &Path) -> u32 {
+    let bytes = std::fs::read(path).unwrap();
+    let pos = bytes
+        .windows(4)
+        .position(|w| w == b"stsz")
+        .expect("an stsz box");
+    // stsz: type, version+flags (4), sample_size (4), sample_count (4)
+    u32::from_be_bytes(bytes[pos + 12..pos + 16].try_into().unwrap())
+}
+
+#[test]
+fn smoke_render_writes_every_promised_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = render(
+        &[
+            "--prompt",
+            "a lighthouse",
+            "--duration",
+            "3",
+            "--seed",
+            "5",
+            "--png-frames",
+        ],
+        tmp.path(),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let frames = manifest["video"]["num_frames"].as_u64().unwrap() as u32;
+    assert_eq!(frames, 49, "3 s at 16 fps is 4·12 + 1 frames");
+    assert_eq!(mp4_frames(&dir.join("video.mp4")), frames);
+    assert_eq!(
+        std::fs::read_dir(dir.join("frames")).unwrap().count() as u32,
+        frames
+    );
+    assert_eq!(manifest["smoke_test"], true);
+    assert_eq!(manifest["seed"], 5);
+    assert_eq!(latents(&dir).len(), 16 * 13 * 8 * 8);
+}
+
+#[test]
+fn worker_count_does_not_change_the_latents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |workers: &'static str| {
+        vec![
+            "--prompt",
+            "waves",
+            "--num-frames",
+            "61",
+            "--seed",
+            "11",
+            "--window",
+            "5",
+            "--overlap",
+            "2",
+            "--steps",
+            "3",
+            "--workers",
+            workers,
+        ]
+    };
+    let one = render(&args("1"), tmp.path());
+    let three = render(&args("3"), tmp.path());
+    let (a, b) = (latents(&one), latents(&three));
+    assert!(
+        a == b,
+        "--workers 1 and --workers 3 differ (relative L2 {:.3e})",
+        rel_l2(&a, &b)
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(three.join("manifest.json")).unwrap())
+            .unwrap();
+    let owners: std::collections::BTreeSet<&str> = m["plan"]["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        owners.len(),
+        3,
+        "windows spread over three workers: {owners:?}"
+    );
+    for stitching in ["independent", "autoregressive"] {
+        let mut a1 = args("1");
+        a1.extend(["--stitching", stitching]);
+        let mut a3 = args("3");
+        a3.extend(["--stitching", stitching]);
+        assert!(
+            latents(&render(&a1, tmp.path())) == latents(&render(&a3, tmp.path())),
+            "{stitching}"
+        );
+    }
+}
+
+#[test]
+fn one_window_and_codenoise_match_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("pipeline/tiny");
+    let model = model.to_str().unwrap();
+    // One window: WanPipeline from the same noise.
+    let run = fixture("pipeline/tiny/run_0.safetensors");
+    let dir = render(
+        &[
+            "--prompt",
+            "a red fox running through snow",
+            "--negative-prompt",
+            "blurry",
+            "--model",
+            model,
+            "--num-frames",
+            "9",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--steps",
+            "4",
+            "--guidance",
+            "5",
+            "--noise-file",
+            run.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    let expected = SafetensorsFile::open(&run)
+        .unwrap()
+        .read_f32("latents")
+        .unwrap()
+        .1;
+    let err = rel_l2(&latents(&dir), &expected);
+    assert!(err <= 1e-4, "one window vs WanPipeline: {err:.3e}");
+    // Three co-denoised windows: the reference loop of tools/reference_codenoise.py.
+    let run = fixture("codenoise/tiny/run_0.safetensors");
+    let dir = render(
+        &[
+            "--prompt",
+            "a red fox running through snow",
+            "--negative-prompt",
+            "blurry",
+            "--model",
+            model,
+            "--num-frames",
+            "25",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--guidance",
+            "5",
+            "--window",
+            "3",
+            "--overlap",
+            "1",
+            "--noise-file",
+            run.to_str().unwrap(),
+            "--workers",
+            "2",
+        ],
+        tmp.path(),
+    );
+    let expected = SafetensorsFile::open(&run)
+        .unwrap()
+        .read_f32("latents")
+        .unwrap()
+        .1;
+    let err = rel_l2(&latents(&dir), &expected);
+    assert!(err <= 1e-4, "codenoise vs the reference loop: {err:.3e}");
+}
+
+#[test]
+fn bad_requests_fail_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &[&str]); 9] = [
+        (&["--prompt", "  "], &["prompt"]),
+        (&["--prompt", "x", "--duration", "0"], &["duration"]),
+        (
+            &["--prompt", "x", "--duration", "100000"],
+            &["duration", "600"],
+        ),
+        (&["--prompt", "x", "--width", "70"], &["width", "16"]),
+        (
+            &["--prompt", "x", "--window", "5", "--overlap", "5"],
+            &["overlap"],
+        ),
+        (&["--prompt", "x", "--steps", "0"], &["steps"]),
+        (
+            &["--prompt", "x", "--stitching", "blend"],
+            &["stitching", "codenoise"],
+        ),
+        (
+            &["--prompt", "x", "--model", "/nonexistent/model"],
+            &["model", "/nonexistent/model"],
+        ),
+        (&["--prompt", "x", "--workers", "0"], &["workers"]),
+    ];
+    for (args, parts) in cases {
+        let mut all = vec!["render"];
+        all.extend_from_slice(args);
+        let o = longtake(&all, tmp.path());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        for p in parts {
+            assert!(err.contains(p), "{args:?}: {err:?} should mention {p:?}");
+        }
+        let renders = tmp.path().join("renders");
+        let written = renders.exists() && std::fs::read_dir(&renders).unwrap().next().is_some();
+        assert!(!written, "{args:?} wrote a render");
+    }
+}
+
+#[test]
+fn a_killed_render_is_never_presented_as_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_longtake"))
+        .args([
+            "render",
+            "--prompt",
+            "long",
+            "--duration",
+            "60",
+            "--steps",
+            "8",
+            "--seed",
+            "1",
+        ])
+        .current_dir(tmp.path())
+        .env("XDG_CACHE_HOME", tmp.path().join("cache"))
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it while it is decoding: once the render directory has objects in it.
+    let renders = tmp.path().join("renders");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let started = renders.exists()
+            && std::fs::read_dir(&renders).unwrap().flatten().any(|d| {
+                std::fs::read_dir(d.path())
+                    .map(|mut r| r.next().is_some())
+                    .unwrap_or(false)
+            });
+        if started || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for d in std::fs::read_dir(&renders).unwrap().flatten() {
+        assert!(
+            !d.path().join("manifest.json").exists(),
+            "a killed render has a manifest: {}",
+            d.path().display()
+        );
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            assert!(
+                ["latents.safetensors", "video.mp4", "frames"].contains(&name.as_str()),
+                "unexpected object {name}"
+            );
+        }
+    }
+}
