@@ -3,6 +3,7 @@
 //! Subcommands so far: `model` (run single model components on files, for checking them against
 //! the reference) and `bench` (time them).
 
+mod analyze;
 mod dit;
 mod generate;
 mod render;
@@ -29,6 +30,9 @@ struct Cli {
 enum Command {
     /// Render a video on this machine: coordinator, workers and storage in one process.
     Render(Box<render::RenderArgs>),
+    /// Measure how visible window seams are in a finished render (frame-to-frame change inside
+    /// windows vs across window boundaries, in the latents and in the video).
+    Analyze(analyze::AnalyzeArgs),
     /// Run one model component on safetensors files (developer tools; parity checks).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Render(a) => render::run(&a),
+        Command::Analyze(a) => analyze::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {
             dit::forward(&a.transformer, &a.input, &a.output, a.tp)
         }

@@ -326,3 +326,28 @@ fn a_killed_render_is_never_presented_as_finished() {
         }
     }
 }
+
+#[test]
+fn analyze_reports_seam_ratios() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = render(
+        &["--prompt", "waves", "--num-frames", "97", "--seed", "2"],
+        tmp.path(),
+    );
+    let o = longtake(&["analyze", dir.to_str().unwrap()], tmp.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("2 windows") && out.contains("97 video frames"),
+        "{out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    for key in ["latent_seam_ratio", "video_seam_ratio"] {
+        let r = json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} in {out}"));
+        assert!(r.is_finite() && r > 0.0, "{key} = {r}");
+    }
+    let o = longtake(&["analyze", tmp.path().to_str().unwrap()], tmp.path());
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("manifest.json"));
+}

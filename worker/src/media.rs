@@ -126,3 +126,211 @@ pub fn png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>, MediaErro
     }
     Ok(out)
 }
+
+/// The boxes of an MP4 needed to read its one H.264 track.
+struct Track {
+    sps_pps: Vec<Vec<u8>>,
+    length_size: usize,
+    sizes: Vec<usize>,
+    chunk_offsets: Vec<u64>,
+    /// (first chunk, samples per chunk), 1-based chunks as in the file.
+    samples_per_chunk: Vec<(u32, u32)>,
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn parse_boxes(data: &[u8], track: &mut Track) -> Option<()> {
+    let mut off = 0;
+    while off + 8 <= data.len() {
+        let size = be32(data, off)? as usize;
+        let kind = &data[off + 4..off + 8];
+        if size < 8 || off + size > data.len() {
+            return None;
+        }
+        let body = &data[off + 8..off + size];
+        match kind {
+            b"moov" | b"trak" | b"mdia" | b"minf" | b"stbl" => parse_boxes(body, track)?,
+            b"stsd" => parse_boxes(body.get(8..)?, track)?,
+            // A visual sample entry: 78 bytes of fields, then child boxes (avcC).
+            b"avc1" => parse_boxes(body.get(78..)?, track)?,
+            b"avcC" => {
+                track.length_size = (*body.get(4)? as usize & 3) + 1;
+                let mut p = 5;
+                for kind in 0..2 {
+                    let count = *body.get(p)? as usize & if kind == 0 { 31 } else { 255 };
+                    p += 1;
+                    for _ in 0..count {
+                        let n = u16::from_be_bytes(body.get(p..p + 2)?.try_into().ok()?) as usize;
+                        track.sps_pps.push(body.get(p + 2..p + 2 + n)?.to_vec());
+                        p += 2 + n;
+                    }
+                }
+            }
+            b"stsz" => {
+                let fixed = be32(body, 4)? as usize;
+                let count = be32(body, 8)? as usize;
+                track.sizes = if fixed != 0 {
+                    vec![fixed; count]
+                } else {
+                    (0..count)
+                        .map(|i| be32(body, 12 + 4 * i).map(|v| v as usize))
+                        .collect::<Option<_>>()?
+                };
+            }
+            b"stco" => {
+                let count = be32(body, 4)? as usize;
+                track.chunk_offsets = (0..count)
+                    .map(|i| be32(body, 8 + 4 * i).map(u64::from))
+                    .collect::<Option<_>>()?;
+            }
+            b"co64" => {
+                let count = be32(body, 4)? as usize;
+                track.chunk_offsets = (0..count)
+                    .map(|i| {
+                        Some(u64::from_be_bytes(
+                            body.get(8 + 8 * i..16 + 8 * i)?.try_into().ok()?,
+                        ))
+                    })
+                    .collect::<Option<_>>()?;
+            }
+            b"stsc" => {
+                let count = be32(body, 4)? as usize;
+                track.samples_per_chunk = (0..count)
+                    .map(|i| Some((be32(body, 8 + 12 * i)?, be32(body, 12 + 12 * i)?)))
+                    .collect::<Option<_>>()?;
+            }
+            _ => {}
+        }
+        off += size;
+    }
+    Some(())
+}
+
+/// Decode every frame of an H.264 MP4 (as written by [`Mp4Writer`]) to packed RGB8:
+/// (width, height, frames).
+pub fn decode_mp4(bytes: &[u8]) -> Result<(usize, usize, Vec<Vec<u8>>), MediaError> {
+    use openh264::decoder::Decoder;
+    use openh264::formats::YUVSource;
+    let bad =
+        |what: &str| MediaError::Muxer(format!("not an H.264 MP4 this reader understands: {what}"));
+    let mut t = Track {
+        sps_pps: vec![],
+        length_size: 4,
+        sizes: vec![],
+        chunk_offsets: vec![],
+        samples_per_chunk: vec![],
+    };
+    parse_boxes(bytes, &mut t).ok_or_else(|| bad("malformed boxes"))?;
+    if t.sps_pps.is_empty()
+        || t.sizes.is_empty()
+        || t.chunk_offsets.is_empty()
+        || t.samples_per_chunk.is_empty()
+    {
+        return Err(bad("missing avcC, stsz, stco or stsc"));
+    }
+    // Sample offsets from the chunk table.
+    let mut offsets = Vec::with_capacity(t.sizes.len());
+    let mut sample = 0;
+    for (ci, &chunk_off) in t.chunk_offsets.iter().enumerate() {
+        let chunk = ci as u32 + 1;
+        let per = t
+            .samples_per_chunk
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= chunk)
+            .map_or(0, |e| e.1) as usize;
+        let mut off = chunk_off as usize;
+        for _ in 0..per {
+            if sample >= t.sizes.len() {
+                break;
+            }
+            offsets.push(off);
+            off += t.sizes[sample];
+            sample += 1;
+        }
+    }
+    let mut dec = Decoder::new().map_err(|e| MediaError::Encoder(e.to_string()))?;
+    let mut frames = Vec::new();
+    let (mut width, mut height) = (0, 0);
+    let mut annexb = Vec::new();
+    for s in &t.sps_pps {
+        annexb.extend_from_slice(&[0, 0, 0, 1]);
+        annexb.extend_from_slice(s);
+    }
+    for (&off, &size) in offsets.iter().zip(&t.sizes) {
+        let sample = bytes
+            .get(off..off + size)
+            .ok_or_else(|| bad("sample outside the file"))?;
+        let mut p = 0;
+        while p + t.length_size <= sample.len() {
+            let n = sample[p..p + t.length_size]
+                .iter()
+                .fold(0usize, |a, b| (a << 8) | *b as usize);
+            let nal = sample
+                .get(p + t.length_size..p + t.length_size + n)
+                .ok_or_else(|| bad("NAL unit outside its sample"))?;
+            annexb.extend_from_slice(&[0, 0, 0, 1]);
+            annexb.extend_from_slice(nal);
+            p += t.length_size + n;
+        }
+        if let Some(yuv) = dec
+            .decode(&annexb)
+            .map_err(|e| MediaError::Encoder(e.to_string()))?
+        {
+            (width, height) = yuv.dimensions();
+            let mut rgb = vec![0u8; 3 * width * height];
+            yuv.write_rgb8(&mut rgb);
+            frames.push(rgb);
+        }
+        annexb.clear();
+    }
+    for yuv in dec
+        .flush_remaining()
+        .map_err(|e| MediaError::Encoder(e.to_string()))?
+    {
+        (width, height) = yuv.dimensions();
+        let mut rgb = vec![0u8; 3 * width * height];
+        yuv.write_rgb8(&mut rgb);
+        frames.push(rgb);
+    }
+    Ok((width, height, frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mp4_round_trip_keeps_every_frame_and_the_picture() {
+        let (w, h) = (32, 16);
+        let mut writer = Mp4Writer::new(w, h, 16).unwrap();
+        let frames: Vec<Vec<u8>> = (0..9)
+            .map(|f| {
+                (0..w * h)
+                    .flat_map(|i| [((i % w) * 8) as u8, ((i / w) * 16) as u8, (f * 28) as u8])
+                    .collect()
+            })
+            .collect();
+        for f in &frames {
+            writer.push_rgb(f).unwrap();
+        }
+        assert_eq!(writer.frames(), 9);
+        let bytes = writer.finish().unwrap();
+        let (dw, dh, decoded) = decode_mp4(&bytes).unwrap();
+        assert_eq!((dw, dh, decoded.len()), (w, h, 9));
+        for (a, b) in frames.iter().zip(&decoded) {
+            let err: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (*x as f64 - *y as f64).abs())
+                .sum::<f64>()
+                / a.len() as f64;
+            assert!(err < 12.0, "mean absolute error {err}");
+        }
+        assert!(decode_mp4(b"not a video").is_err());
+        assert!(png(&frames[0], w, h).unwrap().starts_with(b"\x89PNG"));
+        assert!(Mp4Writer::new(31, 16, 16).is_err());
+    }
+}

@@ -249,9 +249,7 @@ impl Compute {
 
     fn progress(
         &self,
-        task_id: &str,
-        render_id: &str,
-        epoch: u64,
+        (task_id, render_id, epoch): (&str, &str, u64),
         phase: pb::RenderState,
         steps: u64,
         frames: u64,
@@ -350,9 +348,7 @@ impl Compute {
         let mut done = 0u64;
         let report = |done: u64| {
             self.progress(
-                task_id,
-                &t.render_id,
-                t.epoch,
+                (task_id, &t.render_id, t.epoch),
                 pb::RenderState::Denoising,
                 done,
                 0,
@@ -580,9 +576,7 @@ impl Compute {
                 }
                 encode_s += e.elapsed().as_secs_f64();
                 self.progress(
-                    task_id,
-                    &t.render_id,
-                    t.epoch,
+                    (task_id, &t.render_id, t.epoch),
                     pb::RenderState::Decoding,
                     0,
                     frame_no as u64,
