@@ -217,17 +217,31 @@ impl Compute {
         }
     }
 
+    /// The model's identity for the manifest: the built-in model's fingerprint, or the directory
+    /// and a hash of each component's config file.
     fn identity(&self, spec: Option<&pb::RenderSpec>) -> String {
         let model = spec.map(|s| s.model.as_str()).unwrap_or("");
         if model.is_empty() {
-            format!(
+            return format!(
                 "{} fingerprint {}",
                 longtake_model::smoke::NAME,
                 longtake_model::smoke::fingerprint()
-            )
-        } else {
-            format!("{model} (diffusers directory)")
+            );
         }
+        let hashes: Vec<String> = [
+            "model_index.json",
+            "transformer/config.json",
+            "vae/config.json",
+            "text_encoder/config.json",
+            "scheduler/scheduler_config.json",
+        ]
+        .iter()
+        .map(|f| match std::fs::read(PathBuf::from(model).join(f)) {
+            Ok(bytes) => format!("{f}={:016x}", fnv1a(&bytes)),
+            Err(_) => format!("{f}=missing"),
+        })
+        .collect();
+        format!("{model} [{}]", hashes.join(" "))
     }
 
     fn pipeline(&mut self, model: &str) -> TaskResult<Arc<WanPipeline<Cpu>>> {
@@ -599,6 +613,13 @@ impl Compute {
 }
 
 use longtake_model::backend::Backend;
+
+/// FNV-1a, 64-bit: a stable content hash for config files.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 fn f32_le(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|v| v.to_le_bytes()).collect()
