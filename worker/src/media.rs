@@ -51,7 +51,9 @@ impl Mp4Writer {
         let config = EncoderConfig::new()
             .bitrate(BitRate::from_bps(bps))
             .max_frame_rate(FrameRate::from_hz(fps as f32))
-            .skip_frames(false);
+            .skip_frames(false)
+            .rate_control_mode(openh264::encoder::RateControlMode::Bufferbased)
+            .debug(false);
         let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
             .map_err(|e| MediaError::Encoder(e.to_string()))?;
         let muxer = muxide::api::MuxerBuilder::new(Vec::new())
