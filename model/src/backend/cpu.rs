@@ -85,7 +85,8 @@ pub(crate) fn rows_per_task(d: usize) -> usize {
     (32_768 / d.max(1)).max(1)
 }
 
-/// `dst[m, n] = beta · lhs · rhs` with explicit strides. Inputs must cover the addressed ranges.
+/// `dst[m, n] = beta · lhs · rhs` (or `dst += beta · lhs · rhs` when `accumulate`) with
+/// explicit strides. Inputs must cover the addressed ranges.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided(
     m: usize,
@@ -93,6 +94,7 @@ pub(crate) fn gemm_strided(
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
+    accumulate: bool,
     lhs: &[f32],
     lhs_rs: usize,
     lhs_cs: usize,
@@ -102,17 +104,17 @@ pub(crate) fn gemm_strided(
     beta: f32,
     parallel: bool,
 ) {
-    debug_assert!(m == 0 || dst.len() > (m - 1) * dst_rs + n - 1);
-    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    debug_assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // Checked in release builds too: the call below trusts these bounds.
+    assert!(m == 0 || n == 0 || dst.len() > (m - 1) * dst_rs + n - 1);
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     let par = if parallel && threads() > 1 {
         gemm::Parallelism::Rayon(threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the callers size `dst`, `lhs` and `rhs` to cover every element addressed by the
-    // given dimensions and strides (checked above in debug builds); `dst` is exclusively
-    // borrowed and does not alias the inputs.
+    // SAFETY: the asserts above check that every element addressed by the dimensions and strides
+    // lies inside its slice; `dst` is exclusively borrowed and does not alias the inputs.
     unsafe {
         gemm::gemm(
             m,
@@ -121,14 +123,14 @@ pub(crate) fn gemm_strided(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            false,
+            accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             beta,
             false,
             false,
@@ -271,7 +273,7 @@ impl Backend for Cpu {
         let xs = x.buf.f32("linear")?;
         let ws = w.buf.to_f32();
         let mut out = vec![0.0f32; m * n];
-        gemm_strided(m, n, k, &mut out, n, xs, k, 1, &ws, 1, k, 1.0, true);
+        gemm_strided(m, n, k, &mut out, n, false, xs, k, 1, &ws, 1, k, 1.0, true);
         let bias = bias.map(|b| b.buf.to_f32());
         if bias.is_some() || act != Activation::Identity {
             let b = bias.as_deref();
@@ -547,6 +549,7 @@ impl Backend for Cpu {
                     d,
                     scores,
                     lk,
+                    false,
                     &qs[qoff..],
                     hd,
                     1,
@@ -567,6 +570,7 @@ impl Backend for Cpu {
                     lk,
                     o,
                     hd,
+                    false,
                     scores,
                     lk,
                     1,

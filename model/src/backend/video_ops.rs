@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{Cpu, CpuBuffer, SharedMut, rows_per_task, threads};
+use super::cpu::{Cpu, CpuBuffer, SharedMut, gemm_strided, rows_per_task, threads};
 use super::{Backend, Tensor, expect_rank, kernels};
 use crate::error::{Error, Result};
 
@@ -61,58 +61,6 @@ pub trait VideoOps: Backend {
 
     /// Clamp every element to `[lo, hi]`, in place.
     fn clamp(&self, x: &mut Tensor<Self>, lo: f32, hi: f32) -> Result<()>;
-}
-
-/// `dst[m, n] (+)= lhs · rhs`, all f32 with explicit strides.
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-    parallel: bool,
-) {
-    assert!(m == 0 || n == 0 || dst.len() > (m - 1) * dst_rs + n - 1);
-    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    let par = if parallel && threads() > 1 {
-        gemm::Parallelism::Rayon(threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above check that every addressed element lies inside its slice;
-    // `dst` is exclusively borrowed and does not alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }
 
 fn f32s<'a>(t: &'a Tensor<Cpu>, op: &'static str) -> Result<&'a [f32]> {
@@ -215,7 +163,7 @@ impl VideoOps for Cpu {
                     for c in 0..kw {
                         let tap = (a * kh + b) * kw + c;
                         let off = base + b * wp + c;
-                        gemm_into(
+                        gemm_strided(
                             cout,
                             n,
                             cin,
@@ -228,6 +176,7 @@ impl VideoOps for Cpu {
                             &padded[off..],
                             hp * wp,
                             1,
+                            1.0,
                             parallel,
                         );
                         first = false;
@@ -314,7 +263,7 @@ impl VideoOps for Cpu {
                         }
                     }
                 }
-                gemm_into(
+                gemm_strided(
                     cout,
                     ho * wo,
                     kk,
@@ -327,6 +276,7 @@ impl VideoOps for Cpu {
                     &cols,
                     ho * wo,
                     1,
+                    1.0,
                     false,
                 );
                 if let Some(b) = bias {
@@ -372,7 +322,7 @@ impl VideoOps for Cpu {
         for (j, dst) in out.chunks_mut(cout * hw).enumerate() {
             for a in 0..kt {
                 let src = &xs[(2 * j + a) * cin * hw..(2 * j + a + 1) * cin * hw];
-                gemm_into(
+                gemm_strided(
                     cout,
                     hw,
                     cin,
@@ -385,6 +335,7 @@ impl VideoOps for Cpu {
                     src,
                     hw,
                     1,
+                    1.0,
                     true,
                 );
             }
@@ -467,7 +418,22 @@ impl VideoOps for Cpu {
                 let (q, k, v) = (&xs[base..], &xs[base + c * n..], &xs[base + 2 * c * n..]);
                 scores.resize(rows * n, 0.0);
                 // scores[i, j] = Σ_c q[c, q0 + i] · k[c, j]
-                gemm_into(rows, n, c, scores, n, false, &q[q0..], 1, n, k, n, 1, false);
+                gemm_strided(
+                    rows,
+                    n,
+                    c,
+                    scores,
+                    n,
+                    false,
+                    &q[q0..],
+                    1,
+                    n,
+                    k,
+                    n,
+                    1,
+                    1.0,
+                    false,
+                );
                 scores.iter_mut().for_each(|s| *s *= scale);
                 kernels::softmax_rows(scores, n, None);
                 // out[c, q0 + i] = Σ_j v[c, j] · scores[i, j]
@@ -476,7 +442,7 @@ impl VideoOps for Cpu {
                 // task writes; `out` outlives the parallel loop.
                 let o =
                     unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(off), out_len - off) };
-                gemm_into(c, rows, n, o, n, false, v, n, 1, scores, 1, n, false);
+                gemm_strided(c, rows, n, o, n, false, v, n, 1, scores, 1, n, 1.0, false);
             });
         Cpu.upload_f32(&[t, c, h, w], out)
     }
