@@ -1,7 +1,10 @@
-//! `longtake`: the command-line entry point and composition root.
+//! `longtake`: the command-line entry point and composition root — the only crate that links
+//! both the coordinator and the worker.
 //!
-//! Subcommands so far: `model` (run single model components on files, for checking them against
-//! the reference) and `bench` (time them).
+//! Subcommands: `render` (a whole render on this machine: coordinator, workers and storage in
+//! one process over loopback gRPC), `analyze` (seam measurements of a finished render), `model`
+//! (single model components on files, for checking them against the reference) and `bench`
+//! (time them).
 
 mod analyze;
 mod dit;
