@@ -196,12 +196,14 @@ async fn render(spec: pb::RenderSpec, config: CoordinatorConfig, workers: u32) -
     };
     let channel: Channel = connect().await?;
     let mut worker_tasks = Vec::new();
+    let registered = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     for i in 0..workers {
         let ch = connect().await?;
         let opts = longtake_worker::WorkerOptions {
             name: format!("local-{i}"),
             devices: vec!["cpu".into()],
             capacity: 1,
+            registered: Some(std::sync::Arc::clone(&registered)),
         };
         worker_tasks.push(tokio::spawn(longtake_worker::run(
             ch,
@@ -213,6 +215,12 @@ async fn render(spec: pb::RenderSpec, config: CoordinatorConfig, workers: u32) -
         .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES);
     let outcome = async {
+        // Every worker takes part in the plan: submit once all have registered.
+        tokio::time::timeout(Duration::from_secs(60), registered.acquire_many(workers))
+            .await
+            .map_err(|_| anyhow::anyhow!("the in-process workers did not register within 60 s"))?
+            .map_err(|e| anyhow::anyhow!("worker registration: {e}"))?
+            .forget();
         let resp = client
             .submit_render(pb::SubmitRenderRequest {
                 spec: Some(spec),

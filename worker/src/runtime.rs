@@ -42,6 +42,9 @@ pub struct WorkerOptions {
     pub devices: Vec<String>,
     /// Relative share of windows to give this worker.
     pub capacity: u32,
+    /// Gains one permit once the coordinator has accepted the registration (lets an in-process
+    /// launcher wait for all its workers before submitting work).
+    pub registered: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 type Client = WorkerServiceClient<Channel>;
@@ -73,6 +76,9 @@ pub async fn run(
         })?
         .into_inner();
     let worker_id = reg.worker_id.clone();
+    if let Some(r) = &opts.registered {
+        r.add_permits(1);
+    }
     let ttl = reg
         .lease_ttl
         .and_then(|d| Duration::try_from(d).ok())
