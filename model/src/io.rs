@@ -153,23 +153,6 @@ pub fn read_f32_bytes(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)
     Ok((view.shape().to_vec(), decode(dtype, view.data()).to_f32()))
 }
 
-/// An in-memory safetensors file holding f32 tensors.
-pub fn f32_bytes(tensors: &[(&str, &[usize], &[f32])]) -> Result<Vec<u8>> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, shape, data)| {
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape.to_vec(),
-                bytemuck::cast_slice(data),
-            )
-            .map(|v| (n.to_string(), v))
-            .map_err(|e| Error::shape("f32_bytes", format!("{n}: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    safetensors::serialize(views, None).map_err(|e| Error::shape("f32_bytes", e.to_string()))
-}
-
 /// Write f32 tensors to a safetensors file atomically (a temporary file renamed into place).
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
     struct V<'a> {

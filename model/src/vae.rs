@@ -227,7 +227,16 @@ struct Builder<'a, B: Backend> {
     up_slots: usize,
 }
 
-impl<B: Backend> Builder<'_, B> {
+impl<'a, B: Backend> Builder<'a, B> {
+    fn new(ckpt: &'a Checkpoint, backend: &'a B) -> Self {
+        Builder {
+            ld: WeightLoader::new(ckpt, backend, 0, 1),
+            backend,
+            slots: 0,
+            up_slots: 0,
+        }
+    }
+
     /// Load a weight as f32 (convolutions run in f32 whatever the file holds).
     fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
         let t = self.ld.get(name, shape)?;
@@ -263,6 +272,20 @@ impl<B: Backend> Builder<'_, B> {
             b: self.f32(&format!("{name}.bias"), &[cout])?,
             slot,
         })
+    }
+
+    /// The mid block (`<side>.mid_block`): resnet, single-head spatial attention, resnet.
+    fn mid(&mut self, side: &str, c: usize) -> Result<(Res<B>, Attn<B>, Res<B>)> {
+        let p = format!("{side}.mid_block");
+        Ok((
+            self.res(&format!("{p}.resnets.0"), c, c)?,
+            Attn {
+                norm: self.gamma(&format!("{p}.attentions.0.norm"), c, 2)?,
+                qkv: self.conv(&format!("{p}.attentions.0.to_qkv"), 3 * c, c, &[1, 1])?,
+                proj: self.conv(&format!("{p}.attentions.0.proj"), c, c, &[1, 1])?,
+            },
+            self.res(&format!("{p}.resnets.1"), c, c)?,
+        ))
     }
 
     fn res(&mut self, p: &str, cin: usize, cout: usize) -> Result<Res<B>> {
@@ -348,12 +371,7 @@ impl<B: VideoOps> WanVaeDecoder<B> {
     pub fn load(dir: &Path, backend: &B) -> Result<Self> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir, "diffusion_pytorch_model")?;
-        let mut bd = Builder {
-            ld: WeightLoader::new(&ckpt, backend, 0, 1),
-            backend,
-            slots: 0,
-            up_slots: 0,
-        };
+        let mut bd = Builder::new(&ckpt, backend);
         let z = cfg.z_dim;
         let base = cfg.decoder_base_dim;
         let n = cfg.dim_mult.len();
@@ -362,15 +380,7 @@ impl<B: VideoOps> WanVaeDecoder<B> {
         let post_quant = bd.conv("post_quant_conv", z, z, &[1, 1, 1])?;
         let conv_in = bd.conv("decoder.conv_in", dims[0], z, &[3, 3, 3])?;
         let c0 = dims[0];
-        let mid = (
-            bd.res("decoder.mid_block.resnets.0", c0, c0)?,
-            Attn {
-                norm: bd.gamma("decoder.mid_block.attentions.0.norm", c0, 2)?,
-                qkv: bd.conv("decoder.mid_block.attentions.0.to_qkv", 3 * c0, c0, &[1, 1])?,
-                proj: bd.conv("decoder.mid_block.attentions.0.proj", c0, c0, &[1, 1])?,
-            },
-            bd.res("decoder.mid_block.resnets.1", c0, c0)?,
-        );
+        let mid = bd.mid("decoder", c0)?;
         let temporal_up: Vec<bool> = cfg.temperal_downsample.iter().rev().copied().collect();
         let mut ups = Vec::with_capacity(n);
         for i in 0..n {
@@ -636,12 +646,7 @@ impl<B: VideoOps> WanVaeEncoder<B> {
     pub fn load(dir: &Path, backend: &B) -> Result<Self> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir, "diffusion_pytorch_model")?;
-        let mut bd = Builder {
-            ld: WeightLoader::new(&ckpt, backend, 0, 1),
-            backend,
-            slots: 0,
-            up_slots: 0,
-        };
+        let mut bd = Builder::new(&ckpt, backend);
         let base = cfg.base_dim;
         let mut dims = vec![base];
         dims.extend(cfg.dim_mult.iter().map(|m| base * m));
@@ -680,15 +685,7 @@ impl<B: VideoOps> WanVaeEncoder<B> {
             }
         }
         let c = dims[n];
-        let mid = (
-            bd.res("encoder.mid_block.resnets.0", c, c)?,
-            Attn {
-                norm: bd.gamma("encoder.mid_block.attentions.0.norm", c, 2)?,
-                qkv: bd.conv("encoder.mid_block.attentions.0.to_qkv", 3 * c, c, &[1, 1])?,
-                proj: bd.conv("encoder.mid_block.attentions.0.proj", c, c, &[1, 1])?,
-            },
-            bd.res("encoder.mid_block.resnets.1", c, c)?,
-        );
+        let mid = bd.mid("encoder", c)?;
         let norm_out = bd.gamma("encoder.norm_out", c, 3)?;
         let z2 = 2 * cfg.z_dim;
         let conv_out = bd.conv("encoder.conv_out", z2, c, &[3, 3, 3])?;

@@ -85,7 +85,7 @@ impl<B: Backend> Tensor<B> {
         })
     }
 
-    /// The size of dimension `i` counted from the end (`dim_from_end(0)` is the last).
+    /// The size of the last dimension (1 for a scalar).
     pub fn last_dim(&self) -> usize {
         *self.shape.last().unwrap_or(&1)
     }

@@ -354,7 +354,7 @@ impl VideoOps for Cpu {
         gamma: &Tensor<Self>,
         silu: bool,
     ) -> Result<Tensor<Self>> {
-        let [t, c, h, w] = dims4(x, "channel_rms_norm")?;
+        let [_, c, h, w] = dims4(x, "channel_rms_norm")?;
         if gamma.numel() != c {
             return Err(Error::shape(
                 "channel_rms_norm",
@@ -369,7 +369,6 @@ impl VideoOps for Cpu {
         out.par_chunks_mut(c * hw)
             .zip(xs.par_chunks(c * hw))
             .for_each(|(o, xf)| kernels::channel_rms_frame(xf, o, c, hw, g, silu));
-        let _ = t;
         Cpu.upload_f32(x.shape(), out)
     }
 
