@@ -1,4 +1,4 @@
-//! Compiles `proto/longtake/v1/*.proto` with protox (pure Rust, no `protoc`) into tonic/prost code
+//! Compiles `proto/longtake/v1/*.proto` and `proto/etcd/etcd.proto` with protox (pure Rust, no `protoc`) into tonic/prost code
 //! in OUT_DIR, and writes the encoded descriptor set that server reflection serves.
 
 use std::path::PathBuf;
@@ -19,4 +19,14 @@ fn main() {
     tonic_prost_build::configure()
         .compile_fds(fds)
         .expect("generate the tonic/prost code");
+    // etcd's KV and Lease API (a wire-compatible subset): clients only, and kept out of the
+    // descriptor set that reflection serves.
+    let etcd = match protox::compile(["etcd/etcd.proto"], ["proto"]) {
+        Ok(fds) => fds,
+        Err(e) => panic!("cannot compile etcd/etcd.proto: {e:?}"),
+    };
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(etcd)
+        .expect("generate the etcd client code");
 }

@@ -2,11 +2,13 @@
 //! both the coordinator and the worker.
 //!
 //! Subcommands: `render` (a whole render on this machine: coordinator, workers and storage in
-//! one process over loopback gRPC), `analyze` (seam measurements of a finished render), `model`
+//! one process over loopback gRPC); the farm as separate processes: `coordinator`, `worker`,
+//! and the clients `submit`, `get`, `watch`, `cancel`, `list`; `analyze` (seam measurements of a finished render), `model`
 //! (single model components on files, for checking them against the reference) and `bench`
 //! (time them).
 
 mod analyze;
+mod cluster;
 mod dit;
 mod generate;
 mod render;
@@ -33,6 +35,20 @@ struct Cli {
 enum Command {
     /// Render a video on this machine: coordinator, workers and storage in one process.
     Render(Box<render::RenderArgs>),
+    /// Serve a coordinator (one replica of several with --etcd).
+    Coordinator(cluster::CoordinatorArgs),
+    /// Run a worker: register with the coordinator(s) and compute what they assign.
+    Worker(cluster::WorkerArgs),
+    /// Submit a render to a farm; prints its id (first line of stdout).
+    Submit(Box<cluster::SubmitArgs>),
+    /// Show one render's state.
+    Get(cluster::IdArgs),
+    /// Follow one render until it ends (exit 0 only if it succeeded).
+    Watch(cluster::IdArgs),
+    /// Cancel a render.
+    Cancel(cluster::IdArgs),
+    /// List renders, newest first.
+    List(cluster::ListArgs),
     /// Measure how visible window seams are in a finished render (frame-to-frame change inside
     /// windows vs across window boundaries, in the latents and in the video).
     Analyze(analyze::AnalyzeArgs),
@@ -145,6 +161,13 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Render(a) => render::run(&a),
+        Command::Coordinator(a) => cluster::coordinator(&a),
+        Command::Worker(a) => cluster::worker(&a),
+        Command::Submit(a) => cluster::submit(&a),
+        Command::Get(a) => cluster::get(&a),
+        Command::Watch(a) => cluster::watch(&a),
+        Command::Cancel(a) => cluster::cancel(&a),
+        Command::List(a) => cluster::list(&a),
         Command::Analyze(a) => analyze::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {
             dit::forward(&a.transformer, &a.input, &a.output, a.tp)

@@ -15,6 +15,23 @@ use tonic::transport::{Channel, Endpoint};
 
 #[derive(Args)]
 pub struct RenderArgs {
+    #[command(flatten)]
+    pub request: RequestArgs,
+    /// In-process workers (default: one per device; one on the CPU).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Write the render to DIR/<render id>/ (default: ./renders).
+    #[arg(long, conflicts_with = "store")]
+    out: Option<PathBuf>,
+    /// Write the render to an object store: s3://bucket/prefix (objects under jobs/<render id>/;
+    /// endpoint and credentials from the AWS_* variables and LONGTAKE_S3_ENDPOINT).
+    #[arg(long)]
+    store: Option<String>,
+}
+
+/// What to render: the request flags shared by `render` and `submit`.
+#[derive(Args)]
+pub struct RequestArgs {
     /// What the video shows.
     #[arg(long)]
     prompt: String,
@@ -62,19 +79,9 @@ pub struct RenderArgs {
     /// Overlap between windows in latent frames (default 4; must be smaller than the window).
     #[arg(long)]
     overlap: Option<u32>,
-    /// In-process workers (default: one per device; one on the CPU).
-    #[arg(long, default_value_t = 1)]
-    workers: u32,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
     #[arg(long)]
     noise_file: Option<PathBuf>,
-    /// Write the render to DIR/<render id>/ (default: ./renders).
-    #[arg(long, conflicts_with = "store")]
-    out: Option<PathBuf>,
-    /// Write the render to an object store: s3://bucket/prefix (objects under jobs/<render id>/;
-    /// endpoint and credentials from the AWS_* variables and LONGTAKE_S3_ENDPOINT).
-    #[arg(long)]
-    store: Option<String>,
     /// Also write every frame as PNG (frames/000000.png, ...).
     #[arg(long)]
     png_frames: bool,
@@ -91,36 +98,73 @@ fn stitching(s: &str) -> Result<pb::Stitching> {
     })
 }
 
+impl RequestArgs {
+    /// The request as a spec (no output: the caller sets it). `local_model` checks a model
+    /// directory here and sends its absolute path (this machine's workers read it); otherwise the
+    /// path is sent as given, as the workers see it.
+    pub fn spec(&self, local_model: bool) -> Result<pb::RenderSpec> {
+        let a = self;
+        let stitching = stitching(&a.stitching)?;
+        let model = match &a.model {
+            Some(dir) if !local_model => dir.to_string_lossy().into_owned(),
+            Some(dir) => {
+                longtake_model::pipeline::ModelDir::open(dir).with_context(|| {
+                    format!(
+                        "model: {} is not a usable Wan2.1 model directory",
+                        dir.display()
+                    )
+                })?;
+                dir.canonicalize()
+                    .with_context(|| format!("model: {}", dir.display()))?
+                    .to_string_lossy()
+                    .into_owned()
+            }
+            None => String::new(),
+        };
+        let initial_noise = match &a.noise_file {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(p).with_context(|| format!("noise_file: {}", p.display()))?;
+                longtake_model::io::read_f32_bytes(&bytes, "noise")
+                    .with_context(|| format!("noise_file: {}", p.display()))?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        let length = match (a.duration, a.num_frames) {
+            (Some(d), _) => Some(pb::render_spec::Length::DurationS(d)),
+            (None, Some(n)) => Some(pb::render_spec::Length::NumFrames(n)),
+            (None, None) => Some(pb::render_spec::Length::DurationS(5.0)),
+        };
+        Ok(pb::RenderSpec {
+            prompt: a.prompt.clone(),
+            negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+            length,
+            fps: a.fps,
+            width: a.width,
+            height: a.height,
+            seed: a.seed,
+            steps: a.steps,
+            guidance: a.guidance,
+            flow_shift: a.flow_shift,
+            model,
+            stitching: stitching as i32,
+            window: a.window,
+            overlap: a.overlap,
+            output: String::new(),
+            png_frames: a.png_frames,
+            initial_noise,
+            priority: 0,
+        })
+    }
+}
+
 pub fn run(a: &RenderArgs) -> Result<()> {
     // Everything that can be checked here is checked before any work starts.
     if a.workers == 0 || a.workers > 64 {
         bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
     }
-    let stitching = stitching(&a.stitching)?;
-    let model = match &a.model {
-        Some(dir) => {
-            longtake_model::pipeline::ModelDir::open(dir).with_context(|| {
-                format!(
-                    "model: {} is not a usable Wan2.1 model directory",
-                    dir.display()
-                )
-            })?;
-            dir.canonicalize()
-                .with_context(|| format!("model: {}", dir.display()))?
-                .to_string_lossy()
-                .into_owned()
-        }
-        None => String::new(),
-    };
-    let initial_noise = match &a.noise_file {
-        Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| format!("noise_file: {}", p.display()))?;
-            longtake_model::io::read_f32_bytes(&bytes, "noise")
-                .with_context(|| format!("noise_file: {}", p.display()))?;
-            Some(bytes)
-        }
-        None => None,
-    };
+    let mut spec = a.request.spec(true)?;
     let (output, jobs_prefix) = match (&a.out, &a.store) {
         (_, Some(url)) => {
             if !url.starts_with("s3://") || url.len() <= 5 {
@@ -131,31 +175,7 @@ pub fn run(a: &RenderArgs) -> Result<()> {
         (Some(dir), None) => (dir.to_string_lossy().into_owned(), String::new()),
         (None, None) => ("renders".to_string(), String::new()),
     };
-    let length = match (a.duration, a.num_frames) {
-        (Some(d), _) => Some(pb::render_spec::Length::DurationS(d)),
-        (None, Some(n)) => Some(pb::render_spec::Length::NumFrames(n)),
-        (None, None) => Some(pb::render_spec::Length::DurationS(5.0)),
-    };
-    let spec = pb::RenderSpec {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
-        length,
-        fps: a.fps,
-        width: a.width,
-        height: a.height,
-        seed: a.seed,
-        steps: a.steps,
-        guidance: a.guidance,
-        flow_shift: a.flow_shift,
-        model,
-        stitching: stitching as i32,
-        window: a.window,
-        overlap: a.overlap,
-        output: output.clone(),
-        png_frames: a.png_frames,
-        initial_noise,
-        priority: 0,
-    };
+    spec.output = output.clone();
     let config = CoordinatorConfig {
         jobs_prefix,
         default_output: output,
@@ -269,32 +289,63 @@ async fn watch(client: &mut RenderServiceClient<Channel>, id: &str) -> Result<pb
     let mut stream = client
         .watch_render(pb::WatchRenderRequest {
             render_id: id.to_string(),
+            after_sequence: 0,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    let tty = std::io::stderr().is_terminal();
-    let bar = indicatif::ProgressBar::new(0);
-    if tty {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:<28} [{bar:40}] {pos}/{len} {elapsed_precise} ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-    } else {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let mut display = ProgressDisplay::new();
     let mut last = pb::Render::default();
-    let mut last_line = String::new();
-    let mut last_log = Instant::now() - Duration::from_secs(10);
     while let Some(ev) = stream
         .message()
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
     {
         let Some(r) = ev.render else { continue };
+        display.show(&r);
+        last = r;
+    }
+    display.finish();
+    Ok(last)
+}
+
+/// Progress of one render on stderr: a bar on a terminal, a log line on a change of phase and
+/// at most every 2 s otherwise (plus every message that mentions a rollback).
+pub struct ProgressDisplay {
+    tty: bool,
+    bar: indicatif::ProgressBar,
+    last_state: i32,
+    last_line: String,
+    last_message: String,
+    last_log: Instant,
+}
+
+impl ProgressDisplay {
+    pub fn new() -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = indicatif::ProgressBar::new(0);
+        if tty {
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:<28} [{bar:40}] {pos}/{len} {elapsed_precise} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        } else {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        ProgressDisplay {
+            tty,
+            bar,
+            last_state: -1,
+            last_line: String::new(),
+            last_message: String::new(),
+            last_log: Instant::now() - Duration::from_secs(10),
+        }
+    }
+
+    pub fn show(&mut self, r: &pb::Render) {
         let state = pb::RenderState::try_from(r.state).unwrap_or(pb::RenderState::Unspecified);
         let p = r.progress.clone().unwrap_or_default();
         let (done, total, unit) = if state == pb::RenderState::Decoding {
@@ -306,23 +357,29 @@ async fn watch(client: &mut RenderServiceClient<Channel>, id: &str) -> Result<pb
             .as_str_name()
             .trim_start_matches("RENDER_STATE_")
             .to_lowercase();
-        if tty {
-            bar.set_length(total);
-            bar.set_position(done);
-            bar.set_message(format!("{phase} ({unit})"));
+        if p.message.starts_with("rolled back") && p.message != self.last_message {
+            self.bar
+                .suspend(|| eprintln!("render {}: {}", r.id, p.message));
+        }
+        self.last_message = p.message.clone();
+        if self.tty {
+            self.bar.set_length(total);
+            self.bar.set_position(done);
+            self.bar.set_message(format!("{phase} ({unit})"));
         } else {
-            let line = format!("render {id}: {phase} {done}/{total} {unit}");
-            if line != last_line
-                && (last_log.elapsed() > Duration::from_secs(2)
-                    || state != pb::RenderState::try_from(last.state).unwrap_or_default())
+            let line = format!("render {}: {phase} {done}/{total} {unit}", r.id);
+            if line != self.last_line
+                && (self.last_log.elapsed() > Duration::from_secs(2) || r.state != self.last_state)
             {
                 eprintln!("{line}");
-                last_log = Instant::now();
-                last_line = line;
+                self.last_log = Instant::now();
+                self.last_line = line;
             }
         }
-        last = r;
+        self.last_state = r.state;
     }
-    bar.finish_and_clear();
-    Ok(last)
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }

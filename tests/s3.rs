@@ -1,80 +1,17 @@
 //! `longtake render --store s3://...` against a real S3-compatible server (moto, from PyPI,
 //! installed into `target/test-tools/` on first use and started on a free port).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-struct Server(Child);
+use std::process::Command;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The moto server binary, installed with pip into a venv under target/ when missing.
-fn moto() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/moto-venv");
-    let bin = venv.join("bin/moto_server");
-    if !bin.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "moto[server]==5.2.5"])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            ok && bin.exists(),
-            "could not install moto[server] 5.2.5 into {} (needs python3 and PyPI)",
-            venv.display()
-        );
-    }
-    bin
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http(method: &str, port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
+use support::S3;
 
 #[test]
 fn render_to_s3_compatible_storage() {
-    let port = free_port();
-    let _server = Server(
-        Command::new(moto())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        http("PUT", port, "/renders").starts_with("HTTP/1.1 200"),
-        "create bucket"
-    );
+    let logs = tempfile::tempdir().unwrap();
+    let s3 = S3::start(logs.path(), "renders");
+    let port = s3.port;
     let tmp = tempfile::tempdir().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_longtake"))
         .args([
@@ -90,10 +27,7 @@ fn render_to_s3_compatible_storage() {
         ])
         .current_dir(tmp.path())
         .env("XDG_CACHE_HOME", tmp.path().join("cache"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("LONGTAKE_S3_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .envs(s3.env())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -104,11 +38,12 @@ fn render_to_s3_compatible_storage() {
         "{location}"
     );
     let id = location.rsplit('/').next().unwrap();
-    let listing = http(
+    let (_, listing) = support::http(
         "GET",
         port,
         &format!("/renders?list-type=2&prefix=studio-a/jobs/{id}/"),
     );
+    let listing = String::from_utf8_lossy(&listing);
     for key in ["manifest.json", "video.mp4", "latents.sa"] {
         assert!(
             listing.contains(&format!("studio-a/jobs/{id}/{key}")),

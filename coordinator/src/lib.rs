@@ -9,6 +9,7 @@
 //!   (pure).
 //! - [`store`]: the [`JobStore`](store::JobStore) trait, the embedded in-memory store and the
 //!   versioned job record.
+//! - [`etcd`]: the etcd-backed store (writes fenced by the leader key) and leader election.
 //! - [`output`]: opening an output location (local directory or S3) and writing `manifest.json`.
 //! - [`service`]: the [`Coordinator`]: live state, scheduling, and the `RenderService` and
 //!   `WorkerService` implementations.
@@ -26,6 +27,7 @@
 //! limits to [`longtake_proto::MAX_MESSAGE_BYTES`].
 
 pub mod assemble;
+pub mod etcd;
 pub mod output;
 pub mod plan;
 pub mod service;
@@ -51,9 +53,11 @@ pub use validate::Limits;
 pub struct CoordinatorConfig {
     /// Request limits (duration, frames, window).
     pub limits: Limits,
-    /// A worker that sends no heartbeat for this long is dropped, and the render it works on
-    /// fails.
+    /// A worker that sends no heartbeat for this long is dropped, and the render it works on is
+    /// rolled back and started again on the workers left.
     pub lease_ttl: Duration,
+    /// A render rolled back this many times (workers lost) fails instead of starting again.
+    pub max_attempts: u32,
     /// How long an ExchangeHalo call waits for its neighbours' parts before DEADLINE_EXCEEDED.
     /// It must cover the slowest worker's sampler step.
     pub halo_timeout: Duration,
@@ -70,6 +74,7 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             limits: Limits::default(),
             lease_ttl: Duration::from_secs(10),
+            max_attempts: 5,
             halo_timeout: Duration::from_secs(600),
             default_output: "renders".to_string(),
             jobs_prefix: "jobs".to_string(),
@@ -83,6 +88,107 @@ pub enum CoordinatorError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("state store: {0}")]
+    Store(#[from] store::StoreError),
+    /// This replica lost its leadership (its lease lapsed or a newer leader fenced it off).
+    #[error("deposed: {0}")]
+    Deposed(String),
+}
+
+/// How a replica joins the control plane in etcd.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// etcd endpoints (`host:port` or `http://host:port`).
+    pub etcd: Vec<String>,
+    /// Every key goes under this prefix.
+    pub namespace: String,
+    /// The address clients and workers can reach this replica at; standbys name it in their
+    /// redirections.
+    pub advertise: String,
+    /// The leader lease's TTL in seconds: a dead leader is replaced within about this long.
+    pub leader_ttl_s: i64,
+}
+
+/// Serve one coordinator replica on `listener` with its state in etcd, until `shutdown`
+/// resolves: it stands by (refusing calls with UNAVAILABLE and the leader's address) until it
+/// wins the election, then reads the state back from etcd, requeues the renders that were
+/// running and leads. Returns [`CoordinatorError::Deposed`] if it loses the leadership (the
+/// process should exit and be restarted as a standby); on `shutdown` it resigns, so a standby
+/// takes over at once.
+pub async fn run_replica(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    config: CoordinatorConfig,
+    opts: ReplicaOptions,
+) -> Result<(), CoordinatorError> {
+    let client = etcd::Etcd::connect(&opts.etcd, &opts.namespace)?;
+    let store = etcd::EtcdStore::new(client.clone());
+    let coordinator = Coordinator::standby(config, Arc::new(store.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(
+        coordinator.clone(),
+        TcpIncoming::from(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    tokio::pin!(shutdown);
+    let hint = coordinator.clone();
+    let elected = tokio::select! {
+        l = etcd::campaign(&client, "leader", &opts.advertise, opts.leader_ttl_s, |leader| {
+            hint.set_leader_hint(leader)
+        }) => Some(l),
+        _ = &mut shutdown => None,
+    };
+    let outcome = match elected {
+        None => Ok(()),
+        Some(leadership) => {
+            store.fence_with(&leadership);
+            let epoch_base = (leadership.term.max(0) as u64) << 20;
+            let mut lost = leadership.lost.clone();
+            let mut deposed = coordinator.deposed();
+            let taken = loop {
+                tokio::select! {
+                    r = coordinator.take_over(epoch_base) => match r {
+                        Ok(n) => break Ok(n),
+                        Err(store::StoreError::Unavailable(e)) => {
+                            tracing::warn!(error = %e, "reading the state back failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => break Err(e),
+                    },
+                    _ = &mut shutdown => break Ok(0),
+                }
+            };
+            match taken {
+                Err(e) => Err(CoordinatorError::Store(e)),
+                Ok(_) => {
+                    tracing::info!(term = leadership.term, address = %opts.advertise, "elected leader");
+                    tokio::select! {
+                        _ = &mut shutdown => {
+                            leadership.resign(&client).await;
+                            Ok(())
+                        }
+                        _ = lost.wait_for(|l| *l) => Err(CoordinatorError::Deposed(
+                            "the leader lease lapsed".into(),
+                        )),
+                        _ = deposed.wait_for(|d| *d) => Err(CoordinatorError::Deposed(
+                            "a newer leader fenced off this replica's writes".into(),
+                        )),
+                    }
+                }
+            }
+        }
+    };
+    if outcome.is_err() {
+        coordinator.step_down();
+    }
+    let _ = stop_tx.send(());
+    match server.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "the gRPC server task failed"),
+    }
+    outcome
 }
 
 /// Serve a new coordinator (embedded in-memory job store) on `listener` until `shutdown`

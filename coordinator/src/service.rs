@@ -1,14 +1,15 @@
-//! The coordinator: live state (renders, workers and their leases, the running render's
+//! The coordinator: live state (renders, workers and their leases, the running renders'
 //! assignment, halo rendezvous), scheduling, and the `RenderService` / `WorkerService`
 //! implementations.
 //!
 //! # Scheduling
 //!
-//! One render runs at a time, on every worker registered when it starts: the highest-priority
-//! queued render (then the oldest) starts as soon as no render is running and at least one worker
-//! is registered. It is planned ([`crate::plan`]), its windows are split into contiguous groups
-//! over the workers in proportion to their capacity (AUTOREGRESSIVE renders, being sequential, go
-//! whole to the first worker), and each worker gets a `DenoiseTask` with a fresh epoch. When every
+//! Several renders run at once on disjoint sets of workers. While a worker is free, the
+//! highest-priority queued render (then the oldest) starts on the free workers, as many as it
+//! has windows (one for AUTOREGRESSIVE, which is sequential); they stay bound to it until it
+//! ends, so no worker ever holds windows of two renders. It is planned ([`crate::plan`]), its
+//! windows are split into contiguous groups over its workers in proportion to their capacity,
+//! and each worker gets a `DenoiseTask` with a fresh epoch. When every
 //! window's final latents are in, they are fused with the plan's weights
 //! ([`crate::assemble::fuse`]) and one `DecodeTask` goes to the owner of window 0 (or the first
 //! worker left). When the decoder reports its outputs written, `manifest.json` is written last and
@@ -25,8 +26,12 @@
 //!
 //! # Failure
 //!
-//! A task result carrying an error, or a worker whose lease lapses while it holds unfinished
-//! work, fails the render; its other workers get a `CancelTask`. (Rescheduling comes later.)
+//! A task result carrying an error fails the render; its other workers get a `CancelTask`. A
+//! worker whose lease lapses (or that leaves) while it holds unfinished work rolls the render
+//! back: its other workers get a `CancelTask` and the render is queued again, to start from
+//! step 0 with a new epoch (after `max_attempts` rollbacks it fails). A new leader rolls back
+//! the renders that were running. Epochs and event sequence numbers start above the leader's
+//! term base, so they grow across failovers and a stale caller is always refused.
 //!
 //! # Locking
 //!
@@ -61,11 +66,16 @@ pub struct Coordinator {
 
 struct Inner {
     config: CoordinatorConfig,
+    /// The state store the persister writes to and a new leader reads back from.
+    store: Arc<dyn JobStore>,
     state: Mutex<State>,
     /// Job-store writes, applied in order by the persister task.
     persist: mpsc::UnboundedSender<PersistOp>,
     /// Flipped to true on shutdown: watch streams end and halo waits give up.
     closing: watch::Sender<bool>,
+    /// Flipped to true when a store write is refused because another coordinator leads now:
+    /// this one must stop acting (the process exits).
+    deposed: watch::Sender<bool>,
 }
 
 struct PersistOp {
@@ -77,16 +87,23 @@ struct PersistOp {
 
 #[derive(Default)]
 struct State {
+    /// False on a standby: every call is refused with UNAVAILABLE and a pointer to the leader.
+    leading: bool,
+    /// Where the leader is, as far as a standby knows (its advertised address).
+    leader_hint: String,
     jobs: HashMap<String, Job>,
     /// Idempotency key → render id.
     idempotency: HashMap<String, String>,
     /// Registered workers by id; ids sort in registration order.
     workers: BTreeMap<String, Worker>,
     worker_seq: u64,
-    /// The assignment of the render being worked on, if any (one at a time).
-    run: Option<Run>,
-    /// The last assignment epoch handed out.
+    /// The assignments of the renders being worked on, by render id.
+    runs: HashMap<String, Run>,
+    /// The last assignment epoch handed out. A leader starts from a base taken from the state
+    /// store's leader term, so epochs grow across failovers.
     epoch: u64,
+    /// This leader's base for epochs and event sequence numbers.
+    epoch_base: u64,
     halos: HashMap<HaloKey, HaloSlot>,
 }
 
@@ -94,10 +111,85 @@ struct Job {
     record: JobRecord,
     noise: Option<Vec<u8>>,
     progress: pb::Progress,
-    /// The latest snapshot, for WatchRender.
-    events: watch::Sender<pb::Render>,
+    /// The render's events, for WatchRender.
+    events: Arc<EventLog>,
     /// Set while `manifest.json` is written: the render can no longer be cancelled.
     finalizing: bool,
+}
+
+/// The events of one render: every change of state and every rollback kept, a run of progress
+/// updates within one state collapsed to its latest, each with a sequence number.
+struct EventLog {
+    log: Mutex<Vec<Event>>,
+    seq: Mutex<u64>,
+    /// The latest sequence number, for waking watchers.
+    changed: watch::Sender<u64>,
+}
+
+struct Event {
+    seq: u64,
+    /// Kept for good (a change of state, a rollback), or replaceable by the next progress update.
+    milestone: bool,
+    render: pb::Render,
+}
+
+/// Events kept per render at most; past it the oldest milestones go (a resuming client then
+/// starts from the oldest kept).
+const MAX_EVENTS: usize = 10_000;
+
+impl EventLog {
+    /// A log whose sequence numbers start above `base` (a leader's term base, so that a client
+    /// resuming on a new leader with a sequence number of the old one misses nothing).
+    fn new(base: u64) -> Arc<Self> {
+        Arc::new(EventLog {
+            log: Mutex::new(Vec::new()),
+            seq: Mutex::new(base),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    fn push(&self, render: pb::Render) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
+        *seq += 1;
+        let milestone = match log.last() {
+            None => true,
+            Some(last) => {
+                last.render.state != render.state
+                    || render
+                        .progress
+                        .as_ref()
+                        .is_some_and(|p| p.message.starts_with("rolled back"))
+            }
+        };
+        if !milestone && log.last().is_some_and(|l| !l.milestone) {
+            log.pop();
+        }
+        log.push(Event {
+            seq: *seq,
+            milestone,
+            render,
+        });
+        if log.len() > MAX_EVENTS {
+            log.remove(0);
+        }
+        self.changed.send_replace(*seq);
+    }
+
+    /// Events after `seq`, or (`seq` = 0) the latest one only.
+    fn after(&self, seq: u64) -> Vec<(u64, pb::Render)> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if seq == 0 {
+            return log
+                .last()
+                .map(|e| vec![(e.seq, e.render.clone())])
+                .unwrap_or_default();
+        }
+        log.iter()
+            .filter(|e| e.seq > seq)
+            .map(|e| (e.seq, e.render.clone()))
+            .collect()
+    }
 }
 
 struct Run {
@@ -146,6 +238,8 @@ struct Worker {
     tasks: TaskSender,
     /// The receiving end until the worker opens PullTasks.
     pending: Option<TaskReceiver>,
+    /// The render this worker is bound to, from its start until it ends.
+    render: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -254,23 +348,56 @@ impl Job {
 }
 
 impl Coordinator {
-    /// A coordinator over `store`. Starts its background tasks (the store writer and the lease
-    /// reaper), so it must be called inside a Tokio runtime; they stop when the last clone of the
-    /// coordinator is dropped.
+    /// A coordinator that leads at once over `store`, starting empty (the embedded, single
+    /// machine form). Starts its background tasks (the store writer and the lease reaper), so it
+    /// must be called inside a Tokio runtime; they stop when the last clone of the coordinator is
+    /// dropped.
     pub fn new(config: CoordinatorConfig, store: Arc<dyn JobStore>) -> Self {
+        let c = Self::standby(config, store);
+        c.inner.lock().leading = true;
+        c
+    }
+
+    /// A coordinator that stands by: it refuses every call with UNAVAILABLE (naming the leader
+    /// given by [`Coordinator::set_leader_hint`]) until [`Coordinator::take_over`].
+    pub fn standby(config: CoordinatorConfig, store: Arc<dyn JobStore>) -> Self {
         let (persist, mut persist_rx) = mpsc::unbounded_channel::<PersistOp>();
         let (closing, _) = watch::channel(false);
+        let (deposed, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             config,
+            store: Arc::clone(&store),
             state: Mutex::new(State::default()),
             persist,
             closing,
+            deposed,
         });
+        let weak: Weak<Inner> = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Some(op) = persist_rx.recv().await {
-                let result = store.put(&op.key, op.value).await.map(|_| ());
+                // An unreachable store (etcd restarting) is waited out, in order: later records
+                // must not overtake this one.
+                let mut backoff = Duration::from_millis(100);
+                let result = loop {
+                    match store.put(&op.key, op.value.clone()).await {
+                        Err(StoreError::Unavailable(e)) => {
+                            tracing::warn!(key = %op.key, error = %e, "job store unreachable; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                            if weak.strong_count() == 0 {
+                                break Err(StoreError::Unavailable(e));
+                            }
+                        }
+                        other => break other.map(|_| ()),
+                    }
+                };
                 if let Err(e) = &result {
                     tracing::error!(key = %op.key, error = %e, "job store write failed");
+                    if matches!(e, StoreError::Fenced(_))
+                        && let Some(inner) = weak.upgrade()
+                    {
+                        inner.step_down();
+                    }
                 }
                 if let Some(done) = op.done {
                     let _ = done.send(result);
@@ -289,6 +416,102 @@ impl Coordinator {
         Coordinator { inner }
     }
 
+    /// Where a standby sends its callers: the leader's advertised address.
+    pub fn set_leader_hint(&self, hint: &str) {
+        self.inner.lock().leader_hint = hint.to_string();
+    }
+
+    /// Stop leading at once (the leadership was lost): refuse every call from now on.
+    pub fn step_down(&self) {
+        self.inner.step_down();
+    }
+
+    /// Whether this coordinator leads now.
+    pub fn is_leading(&self) -> bool {
+        self.inner.lock().leading
+    }
+
+    /// Becomes true once this coordinator has been deposed (a store write was fenced off by a
+    /// newer leader). It then refuses every call; the process should exit.
+    pub fn deposed(&self) -> watch::Receiver<bool> {
+        self.inner.deposed.subscribe()
+    }
+
+    /// Become the leader: read every job back from the store, requeue the ones that were running
+    /// (they restart from step 0 on the workers that register with this leader), and start
+    /// scheduling. Assignment epochs continue above `epoch_base` (the leader term from the
+    /// store), so that no epoch of an earlier leader is ever handed out again. Returns the
+    /// number of jobs loaded.
+    pub async fn take_over(&self, epoch_base: u64) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let mut loaded = Vec::new();
+        for (key, stored) in inner.store.list("jobs/").await? {
+            let record = match store::decode_job(&key, &stored.value) {
+                Ok(r) => r,
+                Err(e) => {
+                    // One unreadable record must not keep the farm down; it stays as it is.
+                    tracing::error!(key = %key, error = %e, "skipping an unreadable job record");
+                    continue;
+                }
+            };
+            let noise = if record.spec.has_initial_noise && !record.state.is_terminal() {
+                inner
+                    .store
+                    .get(&store::noise_key(&record.id))
+                    .await?
+                    .map(|v| v.value)
+            } else {
+                None
+            };
+            loaded.push((record, noise));
+        }
+        let count = loaded.len();
+        let mut st = inner.lock();
+        for (record, noise) in loaded {
+            let id = record.id.clone();
+            if !record.idempotency_key.is_empty() {
+                st.idempotency
+                    .insert(record.idempotency_key.clone(), id.clone());
+            }
+            let mut job = Job {
+                progress: pb::Progress {
+                    phase: record.state.to_proto() as i32,
+                    ..Default::default()
+                },
+                record,
+                noise,
+                events: EventLog::new(epoch_base),
+                finalizing: false,
+            };
+            if job.record.state.is_terminal() {
+                inner.publish(&job);
+            } else if job.record.spec.has_initial_noise && job.noise.is_none() {
+                job.record.error = "its initial noise is missing from the state store".into();
+                inner.set_state(&mut job, JobState::Failed);
+            } else {
+                let was = job.record.state;
+                job.record.state = JobState::Queued;
+                job.progress.phase = pb::RenderState::Queued as i32;
+                job.progress.message = if was == JobState::Queued {
+                    "waiting for workers".to_string()
+                } else {
+                    format!(
+                        "rolled back to step 0: a new coordinator leads (the render was {})",
+                        was.name()
+                    )
+                };
+                inner.save(&job, None);
+            }
+            st.jobs.insert(id, job);
+        }
+        st.epoch = st.epoch.max(epoch_base);
+        st.epoch_base = epoch_base;
+        st.leading = true;
+        tracing::info!(jobs = count, epoch_base, "leading");
+        inner.schedule(&mut st);
+        Ok(count)
+    }
+
     /// End the open streams and halo waits (server shutdown).
     pub(crate) fn close(&self) {
         self.inner.closing.send_replace(true);
@@ -303,6 +526,44 @@ impl Coordinator {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, if this coordinator leads; UNAVAILABLE naming the leader otherwise.
+    fn lead(&self) -> Result<MutexGuard<'_, State>, Status> {
+        let st = self.lock();
+        if st.leading {
+            return Ok(st);
+        }
+        Err(if *self.deposed.borrow() {
+            Status::unavailable(
+                "this coordinator was deposed by a newer leader; call another replica",
+            )
+        } else if st.leader_hint.is_empty() {
+            Status::unavailable(
+                "this coordinator is a standby and no leader is known yet; retry shortly or call another replica",
+            )
+        } else {
+            Status::unavailable(format!(
+                "this coordinator is a standby; the leader is at {}",
+                st.leader_hint
+            ))
+        })
+    }
+
+    /// Stop acting: a newer leader owns the state. Streams end, workers go elsewhere.
+    fn step_down(&self) {
+        let mut st = self.lock();
+        if !st.leading {
+            return;
+        }
+        st.leading = false;
+        st.workers.clear();
+        for slot in st.halos.values() {
+            slot.notify.notify_one();
+        }
+        drop(st);
+        tracing::error!("deposed: another coordinator leads; stepping down");
+        self.deposed.send_replace(true);
     }
 
     fn is_closing(&self) -> bool {
@@ -320,7 +581,7 @@ impl Inner {
     }
 
     fn publish(&self, job: &Job) {
-        job.events.send_replace(job.snapshot());
+        job.events.push(job.snapshot());
     }
 
     fn set_state(&self, job: &mut Job, state: JobState) {
@@ -333,9 +594,9 @@ impl Inner {
         self.save(job, None);
     }
 
-    /// Start the next queued render if nothing runs and a worker is registered.
+    /// Start queued renders, highest priority (then oldest) first, while a worker is free.
     fn schedule(&self, st: &mut State) {
-        while st.run.is_none() && !st.workers.is_empty() {
+        while st.workers.values().any(|w| w.render.is_none()) {
             let next = st
                 .jobs
                 .values()
@@ -352,12 +613,17 @@ impl Inner {
         }
     }
 
-    /// Plan render `id` and hand its windows to the registered workers.
+    /// Plan render `id` and hand its windows to free workers: as many as it has windows (one
+    /// for an autoregressive render), each bound to it until it ends, so that a worker never
+    /// holds windows of two renders (their halo exchanges could wait on each other).
     fn start(&self, st: &mut State, id: &str) {
         st.epoch += 1;
         let epoch = st.epoch;
         let State {
-            jobs, workers, run, ..
+            jobs,
+            workers,
+            runs,
+            ..
         } = &mut *st;
         let Some(job) = jobs.get_mut(id) else { return };
         let started = Instant::now();
@@ -378,7 +644,25 @@ impl Inner {
             }
         };
         let n = plan.windows.len();
-        let worker_list: Vec<(&String, &Worker)> = workers.iter().collect();
+        let wanted = match spec.stitching {
+            StitchingMode::Autoregressive => 1,
+            _ => n,
+        };
+        let chosen: Vec<String> = workers
+            .iter()
+            .filter(|(_, w)| w.render.is_none())
+            .take(wanted)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &chosen {
+            if let Some(w) = workers.get_mut(k) {
+                w.render = Some(id.to_string());
+            }
+        }
+        let worker_list: Vec<(&String, &Worker)> = chosen
+            .iter()
+            .filter_map(|k| workers.get_key_value(k))
+            .collect();
         let groups = match spec.stitching {
             // Sequential by nature: one worker does all of it.
             StitchingMode::Autoregressive => {
@@ -477,23 +761,26 @@ impl Inner {
         );
         let mut timings = BTreeMap::new();
         timings.insert("plan", started.elapsed().as_secs_f64());
-        *run = Some(Run {
-            render_id: id.to_string(),
-            epoch,
-            plan,
-            shape,
-            owners,
-            partners,
-            tasks,
-            latents: vec![None; n],
-            model_identity: String::new(),
-            worker_timings: BTreeMap::new(),
-            started,
-            phase_started: Instant::now(),
-            timings,
-            outputs: Vec::new(),
-            frame_count: 0,
-        });
+        runs.insert(
+            id.to_string(),
+            Run {
+                render_id: id.to_string(),
+                epoch,
+                plan,
+                shape,
+                owners,
+                partners,
+                tasks,
+                latents: vec![None; n],
+                model_identity: String::new(),
+                worker_timings: BTreeMap::new(),
+                started,
+                phase_started: Instant::now(),
+                timings,
+                outputs: Vec::new(),
+                frame_count: 0,
+            },
+        );
         self.set_state(job, JobState::EncodingText);
         if !closed.is_empty() {
             // A worker whose task stream is gone cannot take part; drop it.
@@ -501,10 +788,9 @@ impl Inner {
                 .iter()
                 .filter_map(|w| st.workers.remove(w).map(|w| w.name))
                 .collect();
-            self.end_render(
+            self.roll_back(
                 st,
                 id,
-                JobState::Failed,
                 format!(
                     "worker(s) {} closed their task stream before the render started",
                     names.join(", ")
@@ -516,18 +802,74 @@ impl Inner {
     /// Stop render `id` as FAILED or CANCELLED: tell its workers, drop its halo slots, start the
     /// next render.
     fn end_render(&self, st: &mut State, id: &str, state: JobState, reason: String) {
+        if !self.stop_run(st, id, &reason) {
+            return;
+        }
+        let Some(job) = st.jobs.get_mut(id) else {
+            return;
+        };
+        if state == JobState::Failed {
+            job.record.error = reason.clone();
+        }
+        job.finalizing = false;
+        job.progress.message = reason;
+        tracing::warn!(render = id, state = ?state, error = %job.record.error, "render stopped");
+        self.set_state(job, state);
+        self.schedule(st);
+    }
+
+    /// A worker of render `id` is gone: stop the run, and queue the render again from step 0
+    /// (its result does not depend on which workers compute it), unless it has been rolled back
+    /// `max_attempts` times already.
+    fn roll_back(&self, st: &mut State, id: &str, reason: String) {
+        if !self.stop_run(st, id, &reason) {
+            return;
+        }
+        let max = self.config.max_attempts;
+        let Some(job) = st.jobs.get_mut(id) else {
+            return;
+        };
+        job.record.attempts += 1;
+        if job.record.attempts >= max {
+            job.record.error = format!("{reason}; given up after {} attempts", job.record.attempts);
+            job.progress.message = job.record.error.clone();
+            tracing::warn!(render = id, error = %job.record.error, "render failed");
+            self.set_state(job, JobState::Failed);
+        } else {
+            job.progress.window_steps_done = 0;
+            job.progress.frames_done = 0;
+            job.progress.message = format!(
+                "rolled back to step 0 (attempt {} of {max}): {reason}",
+                job.record.attempts + 1
+            );
+            tracing::warn!(render = id, reason = %reason, "render rolled back");
+            self.set_state(job, JobState::Queued);
+        }
+        self.schedule(st);
+    }
+
+    /// Stop the run of render `id` if it has one: tell its busy workers to drop their tasks and
+    /// end its halo waits. False when the render is unknown or already finished.
+    fn stop_run(&self, st: &mut State, id: &str, reason: &str) -> bool {
         let State {
             jobs,
             workers,
-            run,
+            runs,
             halos,
             ..
         } = &mut *st;
-        let Some(job) = jobs.get_mut(id) else { return };
+        let Some(job) = jobs.get(id) else {
+            return false;
+        };
         if job.record.state.is_terminal() {
-            return;
+            return false;
         }
-        if let Some(run) = run.take_if(|r| r.render_id == id) {
+        for w in workers.values_mut() {
+            if w.render.as_deref() == Some(id) {
+                w.render = None;
+            }
+        }
+        if let Some(run) = runs.remove(id) {
             let busy: BTreeSet<&String> = run
                 .tasks
                 .values()
@@ -541,7 +883,7 @@ impl Inner {
                         kind: Some(pb::task::Kind::Cancel(pb::CancelTask {
                             render_id: id.to_string(),
                             epoch: run.epoch,
-                            reason: reason.clone(),
+                            reason: reason.to_string(),
                         })),
                     }));
                 }
@@ -555,17 +897,10 @@ impl Inner {
                 true
             }
         });
-        if state == JobState::Failed {
-            job.record.error = reason.clone();
-        }
-        job.finalizing = false;
-        job.progress.message = reason;
-        tracing::warn!(render = id, state = ?state, error = %job.record.error, "render stopped");
-        self.set_state(job, state);
-        self.schedule(st);
+        true
     }
 
-    /// Drop workers whose lease lapsed; fail the render that still needed one of them.
+    /// Drop workers whose lease lapsed; roll back the render that still needed one of them.
     fn expire_leases(&self) {
         let ttl = self.config.lease_ttl;
         let mut st = self.lock();
@@ -581,7 +916,7 @@ impl Inner {
             };
             let silent = worker.last_heartbeat.elapsed();
             tracing::warn!(worker = %worker.name, id = %worker_id, "worker lease lapsed");
-            let held = st.run.as_ref().and_then(|run| {
+            let held = st.runs.values().find_map(|run| {
                 let held = run
                     .tasks
                     .values()
@@ -600,7 +935,7 @@ impl Inner {
                     silent.as_secs_f64(),
                     ttl.as_secs_f64()
                 );
-                self.end_render(&mut st, &render_id, JobState::Failed, reason);
+                self.roll_back(&mut st, &render_id, reason);
             }
         }
     }
@@ -608,15 +943,15 @@ impl Inner {
     /// The job `render_id` and its run at `epoch`, or the status a worker call gets otherwise.
     fn running<'a>(
         jobs: &'a mut HashMap<String, Job>,
-        run: &'a mut Option<Run>,
+        runs: &'a mut HashMap<String, Run>,
         render_id: &str,
         epoch: u64,
     ) -> Result<(&'a mut Job, &'a mut Run), Status> {
         let job = jobs
             .get_mut(render_id)
             .ok_or_else(|| Status::not_found(format!("render_id: no render {render_id:?}")))?;
-        match run {
-            Some(run) if run.render_id == render_id => {
+        match runs.get_mut(render_id) {
+            Some(run) => {
                 if run.epoch != epoch {
                     return Err(Status::failed_precondition(format!(
                         "epoch: {epoch} is stale; render {render_id} is at epoch {}",
@@ -665,9 +1000,12 @@ impl Inner {
     fn dispatch_decode(&self, id: &str, epoch: u64, latents: Option<Vec<u8>>) {
         let mut st = self.lock();
         let State {
-            jobs, workers, run, ..
+            jobs,
+            workers,
+            runs,
+            ..
         } = &mut *st;
-        let Ok((job, run)) = Self::running(jobs, run, id, epoch) else {
+        let Ok((job, run)) = Self::running(jobs, runs, id, epoch) else {
             return;
         };
         let Some(latents) = latents else {
@@ -675,9 +1013,11 @@ impl Inner {
             self.end_render(&mut st, id, JobState::Failed, reason);
             return;
         };
-        let target = workers
-            .get_key_value(&run.owners[0])
-            .or_else(|| workers.iter().next());
+        let target = workers.get_key_value(&run.owners[0]).or_else(|| {
+            workers
+                .iter()
+                .find(|(_, w)| w.render.as_deref() == Some(id))
+        });
         let Some((worker_id, worker)) = target else {
             let reason = "no worker is left to decode the latents".to_string();
             self.end_render(&mut st, id, JobState::Failed, reason);
@@ -738,13 +1078,23 @@ impl Inner {
             }
             .await;
             let mut st = inner.lock();
-            let State { jobs, run, .. } = &mut *st;
-            if Self::running(jobs, run, &id, epoch).is_err() {
+            let State {
+                jobs,
+                runs,
+                workers,
+                ..
+            } = &mut *st;
+            if Self::running(jobs, runs, &id, epoch).is_err() {
                 return;
             }
             match written {
                 Ok(()) => {
-                    *run = None;
+                    runs.remove(&id);
+                    for w in workers.values_mut() {
+                        if w.render.as_deref() == Some(id.as_str()) {
+                            w.render = None;
+                        }
+                    }
                     let job = jobs.get_mut(&id).expect("checked above");
                     job.finalizing = false;
                     job.progress.message = format!("written to {output_uri}");
@@ -859,7 +1209,7 @@ impl RenderService for Coordinator {
             random_u64(),
         )?;
         let (id, stored) = {
-            let mut st = inner.lock();
+            let mut st = inner.lead()?;
             if !key.is_empty()
                 && let Some(id) = st.idempotency.get(&key)
             {
@@ -897,6 +1247,7 @@ impl RenderService for Coordinator {
                 created_at_ms: now_ms(),
                 started_at_ms: None,
                 finished_at_ms: None,
+                attempts: 0,
             };
             let progress = pb::Progress {
                 phase: pb::RenderState::Queued as i32,
@@ -915,7 +1266,7 @@ impl RenderService for Coordinator {
                 record,
                 noise,
                 progress,
-                events: watch::channel(pb::Render::default()).0,
+                events: EventLog::new(st.epoch_base),
                 finalizing: false,
             };
             let (done, stored) = oneshot::channel();
@@ -957,7 +1308,7 @@ impl RenderService for Coordinator {
         request: Request<pb::GetRenderRequest>,
     ) -> Result<Response<pb::Render>, Status> {
         let id = request.into_inner().render_id;
-        let st = self.inner.lock();
+        let st = self.inner.lead()?;
         let job = st
             .jobs
             .get(&id)
@@ -1003,7 +1354,7 @@ impl RenderService for Coordinator {
                 Status::invalid_argument("page_token: is not a token this server issued")
             })?)
         };
-        let st = self.inner.lock();
+        let st = self.inner.lead()?;
         let mut jobs: Vec<&Job> = st
             .jobs
             .values()
@@ -1034,32 +1385,40 @@ impl RenderService for Coordinator {
         &self,
         request: Request<pb::WatchRenderRequest>,
     ) -> Result<Response<Self::WatchRenderStream>, Status> {
-        let id = request.into_inner().render_id;
-        let mut events = {
-            let st = self.inner.lock();
-            st.jobs
-                .get(&id)
-                .ok_or_else(|| Status::not_found(format!("render_id: no render {id:?}")))?
-                .events
-                .subscribe()
+        let req = request.into_inner();
+        let id = req.render_id;
+        let log = {
+            let st = self.inner.lead()?;
+            Arc::clone(
+                &st.jobs
+                    .get(&id)
+                    .ok_or_else(|| Status::not_found(format!("render_id: no render {id:?}")))?
+                    .events,
+            )
         };
+        let mut changed = log.changed.subscribe();
         let mut closing = self.inner.closing.subscribe();
         let (tx, rx) = mpsc::channel(16);
+        let mut next = req.after_sequence;
         tokio::spawn(async move {
             loop {
-                let render = events.borrow_and_update().clone();
-                let terminal = pb::RenderState::try_from(render.state)
-                    .ok()
-                    .and_then(JobState::from_proto)
-                    .is_some_and(JobState::is_terminal);
-                let event = pb::RenderEvent {
-                    render: Some(render),
-                };
-                if tx.send(Ok(event)).await.is_err() || terminal {
-                    return;
+                changed.borrow_and_update();
+                for (seq, render) in log.after(next) {
+                    next = seq;
+                    let terminal = pb::RenderState::try_from(render.state)
+                        .ok()
+                        .and_then(JobState::from_proto)
+                        .is_some_and(JobState::is_terminal);
+                    let event = pb::RenderEvent {
+                        render: Some(render),
+                        sequence: seq,
+                    };
+                    if tx.send(Ok(event)).await.is_err() || terminal {
+                        return;
+                    }
                 }
                 tokio::select! {
-                    changed = events.changed() => if changed.is_err() { return },
+                    c = changed.changed() => if c.is_err() { return },
                     _ = async { let _ = closing.wait_for(|c| *c).await; } => {
                         let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
                         return;
@@ -1076,7 +1435,7 @@ impl RenderService for Coordinator {
         request: Request<pb::CancelRenderRequest>,
     ) -> Result<Response<pb::Render>, Status> {
         let id = request.into_inner().render_id;
-        let mut st = self.inner.lock();
+        let mut st = self.inner.lead()?;
         let job = st
             .jobs
             .get(&id)
@@ -1104,7 +1463,7 @@ impl WorkerService for Coordinator {
         if inner.is_closing() {
             return Err(Status::unavailable("the coordinator is shutting down"));
         }
-        let mut st = inner.lock();
+        let mut st = inner.lead()?;
         st.worker_seq += 1;
         let worker_id = format!(
             "w{:05}-{}",
@@ -1126,6 +1485,7 @@ impl WorkerService for Coordinator {
                 last_heartbeat: Instant::now(),
                 tasks,
                 pending: Some(pending),
+                render: None,
             },
         );
         inner.schedule(&mut st);
@@ -1144,7 +1504,7 @@ impl WorkerService for Coordinator {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let id = request.into_inner().worker_id;
-        let mut st = self.inner.lock();
+        let mut st = self.inner.lead()?;
         let worker = st.workers.get_mut(&id).ok_or_else(|| {
             Status::not_found(format!(
                 "worker_id: {id:?} is not registered (its lease lapsed?); register again"
@@ -1154,6 +1514,35 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let req = request.into_inner();
+        let inner = &self.inner;
+        let mut st = inner.lead()?;
+        let worker = st.workers.remove(&req.worker_id).ok_or_else(|| {
+            Status::not_found(format!("worker_id: {:?} is not registered", req.worker_id))
+        })?;
+        let why = if req.reason.is_empty() {
+            "no reason given".to_string()
+        } else {
+            req.reason
+        };
+        tracing::info!(worker = %worker.name, id = %req.worker_id, reason = %why, "worker left");
+        let held = st.runs.values().find_map(|run| {
+            run.tasks
+                .values()
+                .any(|t| !t.done && t.worker_id == req.worker_id)
+                .then(|| run.render_id.clone())
+        });
+        if let Some(render_id) = held {
+            let reason = format!("worker {} left the pool ({why})", worker.name);
+            inner.roll_back(&mut st, &render_id, reason);
+        }
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
     type PullTasksStream = UnboundedReceiverStream<Result<pb::Task, Status>>;
 
     async fn pull_tasks(
@@ -1161,7 +1550,7 @@ impl WorkerService for Coordinator {
         request: Request<pb::PullTasksRequest>,
     ) -> Result<Response<Self::PullTasksStream>, Status> {
         let id = request.into_inner().worker_id;
-        let mut st = self.inner.lock();
+        let mut st = self.inner.lead()?;
         let worker = st.workers.get_mut(&id).ok_or_else(|| {
             Status::not_found(format!(
                 "worker_id: {id:?} is not registered; register first"
@@ -1184,9 +1573,9 @@ impl WorkerService for Coordinator {
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let req = request.into_inner();
         let inner = &self.inner;
-        let mut st = inner.lock();
-        let State { jobs, run, .. } = &mut *st;
-        let (job, run) = Inner::running(jobs, run, &req.render_id, req.epoch)?;
+        let mut st = inner.lead()?;
+        let State { jobs, runs, .. } = &mut *st;
+        let (job, run) = Inner::running(jobs, runs, &req.render_id, req.epoch)?;
         let steps = u64::from(job.record.spec.steps);
         let task = run.tasks.get_mut(&req.task_id).ok_or_else(|| {
             Status::not_found(format!("task_id: no task {:?} in this render", req.task_id))
@@ -1226,11 +1615,11 @@ impl WorkerService for Coordinator {
         let deadline = tokio::time::Instant::now() + inner.config.halo_timeout;
         let me = req.window;
         let expected: Vec<usize> = {
-            let mut st = inner.lock();
+            let mut st = inner.lead()?;
             let State {
-                jobs, run, halos, ..
+                jobs, runs, halos, ..
             } = &mut *st;
-            let (job, run) = Inner::running(jobs, run, &req.render_id, req.epoch)?;
+            let (job, run) = Inner::running(jobs, runs, &req.render_id, req.epoch)?;
             let steps = job.record.spec.steps;
             let n = run.plan.windows.len();
             if me as usize >= n {
@@ -1326,14 +1715,14 @@ impl WorkerService for Coordinator {
         };
         loop {
             let notify = {
-                let mut st = inner.lock();
+                let mut st = inner.lead()?;
                 if inner.is_closing() {
                     return Err(Status::unavailable("the coordinator is shutting down"));
                 }
                 let State {
-                    jobs, run, halos, ..
+                    jobs, runs, halos, ..
                 } = &mut *st;
-                Inner::running(jobs, run, &req.render_id, req.epoch)?;
+                Inner::running(jobs, runs, &req.render_id, req.epoch)?;
                 let slot = halos.entry(key.clone()).or_default();
                 if expected
                     .iter()
@@ -1350,7 +1739,7 @@ impl WorkerService for Coordinator {
                 .await
                 .is_err()
             {
-                let st = inner.lock();
+                let st = inner.lead()?;
                 let have: Vec<u32> = st
                     .halos
                     .get(&key)
@@ -1372,9 +1761,9 @@ impl WorkerService for Coordinator {
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let req = request.into_inner();
         let inner = &self.inner;
-        let mut st = inner.lock();
-        let State { jobs, run, .. } = &mut *st;
-        let (job, run) = Inner::running(jobs, run, &req.render_id, req.epoch)?;
+        let mut st = inner.lead()?;
+        let State { jobs, runs, .. } = &mut *st;
+        let (job, run) = Inner::running(jobs, runs, &req.render_id, req.epoch)?;
         let task = run.tasks.get_mut(&req.task_id).ok_or_else(|| {
             Status::not_found(format!("task_id: no task {:?} in this render", req.task_id))
         })?;

@@ -29,6 +29,12 @@ pub enum StoreError {
         expected: Option<u64>,
         found: Option<u64>,
     },
+    /// The write was refused because this coordinator no longer leads.
+    #[error("fenced off: {0}")]
+    Fenced(String),
+    /// The store refused the request itself (too large, malformed); retrying cannot help.
+    #[error("job store refused the request: {0}")]
+    Rejected(String),
     #[error("job store unavailable: {0}")]
     Unavailable(String),
     #[error("corrupt record {key}: {reason}")]
@@ -138,6 +144,57 @@ impl JobStore for MemoryStore {
     }
 }
 
+/// The conformance suite every [`JobStore`] implementation must pass, on an empty store (keys
+/// `jobs/a`, `jobs/b`, `noise/a` and `jobsx`). Panics on the first violation.
+pub async fn conformance(store: &dyn JobStore) {
+    assert_eq!(store.get("jobs/a").await.unwrap(), None);
+    let r1 = store.put("jobs/a", b"1".to_vec()).await.unwrap();
+    let got = store.get("jobs/a").await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        Versioned {
+            revision: r1,
+            value: b"1".to_vec()
+        }
+    );
+
+    // Create-only fails on an existing key, succeeds on a new one.
+    assert!(matches!(
+        store.compare_and_set("jobs/a", None, b"x".to_vec()).await,
+        Err(StoreError::Conflict { found: Some(_), .. })
+    ));
+    let r2 = store
+        .compare_and_set("jobs/b", None, b"2".to_vec())
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+
+    // Update with the current revision succeeds; with a stale one it fails.
+    let r3 = store
+        .compare_and_set("jobs/a", Some(r1), b"3".to_vec())
+        .await
+        .unwrap();
+    assert!(r3 > r2);
+    assert!(matches!(
+        store
+            .compare_and_set("jobs/a", Some(r1), b"4".to_vec())
+            .await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(store.get("jobs/a").await.unwrap().unwrap().value, b"3");
+
+    store.put("noise/a", b"n".to_vec()).await.unwrap();
+    store.put("jobsx", b"n".to_vec()).await.unwrap();
+    let listed: Vec<String> = store
+        .list("jobs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(listed, ["jobs/a", "jobs/b"]);
+}
+
 /// The life of a render (the proto `RenderState` without `UNSPECIFIED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -158,6 +215,20 @@ impl JobState {
             self,
             JobState::Succeeded | JobState::Failed | JobState::Cancelled
         )
+    }
+
+    /// The state's name as users see it (`denoising`, `succeeded`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Planning => "planning",
+            JobState::EncodingText => "encoding_text",
+            JobState::Denoising => "denoising",
+            JobState::Decoding => "decoding",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
     }
 
     pub fn to_proto(self) -> longtake_proto::v1::RenderState {
@@ -218,6 +289,14 @@ pub struct JobRecord {
     pub created_at_ms: u64,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
+    /// How many times the render was rolled back and started again (a worker lost, a new
+    /// leader). Absent in records written before it existed: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The stored form: the record tagged with its format version, so that a later format can still
@@ -256,56 +335,12 @@ mod tests {
     use super::*;
     use crate::validate::StitchingMode;
 
-    fn block<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
+    #[test]
+    fn memory_store_conforms() {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
-            .block_on(f)
-    }
-
-    /// The conformance suite every `JobStore` implementation must pass.
-    fn conformance(store: &dyn JobStore) {
-        assert_eq!(block(store.get("jobs/a")).unwrap(), None);
-        let r1 = block(store.put("jobs/a", b"1".to_vec())).unwrap();
-        let got = block(store.get("jobs/a")).unwrap().unwrap();
-        assert_eq!(
-            got,
-            Versioned {
-                revision: r1,
-                value: b"1".to_vec()
-            }
-        );
-
-        // Create-only fails on an existing key, succeeds on a new one.
-        assert!(matches!(
-            block(store.compare_and_set("jobs/a", None, b"x".to_vec())),
-            Err(StoreError::Conflict { found: Some(_), .. })
-        ));
-        let r2 = block(store.compare_and_set("jobs/b", None, b"2".to_vec())).unwrap();
-        assert!(r2 > r1);
-
-        // Update with the current revision succeeds; with a stale one it fails.
-        let r3 = block(store.compare_and_set("jobs/a", Some(r1), b"3".to_vec())).unwrap();
-        assert!(r3 > r2);
-        assert!(matches!(
-            block(store.compare_and_set("jobs/a", Some(r1), b"4".to_vec())),
-            Err(StoreError::Conflict { .. })
-        ));
-        assert_eq!(block(store.get("jobs/a")).unwrap().unwrap().value, b"3");
-
-        block(store.put("noise/a", b"n".to_vec())).unwrap();
-        block(store.put("jobsx", b"n".to_vec())).unwrap();
-        let listed: Vec<String> = block(store.list("jobs/"))
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(listed, ["jobs/a", "jobs/b"]);
-    }
-
-    #[test]
-    fn memory_store_conforms() {
-        conformance(&MemoryStore::new());
+            .block_on(conformance(&MemoryStore::new()));
     }
 
     /// A version-1 record as written by this code: reading it must keep working.

@@ -471,7 +471,10 @@ async fn shutdown_ends_open_streams() {
     .unwrap()
     .render_id;
     let mut watch = client
-        .watch_render(pb::WatchRenderRequest { render_id: id })
+        .watch_render(pb::WatchRenderRequest {
+            render_id: id,
+            after_sequence: 0,
+        })
         .await
         .unwrap()
         .into_inner();

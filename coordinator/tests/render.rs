@@ -136,6 +136,7 @@ async fn two_workers_codenoise_render_succeeds() {
     let mut watch = renders
         .watch_render(pb::WatchRenderRequest {
             render_id: id.clone(),
+            after_sequence: 0,
         })
         .await
         .unwrap()
@@ -468,9 +469,10 @@ async fn invalid_results_fail_the_render() {
 }
 
 #[tokio::test]
-async fn lapsed_lease_fails_the_render() {
+async fn lapsed_lease_rolls_the_render_back() {
     let server = Server::start(CoordinatorConfig {
         lease_ttl: Duration::from_millis(400),
+        max_attempts: 2,
         ..config()
     })
     .await;
@@ -480,11 +482,14 @@ async fn lapsed_lease_fails_the_render() {
         .await
         .unwrap()
         .render_id;
-    let _ = w.next_denoise().await;
-    let failed = wait_for_state(&mut renders, &id, pb::RenderState::Failed).await;
-    assert!(failed.error.contains("flaky"), "{}", failed.error);
-    assert!(failed.error.contains("lost its lease"), "{}", failed.error);
-    assert!(failed.error.contains("windows 0..=1"), "{}", failed.error);
+    let (_, first) = w.next_denoise().await;
+    // The lease lapses: the render goes back to the queue (no worker is left to take it).
+    let queued = wait_for_state(&mut renders, &id, pb::RenderState::Queued).await;
+    let message = queued.progress.unwrap().message;
+    assert!(message.starts_with("rolled back to step 0"), "{message}");
+    assert!(message.contains("flaky"), "{message}");
+    assert!(message.contains("lost its lease"), "{message}");
+    assert!(message.contains("windows 0..=1"), "{message}");
     let gone = w
         .client
         .heartbeat(pb::HeartbeatRequest {
@@ -493,6 +498,32 @@ async fn lapsed_lease_fails_the_render() {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), tonic::Code::NotFound);
+    // A new worker takes it at a new epoch; the old epoch's result is refused.
+    let mut w2 = FakeWorker::join(&server, "steady", true).await;
+    let (_, second) = w2.next_denoise().await;
+    assert!(second.epoch > first.epoch);
+    let stale = w2
+        .client
+        .complete_task(pb::TaskResult {
+            worker_id: w2.id.clone(),
+            task_id: "x".into(),
+            render_id: id.clone(),
+            epoch: first.epoch,
+            outcome: Some(pb::task_result::Outcome::Error("late".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    assert!(stale.message().contains("epoch"), "{}", stale.message());
+    // A second lapse reaches max_attempts: the render fails.
+    w2.stop_heartbeat();
+    let failed = wait_for_state(&mut renders, &id, pb::RenderState::Failed).await;
+    assert!(
+        failed.error.contains("given up after 2 attempts"),
+        "{}",
+        failed.error
+    );
     server.stop().await;
 }
 

@@ -5,6 +5,8 @@
 //!   cancel), called by studios and the `longtake` CLI.
 //! - `proto/longtake/v1/worker.proto`: the worker-facing `WorkerService` (register, heartbeat,
 //!   task stream, progress, halo exchange, results), called by workers.
+//! - `proto/etcd/etcd.proto`: the part of etcd's v3 API the coordinator's state store uses
+//!   (clients only).
 //!
 //! Both are served by the coordinator, with gRPC health checking and server reflection
 //! ([`FILE_DESCRIPTOR_SET`]) on the same port.
@@ -13,6 +15,12 @@
 /// `worker_service_{client,server}`.
 pub mod v1 {
     tonic::include_proto!("longtake.v1");
+}
+
+/// Package `etcdserverpb`: the clients of etcd's `KV` and `Lease` services (the subset of etcd's
+/// v3 API in `proto/etcd/etcd.proto`), for the coordinator's etcd-backed state store.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
 }
 
 /// The encoded `FileDescriptorSet` of every file above (with its imports), for server

@@ -49,19 +49,33 @@ pub struct WorkerOptions {
 
 type Client = WorkerServiceClient<Channel>;
 
+/// Cancellation flags by assignment (render id, epoch).
+type CancelFlags = std::sync::Mutex<HashMap<(String, u64), Arc<AtomicBool>>>;
+
 fn client(channel: Channel) -> Client {
     WorkerServiceClient::new(channel)
         .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
 }
 
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// `shutdown` resolved: the worker left the pool (Leave) after stopping its task.
+    Shutdown,
+    /// The coordinator ended the task stream or became unreachable (a failover, a lapsed
+    /// lease): register again, with this coordinator or another replica.
+    Disconnected,
+}
+
 /// Run a worker against the coordinator behind `channel` until `shutdown` resolves or the
-/// coordinator closes the task stream.
+/// coordinator closes the task stream. Either way the task in progress is stopped at its next
+/// step boundary (a coordinator that lost this worker has rolled its render back already).
 pub async fn run(
     channel: Channel,
     opts: WorkerOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), WorkerError> {
+) -> Result<Exit, WorkerError> {
     let mut rpc = client(channel);
     let reg = rpc
         .register(pb::RegisterRequest {
@@ -117,9 +131,11 @@ pub async fn run(
         })?
         .into_inner();
 
-    // The compute thread takes tasks in order; cancellation flags are per render.
+    // The compute thread takes tasks in order; cancellation flags are per assignment.
     let (tx, rx) = std::sync::mpsc::channel::<pb::Task>();
-    let cancelled: Arc<std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
+    let cancelled: Arc<CancelFlags> = Arc::default();
+    // Set when the worker stops: tasks not started yet are dropped too.
+    let cancel_all = Arc::new(AtomicBool::new(false));
     let compute = {
         let ctx = Compute {
             rpc: rpc.clone(),
@@ -127,6 +143,7 @@ pub async fn run(
             worker_id: worker_id.clone(),
             models: HashMap::new(),
             cancelled: Arc::clone(&cancelled),
+            cancel_all: Arc::clone(&cancel_all),
         };
         std::thread::Builder::new()
             .name(format!("longtake-worker-{}", opts.name))
@@ -135,33 +152,48 @@ pub async fn run(
     };
 
     tokio::pin!(shutdown);
-    loop {
+    let exit = loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => break Exit::Shutdown,
             msg = stream.message() => match msg {
                 Ok(Some(task)) => {
                     if let Some(pb::task::Kind::Cancel(c)) = &task.kind {
-                        flag(&cancelled, &c.render_id).store(true, Ordering::SeqCst);
+                        flag(&cancelled, &c.render_id, c.epoch).store(true, Ordering::SeqCst);
                         continue;
                     }
                     if tx.send(task).is_err() {
-                        break;
+                        break Exit::Disconnected;
                     }
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) | Err(_) => break Exit::Disconnected,
             }
         }
-    }
+    };
     drop(tx);
     beat.abort();
-    // The compute thread finishes its current task (or notices the closed channel) and exits.
+    if exit == Exit::Shutdown {
+        // Leave first, so that the coordinator moves this worker's windows at once.
+        let _ = rpc
+            .leave(pb::LeaveRequest {
+                worker_id: worker_id.clone(),
+                reason: "the worker is shutting down".into(),
+            })
+            .await;
+    }
+    // Whatever runs now belongs to an assignment that is over: stop it at its next step.
+    for f in cancelled.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        f.store(true, Ordering::SeqCst);
+    }
+    cancel_all.store(true, Ordering::SeqCst);
     let _ = tokio::task::spawn_blocking(move || compute.join()).await;
-    Ok(())
+    Ok(exit)
 }
 
-fn flag(map: &std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>, render: &str) -> Arc<AtomicBool> {
+/// The cancellation flag of one assignment (render, epoch): a CancelTask of an earlier epoch
+/// never stops the same render's later assignment.
+fn flag(map: &CancelFlags, render: &str, epoch: u64) -> Arc<AtomicBool> {
     let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-    Arc::clone(m.entry(render.to_string()).or_default())
+    Arc::clone(m.entry((render.to_string(), epoch)).or_default())
 }
 
 /// State of the compute thread.
@@ -171,7 +203,8 @@ struct Compute {
     worker_id: String,
     /// Loaded pipelines by model directory ("" = the built-in smoke model).
     models: HashMap<String, Arc<WanPipeline<Cpu>>>,
-    cancelled: Arc<std::sync::Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    cancelled: Arc<CancelFlags>,
+    cancel_all: Arc<AtomicBool>,
 }
 
 /// A task failure: the message sent to the coordinator.
@@ -180,6 +213,9 @@ type TaskResult<T> = Result<T, String>;
 impl Compute {
     fn serve(mut self, rx: std::sync::mpsc::Receiver<pb::Task>) {
         while let Ok(task) = rx.recv() {
+            if self.cancel_all.load(Ordering::SeqCst) {
+                return;
+            }
             let started = Instant::now();
             let (render_id, epoch, outcome, identity, timings) = match &task.kind {
                 Some(pb::task::Kind::Denoise(d)) => {
@@ -217,6 +253,10 @@ impl Compute {
                 model_identity: identity,
                 timings_s: timings,
             };
+            self.cancelled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(result.render_id.clone(), epoch));
             let mut rpc = self.rpc.clone();
             // A coordinator that is gone cannot be told; the task stream ends and so do we.
             let _ = self.handle.block_on(rpc.complete_task(result));
@@ -349,7 +389,7 @@ impl Compute {
             }
             None => latent_noise(req.seed, geo.channels, 0..geo.frames, geo.height, geo.width),
         };
-        let cancel = flag(&self.cancelled, &t.render_id);
+        let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
         let comm = ThreadComm::group(1).map_err(|e| e.to_string())?.remove(0);
         let clock = Instant::now();
         let guided = pipe
@@ -412,7 +452,7 @@ impl Compute {
                     .collect::<Result<_, _>>()
                     .map_err(|e| e.to_string())?;
                 for step in 0..steps {
-                    if cancel.load(Ordering::SeqCst) {
+                    if cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst) {
                         return Err("cancelled".into());
                     }
                     let preds: Vec<Part> = states
@@ -545,6 +585,8 @@ impl Compute {
     ) -> TaskResult<pb::DecodeResult> {
         let spec = t.spec.as_ref().ok_or("decode task without a spec")?;
         let pipe = self.pipeline(&spec.model)?;
+        let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
+        let cancel_all = Arc::clone(&self.cancel_all);
         let latents_file = match &t.latents {
             Some(pb::decode_task::Latents::LatentsSafetensors(b)) => b.clone(),
             _ => return Err("decode task without latents bytes".into()),
@@ -577,6 +619,9 @@ impl Compute {
         let total = pipe.dir.vae.frames_for(tt);
         pipe.vae()
             .decode_stream(&z, [c, tt, h, w], 1, |px| {
+                if cancel.load(Ordering::SeqCst) || cancel_all.load(Ordering::SeqCst) {
+                    return Err(longtake_model::Error::external("decode", "cancelled"));
+                }
                 let data = Cpu.download(&px)?;
                 let e = Instant::now();
                 let plane = 3 * ph * pw;

@@ -1,0 +1,731 @@
+//! The render farm as separate processes: `longtake coordinator` (a replica; with `--etcd` one
+//! of several, one leading), `longtake worker`, and the client commands `submit`, `get`,
+//! `watch`, `cancel` and `list`.
+//!
+//! Clients and workers take a list of coordinator addresses and call them in turn: a standby
+//! answers UNAVAILABLE (naming the leader), a dead replica does not answer, and the call moves
+//! to the next address until one leads or the client's patience (`--timeout`) runs out.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use longtake_coordinator::CoordinatorConfig;
+use longtake_proto::v1 as pb;
+use longtake_proto::v1::render_service_client::RenderServiceClient;
+use serde_json::json;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::render::{ProgressDisplay, RequestArgs};
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve the public and worker APIs on (`host:port`; port 0 picks a free one,
+    /// printed as `listening on ADDR` on the first line of stdout).
+    #[arg(long)]
+    listen: String,
+    /// etcd endpoints, comma-separated (`127.0.0.1:2379,...`). With them the state lives in etcd
+    /// and several replicas may run: one leads, the others stand by. Without: the state is in
+    /// this process's memory (a single coordinator).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Prefix of every etcd key (several farms can share one etcd).
+    #[arg(long, default_value = "longtake/")]
+    etcd_prefix: String,
+    /// Where renders are written: a directory or `s3://bucket/prefix` (objects under
+    /// `jobs/<render id>/`; endpoint and credentials from the AWS_* variables and
+    /// LONGTAKE_S3_ENDPOINT).
+    #[arg(long)]
+    store: String,
+    /// The address clients and workers reach this replica at (default: the listening address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Seconds without a heartbeat after which a worker is dropped and its render rolled back.
+    #[arg(long, default_value_t = 10.0)]
+    lease_ttl: f64,
+    /// Seconds of the leader's etcd lease: a dead leader is replaced within about this long.
+    #[arg(long, default_value_t = 5)]
+    leader_ttl: i64,
+    /// Seconds a halo exchange waits for a neighbour (must cover the slowest sampler step).
+    #[arg(long, default_value_t = 600.0)]
+    halo_timeout: f64,
+    /// Attempts per render: after this many rollbacks (workers lost) it fails.
+    #[arg(long, default_value_t = 5)]
+    max_attempts: u32,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Coordinator addresses, comma-separated (`http://host:port` or `host:port`); every
+    /// replica may be listed.
+    #[arg(long, value_delimiter = ',', required = true)]
+    coordinator: Vec<String>,
+    /// Name in logs and manifests (default: `<host name>-<process id>`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Compute device: `cpu` (the only backend in this build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Coordinator addresses and how long a client keeps trying them.
+#[derive(Args, Clone)]
+pub struct Target {
+    /// Coordinator addresses, comma-separated (`http://host:port` or `host:port`); every
+    /// replica may be listed.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        env = "LONGTAKE_COORDINATOR"
+    )]
+    coordinator: Vec<String>,
+    /// Seconds to keep trying when no listed coordinator leads (a failover in progress).
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    request: RequestArgs,
+    /// Among queued renders a higher priority starts first (then the older one).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
+    /// Makes the submission safe to repeat: the same key and request give the same render
+    /// (default: a fresh key, so that the command's own retries never submit twice).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Follow the render until it ends; exit 0 only if it succeeded, printing its output
+    /// location.
+    #[arg(long)]
+    wait: bool,
+    /// Print the render as JSON (with --wait: the final state) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct IdArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The render's id (the first line `submit` prints).
+    render_id: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Only renders in these states (comma-separated): queued, planning, encoding_text,
+    /// denoising, decoding, succeeded, failed, cancelled.
+    #[arg(long, value_delimiter = ',')]
+    state: Vec<String>,
+    /// Print JSON (an array) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LONGTAKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
+    init_logs();
+    for (name, v) in [("lease-ttl", a.lease_ttl), ("halo-timeout", a.halo_timeout)] {
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+            bail!("{name}: {v} is out of range; allowed: 0 < seconds <= 86400");
+        }
+    }
+    if !(1..=3600).contains(&a.leader_ttl) {
+        bail!(
+            "leader-ttl: {} is out of range; allowed: 1..=3600 seconds",
+            a.leader_ttl
+        );
+    }
+    if a.max_attempts == 0 {
+        bail!("max-attempts: must be at least 1");
+    }
+    if a.store.is_empty() {
+        bail!("store: must name a directory or s3://bucket[/prefix]");
+    }
+    if a.store.starts_with("s3://") && a.store.len() <= 5 {
+        bail!("store: {:?} must be s3://bucket[/prefix]", a.store);
+    }
+    let config = CoordinatorConfig {
+        lease_ttl: Duration::from_secs_f64(a.lease_ttl),
+        halo_timeout: Duration::from_secs_f64(a.halo_timeout),
+        max_attempts: a.max_attempts,
+        default_output: a.store.clone(),
+        jobs_prefix: "jobs".to_string(),
+        ..CoordinatorConfig::default()
+    };
+    let rt = runtime()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("listen: cannot bind {}", a.listen))?;
+        let addr: SocketAddr = listener.local_addr()?;
+        println!("listening on {addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if a.etcd.is_empty() {
+            tracing::info!(%addr, "coordinator leading (state in memory)");
+            longtake_coordinator::run(listener, terminated(), config).await?;
+        } else {
+            let opts = longtake_coordinator::ReplicaOptions {
+                etcd: a.etcd.clone(),
+                namespace: a.etcd_prefix.clone(),
+                advertise: a.advertise.clone().unwrap_or_else(|| addr.to_string()),
+                leader_ttl_s: a.leader_ttl,
+            };
+            tracing::info!(%addr, etcd = ?a.etcd, "coordinator replica starting");
+            longtake_coordinator::run_replica(listener, terminated(), config, opts).await?;
+        }
+        Ok(())
+    })
+}
+
+pub fn worker(a: &WorkerArgs) -> Result<()> {
+    init_logs();
+    if a.device != "cpu" {
+        bail!(
+            "device: {:?} is not available; allowed: cpu (this build has only the CPU backend)",
+            a.device
+        );
+    }
+    let name = a.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let urls: Vec<String> = a.coordinator.iter().map(|c| url(c)).collect();
+    for u in &urls {
+        Endpoint::from_shared(u.clone()).with_context(|| format!("coordinator: {u:?}"))?;
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            terminated().await;
+            tracing::info!("stopping: finishing the current step, then leaving the pool");
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let mut i = 0usize;
+        let mut backoff = Duration::from_millis(100);
+        while !*stop_rx.borrow() {
+            let u = &urls[i % urls.len()];
+            let channel = match Endpoint::from_shared(u.clone())?
+                .connect_timeout(Duration::from_secs(2))
+                .connect()
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(coordinator = %u, error = %e, "cannot reach the coordinator");
+                    i += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopped(stop_rx.clone()) => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let opts = longtake_worker::WorkerOptions {
+                name: name.clone(),
+                devices: vec!["cpu".into()],
+                capacity: 1,
+                registered: None,
+            };
+            match longtake_worker::run(channel, opts, stopped(stop_rx.clone())).await {
+                Ok(longtake_worker::Exit::Shutdown) => break,
+                Ok(longtake_worker::Exit::Disconnected) => {
+                    tracing::warn!(coordinator = %u, "disconnected; registering again");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(coordinator = %u, error = %e, "not accepted; trying the next coordinator");
+                    i += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopped(stop_rx.clone()) => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    })
+}
+
+/// The coordinators a client calls, in turn, until one leads.
+struct Coordinators {
+    urls: Vec<String>,
+    channels: Vec<Option<Channel>>,
+    current: usize,
+    patience: Duration,
+}
+
+/// Whether another replica (or the same one a moment later) may answer where this one did not.
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+}
+
+impl Coordinators {
+    fn new(t: &Target) -> Result<Self> {
+        if !(t.timeout.is_finite() && t.timeout > 0.0) {
+            bail!(
+                "timeout: {} must be a positive number of seconds",
+                t.timeout
+            );
+        }
+        let urls: Vec<String> = t.coordinator.iter().map(|c| url(c)).collect();
+        for u in &urls {
+            Endpoint::from_shared(u.clone()).with_context(|| format!("coordinator: {u:?}"))?;
+        }
+        Ok(Coordinators {
+            channels: vec![None; urls.len()],
+            urls,
+            current: 0,
+            patience: Duration::from_secs_f64(t.timeout),
+        })
+    }
+
+    fn client(&mut self) -> RenderServiceClient<Channel> {
+        let i = self.current;
+        let channel = self.channels[i]
+            .get_or_insert_with(|| {
+                Endpoint::from_shared(self.urls[i].clone())
+                    .expect("checked in new")
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect_lazy()
+            })
+            .clone();
+        RenderServiceClient::new(channel)
+            .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
+    }
+
+    /// Call `f` on the coordinators in turn until one answers with something other than
+    /// UNAVAILABLE, or the patience runs out.
+    async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(RenderServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.patience;
+        let mut tried = 0usize;
+        loop {
+            match f(self.client()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if retryable(&s) && Instant::now() < deadline => {
+                    tracing::debug!(coordinator = %self.urls[self.current], error = %s.message(), "trying the next coordinator");
+                    self.current = (self.current + 1) % self.urls.len();
+                    tried += 1;
+                    if tried.is_multiple_of(self.urls.len()) {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn state_name(state: i32) -> String {
+    pb::RenderState::try_from(state)
+        .unwrap_or(pb::RenderState::Unspecified)
+        .as_str_name()
+        .trim_start_matches("RENDER_STATE_")
+        .to_lowercase()
+}
+
+fn parse_state(s: &str) -> Result<pb::RenderState> {
+    let name = format!("RENDER_STATE_{}", s.trim().to_uppercase());
+    match pb::RenderState::from_str_name(&name) {
+        Some(st) if st != pb::RenderState::Unspecified => Ok(st),
+        _ => bail!(
+            "state: {s:?} is not a render state; allowed: queued, planning, encoding_text, \
+             denoising, decoding, succeeded, failed, cancelled"
+        ),
+    }
+}
+
+fn rfc3339(t: &Option<prost_types::Timestamp>) -> serde_json::Value {
+    match t {
+        Some(t) => json!(format!("{}.{:03}", t.seconds, t.nanos / 1_000_000)),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// A render as JSON for scripts (the proto's field names; timestamps as Unix seconds).
+fn render_json(r: &pb::Render) -> serde_json::Value {
+    let spec = r.spec.clone().unwrap_or_default();
+    let p = r.progress.clone().unwrap_or_default();
+    let length = match spec.length {
+        Some(pb::render_spec::Length::DurationS(d)) => json!({ "duration_s": d }),
+        Some(pb::render_spec::Length::NumFrames(n)) => json!({ "num_frames": n }),
+        None => json!({}),
+    };
+    json!({
+        "id": r.id,
+        "state": state_name(r.state),
+        "error": r.error,
+        "output_uri": r.output_uri,
+        "idempotency_key": r.idempotency_key,
+        "spec": {
+            "prompt": spec.prompt,
+            "negative_prompt": spec.negative_prompt,
+            "length": length,
+            "fps": spec.fps,
+            "width": spec.width,
+            "height": spec.height,
+            "seed": spec.seed,
+            "steps": spec.steps,
+            "guidance": spec.guidance,
+            "flow_shift": spec.flow_shift,
+            "model": spec.model,
+            "stitching": pb::Stitching::try_from(spec.stitching)
+                .unwrap_or(pb::Stitching::Unspecified)
+                .as_str_name()
+                .trim_start_matches("STITCHING_")
+                .to_lowercase(),
+            "window": spec.window,
+            "overlap": spec.overlap,
+            "output": spec.output,
+            "png_frames": spec.png_frames,
+            "priority": spec.priority,
+            "has_initial_noise": r.has_initial_noise,
+        },
+        "plan": r.plan.as_ref().map(|p| json!({
+            "num_frames": p.num_frames,
+            "latent_frames": p.latent_frames,
+            "windows": p.windows.iter().map(|w| [w.start, w.len]).collect::<Vec<_>>(),
+        })),
+        "progress": {
+            "phase": state_name(p.phase),
+            "window_steps_done": p.window_steps_done,
+            "window_steps_total": p.window_steps_total,
+            "frames_done": p.frames_done,
+            "frames_total": p.frames_total,
+            "message": p.message,
+        },
+        "created_at": rfc3339(&r.created_at),
+        "started_at": rfc3339(&r.started_at),
+        "finished_at": rfc3339(&r.finished_at),
+    })
+}
+
+fn print_render(r: &pb::Render, as_json: bool) {
+    if as_json {
+        println!("{}", render_json(r));
+        return;
+    }
+    let p = r.progress.clone().unwrap_or_default();
+    println!("{}", r.id);
+    println!("state:    {}", state_name(r.state));
+    println!(
+        "prompt:   {}",
+        r.spec.as_ref().map(|s| s.prompt.as_str()).unwrap_or("")
+    );
+    println!(
+        "progress: {}/{} window-steps, {}/{} frames",
+        p.window_steps_done, p.window_steps_total, p.frames_done, p.frames_total
+    );
+    if !p.message.is_empty() {
+        println!("message:  {}", p.message);
+    }
+    if !r.error.is_empty() {
+        println!("error:    {}", r.error);
+    }
+    println!("output:   {}", r.output_uri);
+}
+
+fn terminal(state: i32) -> bool {
+    matches!(
+        pb::RenderState::try_from(state),
+        Ok(pb::RenderState::Succeeded | pb::RenderState::Failed | pb::RenderState::Cancelled)
+    )
+}
+
+/// Follow render `id` until it ends, across dropped streams and coordinator failovers; each
+/// snapshot goes to `on_event`. Returns the final state.
+async fn follow(
+    coords: &mut Coordinators,
+    id: &str,
+    mut on_event: impl FnMut(&pb::Render),
+) -> Result<pb::Render> {
+    let mut last: Option<pb::Render> = None;
+    let mut after = 0u64;
+    loop {
+        let mut stream = coords
+            .call(|mut c| {
+                let req = pb::WatchRenderRequest {
+                    render_id: id.to_string(),
+                    after_sequence: after,
+                };
+                async move { c.watch_render(req).await }
+            })
+            .await
+            .map_err(status_error)?;
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    after = after.max(ev.sequence);
+                    if let Some(r) = ev.render {
+                        on_event(&r);
+                        let done = terminal(r.state);
+                        last = Some(r);
+                        if done {
+                            return Ok(last.expect("just set"));
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(s) if retryable(&s) => {
+                    tracing::debug!(error = %s.message(), "watch interrupted; resuming");
+                    break;
+                }
+                Err(s) => return Err(status_error(s)),
+            }
+        }
+        if let Some(r) = &last
+            && terminal(r.state)
+        {
+            return Ok(r.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn submit(a: &SubmitArgs) -> Result<()> {
+    let mut spec = a.request.spec(false)?;
+    spec.priority = a.priority;
+    let key = a
+        .idempotency_key
+        .clone()
+        .unwrap_or_else(|| format!("cli-{}", uuid_like()));
+    let mut coords = Coordinators::new(&a.target)?;
+    runtime()?.block_on(async {
+        let resp = coords
+            .call(|mut c| {
+                let req = pb::SubmitRenderRequest {
+                    spec: Some(spec.clone()),
+                    idempotency_key: key.clone(),
+                };
+                async move { c.submit_render(req).await }
+            })
+            .await
+            .map_err(status_error)?;
+        let id = resp.render_id;
+        if !a.json || !a.wait {
+            if a.json {
+                println!("{}", json!({ "render_id": id, "created": resp.created }));
+            } else {
+                println!("{id}");
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        if !a.wait {
+            return Ok(());
+        }
+        let mut display = ProgressDisplay::new();
+        let last = follow(&mut coords, &id, |r| display.show(r)).await?;
+        display.finish();
+        if a.json {
+            println!("{}", render_json(&last));
+        }
+        if last.state != pb::RenderState::Succeeded as i32 {
+            bail!("render {id} {}: {}", state_name(last.state), last.error);
+        }
+        if !a.json {
+            println!("{}", last.output_uri);
+        }
+        Ok(())
+    })
+}
+
+fn uuid_like() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+pub fn get(a: &IdArgs) -> Result<()> {
+    let mut coords = Coordinators::new(&a.target)?;
+    runtime()?.block_on(async {
+        let r = coords
+            .call(|mut c| {
+                let id = a.render_id.clone();
+                async move { c.get_render(pb::GetRenderRequest { render_id: id }).await }
+            })
+            .await
+            .map_err(status_error)?;
+        print_render(&r, a.json);
+        Ok(())
+    })
+}
+
+pub fn watch(a: &IdArgs) -> Result<()> {
+    let mut coords = Coordinators::new(&a.target)?;
+    runtime()?.block_on(async {
+        let mut display = ProgressDisplay::new();
+        let last = follow(&mut coords, &a.render_id, |r| {
+            if a.json {
+                println!("{}", render_json(r));
+            } else {
+                display.show(r);
+            }
+        })
+        .await?;
+        display.finish();
+        if !a.json {
+            print_render(&last, false);
+        }
+        if last.state != pb::RenderState::Succeeded as i32 {
+            bail!(
+                "render {} {}: {}",
+                last.id,
+                state_name(last.state),
+                last.error
+            );
+        }
+        Ok(())
+    })
+}
+
+pub fn cancel(a: &IdArgs) -> Result<()> {
+    let mut coords = Coordinators::new(&a.target)?;
+    runtime()?.block_on(async {
+        let r = coords
+            .call(|mut c| {
+                let id = a.render_id.clone();
+                async move {
+                    c.cancel_render(pb::CancelRenderRequest { render_id: id })
+                        .await
+                }
+            })
+            .await
+            .map_err(status_error)?;
+        print_render(&r, a.json);
+        Ok(())
+    })
+}
+
+pub fn list(a: &ListArgs) -> Result<()> {
+    let states: Vec<i32> = a
+        .state
+        .iter()
+        .map(|s| parse_state(s).map(|st| st as i32))
+        .collect::<Result<_>>()?;
+    let mut coords = Coordinators::new(&a.target)?;
+    runtime()?.block_on(async {
+        let mut all = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = coords
+                .call(|mut c| {
+                    let req = pb::ListRendersRequest {
+                        page_size: 500,
+                        page_token: token.clone(),
+                        states: states.clone(),
+                    };
+                    async move { c.list_renders(req).await }
+                })
+                .await
+                .map_err(status_error)?;
+            all.extend(page.renders);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        if a.json {
+            let v: Vec<serde_json::Value> = all.iter().map(render_json).collect();
+            println!("{}", serde_json::Value::Array(v));
+        } else {
+            for r in &all {
+                let p = r.progress.clone().unwrap_or_default();
+                println!(
+                    "{}  {:<13} {:>6}/{:<6} {}",
+                    r.id,
+                    state_name(r.state),
+                    p.window_steps_done,
+                    p.window_steps_total,
+                    r.spec.as_ref().map(|s| s.prompt.as_str()).unwrap_or("")
+                );
+            }
+        }
+        Ok(())
+    })
+}

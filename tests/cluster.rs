@@ -1,0 +1,572 @@
+//! The farm as separate processes on loopback: `longtake coordinator` replicas (state in a real
+//! etcd), `longtake worker` processes, a real S3-compatible server (moto), and the client
+//! commands. Every result is compared bit for bit with a single-process `longtake render
+//! --workers 1` of the same request.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::{Etcd, Proc, S3, first_line, spawn, wait_until};
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_longtake"))
+}
+
+fn longtake(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(exe());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// The request every test renders: 10 s at 16 fps = 161 frames = 41 latent frames = 3 windows.
+fn request(steps: u32) -> Vec<String> {
+    [
+        "--prompt",
+        "a lighthouse on a cliff at dusk",
+        "--duration",
+        "10",
+        "--seed",
+        "7",
+        "--steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn f32s(file: &[u8]) -> Vec<f32> {
+    longtake_model::io::read_f32_bytes(file, "latents")
+        .expect("a latents.safetensors file")
+        .1
+}
+
+/// The single-process result of `request(steps)`.
+fn reference(dir: &Path, steps: u32) -> Vec<f32> {
+    let out = dir.join("reference");
+    let mut args = vec!["render".to_string(), "--workers".into(), "1".into()];
+    args.extend(request(steps));
+    args.extend(["--out".into(), out.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = longtake(&args, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let location = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    f32s(&std::fs::read(Path::new(&location).join("latents.safetensors")).unwrap())
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// A coordinator process listening on a free port: (process, address).
+fn coordinator(dir: &Path, name: &str, args: &[&str], env: &[(&str, String)]) -> (Proc, String) {
+    let mut all = vec!["coordinator", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut p = spawn(dir, name, &exe(), &all, env);
+    let line = first_line(&mut p, Duration::from_secs(30));
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{name}: unexpected first line {line:?}"))
+        .to_string();
+    (p, addr)
+}
+
+fn worker(dir: &Path, name: &str, coordinators: &str, env: &[(&str, String)]) -> Proc {
+    spawn(
+        dir,
+        name,
+        &exe(),
+        &[
+            "worker",
+            "--coordinator",
+            coordinators,
+            "--name",
+            name,
+            "--threads",
+            "1",
+        ],
+        env,
+    )
+}
+
+/// Every process log in `dir`, for failure messages.
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log" || x == "out") {
+            out += &format!(
+                "==== {}\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+/// `get --json` of a render through `coordinators`.
+fn get_json(coordinators: &str, id: &str) -> serde_json::Value {
+    let o = longtake(&["get", "--coordinator", coordinators, "--json", id], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Wait until the render is denoising with at least `steps` window-steps done.
+fn wait_denoising(coordinators: &str, id: &str, steps: u64) {
+    wait_until(
+        Duration::from_secs(120),
+        "the render to be denoising",
+        || {
+            let r = get_json(coordinators, id);
+            r["state"] == "denoising"
+                && r["progress"]["window_steps_done"].as_u64().unwrap_or(0) >= steps
+        },
+    );
+}
+
+fn submit_wait(dir: &Path, coordinators: &str, steps: u32, env: &[(&str, String)]) -> Proc {
+    let mut args = vec![
+        "submit".to_string(),
+        "--coordinator".into(),
+        coordinators.into(),
+        "--wait".into(),
+        "--idempotency-key".into(),
+        "k-1".into(),
+    ];
+    args.extend(request(steps));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn(dir, "submit", &exe(), &args, env)
+}
+
+/// The render id (first line) and output location (last line) `submit --wait` printed.
+fn submit_outcome(p: &mut Proc) -> (String, String) {
+    let status = p.wait_exit(Duration::from_secs(300));
+    let mut out = String::new();
+    use std::io::Read;
+    p.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        status.success(),
+        "submit --wait failed: {status}\nstdout: {out}\nstderr: {}",
+        p.log_text()
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    (
+        lines.first().unwrap().trim().to_string(),
+        lines.last().unwrap().trim().to_string(),
+    )
+}
+
+fn manifest_workers(manifest: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    manifest["plan"]["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// 1 coordinator + 3 workers + etcd + S3: the latents equal the single-process render's, and
+/// the manifest shows the windows on all three workers.
+#[test]
+fn three_worker_processes_match_a_single_process_render() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let expected = reference(dir, 4);
+    let etcd = Etcd::start(dir);
+    let s3 = S3::start(dir, "farm");
+    let env = s3.env();
+    let (c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &["--etcd", &etcd.endpoint(), "--store", "s3://farm/renders"],
+        &env,
+    );
+    let workers: Vec<Proc> = (0..3)
+        .map(|i| worker(dir, &format!("w{i}"), &addr, &env))
+        .collect();
+    wait_until(Duration::from_secs(60), "3 workers to register", || {
+        count(&c.log_text(), "worker registered") == 3
+    });
+    let mut submit = submit_wait(dir, &addr, 4, &env);
+    let (id, location) = submit_outcome(&mut submit);
+    assert_eq!(location, format!("s3://farm/renders/jobs/{id}"));
+    let latents = f32s(&s3.get("farm", &format!("renders/jobs/{id}/latents.safetensors")));
+    assert!(
+        same_bits(&latents, &expected),
+        "latents differ from the single-process render"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s3.get("farm", &format!("renders/jobs/{id}/manifest.json")))
+            .unwrap();
+    assert_eq!(
+        manifest_workers(&manifest),
+        ["w0", "w1", "w2"].iter().map(|s| s.to_string()).collect()
+    );
+    drop(workers);
+}
+
+/// A worker frozen (SIGSTOP) past its lease: the render rolls back onto the others; resumed
+/// (SIGCONT), its late calls for the old assignment are refused and it registers again. Then a
+/// worker is SIGKILLed mid-denoise: the render rolls back again and finishes. The event stream
+/// shows both rollbacks and the latents are bit-identical to an undisturbed render.
+#[test]
+fn lost_workers_cost_steps_not_the_render() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let steps = 12;
+    let expected = reference(dir, steps);
+    let out = dir.join("out");
+    let (c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &["--store", out.to_str().unwrap(), "--lease-ttl", "1.5"],
+        &[],
+    );
+    let mut w: Vec<Option<Proc>> = (0..3)
+        .map(|i| Some(worker(dir, &format!("w{i}"), &addr, &[])))
+        .collect();
+    wait_until(Duration::from_secs(60), "3 workers to register", || {
+        count(&c.log_text(), "worker registered") == 3
+    });
+    let mut submit = submit_wait(dir, &addr, steps, &[]);
+    let id = first_line(&mut submit, Duration::from_secs(30))
+        .trim()
+        .to_string();
+    wait_denoising(&addr, &id, 1);
+    w[2].as_ref().unwrap().signal("STOP");
+    wait_until(
+        Duration::from_secs(30),
+        "the frozen worker's lease to lapse",
+        || c.log_text().contains("lost its lease"),
+    );
+    w[2].as_ref().unwrap().signal("CONT");
+    wait_until(
+        Duration::from_secs(30),
+        "the resumed worker to register again",
+        || count(&c.log_text(), "worker registered") == 4,
+    );
+    wait_denoising(&addr, &id, 1);
+    w[1] = None; // SIGKILL mid-denoise
+    let status = submit.wait_exit(Duration::from_secs(300));
+    assert!(status.success(), "submit --wait: {}", submit.log_text());
+    let log = submit.log_text();
+    assert!(
+        count(&log, "rolled back to step 0") >= 2,
+        "the event stream shows both rollbacks:\n{log}"
+    );
+    let r = get_json(&addr, &id);
+    assert_eq!(r["state"], "succeeded");
+    let location = r["output_uri"].as_str().unwrap();
+    let latents = f32s(&std::fs::read(Path::new(location).join("latents.safetensors")).unwrap());
+    assert!(
+        same_bits(&latents, &expected),
+        "latents differ after the rollbacks"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(location).join("manifest.json")).unwrap())
+            .unwrap();
+    let used = manifest_workers(&manifest);
+    assert!(
+        !used.contains("w1"),
+        "the killed worker is not in the final plan: {used:?}"
+    );
+}
+
+/// Three replicas on one etcd; SIGKILL the leader mid-render: a standby leads within 10 s, the
+/// workers and `submit --wait` carry on, the render completes exactly once, bit-identical.
+#[test]
+fn leader_failover_mid_render() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let steps = 12;
+    let expected = reference(dir, steps);
+    let etcd = Etcd::start(dir);
+    let out = dir.join("out");
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let (p, a) = coordinator(
+            dir,
+            &format!("c{i}"),
+            &[
+                "--etcd",
+                &etcd.endpoint(),
+                "--store",
+                out.to_str().unwrap(),
+                "--leader-ttl",
+                "2",
+                "--lease-ttl",
+                "3",
+            ],
+            &[],
+        );
+        replicas.push(p);
+        addrs.push(a);
+    }
+    let all = addrs.join(",");
+    let leader_of = |replicas: &[Option<Proc>]| {
+        replicas.iter().position(|p| {
+            p.as_ref()
+                .is_some_and(|p| p.log_text().contains("elected leader"))
+        })
+    };
+    let mut replicas: Vec<Option<Proc>> = replicas.into_iter().map(Some).collect();
+    wait_until(Duration::from_secs(30), "a leader", || {
+        leader_of(&replicas).is_some()
+    });
+    let first = leader_of(&replicas).unwrap();
+    let workers: Vec<Proc> = (0..2)
+        .map(|i| worker(dir, &format!("w{i}"), &all, &[]))
+        .collect();
+    wait_until(Duration::from_secs(60), "2 workers to register", || {
+        count(
+            &replicas[first].as_ref().unwrap().log_text(),
+            "worker registered",
+        ) == 2
+    });
+    let mut submit = submit_wait(dir, &all, steps, &[]);
+    let id = first_line(&mut submit, Duration::from_secs(30))
+        .trim()
+        .to_string();
+    wait_denoising(&all, &id, 2);
+    let killed_at = Instant::now();
+    replicas[first] = None; // SIGKILL
+    wait_until(Duration::from_secs(10), "a standby to lead", || {
+        leader_of(&replicas).is_some()
+    });
+    eprintln!(
+        "leader failover: a standby led {:.2} s after the leader was killed",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let status = submit.wait_exit(Duration::from_secs(300));
+    assert!(status.success(), "submit --wait: {}", submit.log_text());
+    let r = get_json(&all, &id);
+    assert_eq!(r["state"], "succeeded", "{r}\n{}", logs(dir));
+    let location = r["output_uri"].as_str().unwrap();
+    let latents = f32s(&std::fs::read(Path::new(location).join("latents.safetensors")).unwrap());
+    assert!(
+        same_bits(&latents, &expected),
+        "latents differ after the failover"
+    );
+    // Exactly once: one render under the key, one manifest.
+    let o = longtake(&["list", "--coordinator", &all, "--json"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let jobs: Vec<_> = std::fs::read_dir(out.join("jobs")).unwrap().collect();
+    assert_eq!(jobs.len(), 1);
+    drop(workers);
+}
+
+/// Client commands name what was wrong and exit non-zero; nothing is stored.
+#[test]
+fn client_commands_reject_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = dir.join("out");
+    let (_c, addr) = coordinator(dir, "coordinator", &["--store", out.to_str().unwrap()], &[]);
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "submit",
+                "--coordinator",
+                &addr,
+                "--prompt",
+                "x",
+                "--stitching",
+                "zigzag",
+            ],
+            "stitching",
+        ),
+        (
+            &[
+                "submit",
+                "--coordinator",
+                &addr,
+                "--prompt",
+                "x",
+                "--duration",
+                "0",
+            ],
+            "duration_s",
+        ),
+        (&["get", "--coordinator", &addr, "nope"], "render_id"),
+        (
+            &["list", "--coordinator", &addr, "--state", "bogus"],
+            "state",
+        ),
+        (
+            &["worker", "--coordinator", &addr, "--device", "tpu"],
+            "device",
+        ),
+    ];
+    for (args, field) in cases {
+        let o = longtake(args, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(field), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let o = longtake(&["list", "--coordinator", &addr, "--json"], &[]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    // A standby-free address that nobody serves: a clear error within the timeout.
+    let dead = format!("127.0.0.1:{}", support::free_port());
+    let o = longtake(&["list", "--coordinator", &dead, "--timeout", "1"], &[]);
+    assert!(!o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+fn list_json(coordinators: &str) -> Vec<serde_json::Value> {
+    let o = longtake(&["list", "--coordinator", coordinators, "--json"], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn seconds(v: &serde_json::Value) -> f64 {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// 20 renders queued before any worker joins, the last one at a higher priority: all succeed,
+/// renders run side by side on disjoint workers, and the high-priority one starts first.
+#[test]
+fn twenty_renders_share_three_workers_by_priority() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = dir.join("out");
+    let (_c, addr) = coordinator(dir, "coordinator", &["--store", out.to_str().unwrap()], &[]);
+    let mut urgent = String::new();
+    for i in 0..20 {
+        let seed = i.to_string();
+        let priority = if i == 19 { "5" } else { "0" };
+        let o = longtake(
+            &[
+                "submit",
+                "--coordinator",
+                &addr,
+                "--prompt",
+                "a kite",
+                "--num-frames",
+                "5",
+                "--steps",
+                "2",
+                "--seed",
+                &seed,
+                "--priority",
+                priority,
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        if i == 19 {
+            urgent = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        }
+    }
+    assert_eq!(list_json(&addr).len(), 20);
+    let _workers: Vec<Proc> = (0..3)
+        .map(|i| worker(dir, &format!("w{i}"), &addr, &[]))
+        .collect();
+    wait_until(Duration::from_secs(240), "20 renders to succeed", || {
+        list_json(&addr).iter().all(|r| r["state"] == "succeeded")
+    });
+    let all = list_json(&addr);
+    let started = |r: &serde_json::Value| seconds(&r["started_at"]);
+    let first = all.iter().map(started).fold(f64::INFINITY, f64::min);
+    let u = all.iter().find(|r| r["id"] == urgent.as_str()).unwrap();
+    assert_eq!(started(u), first, "the priority-5 render started first");
+    // Renders overlapped in time: at some start, another render was still running.
+    let overlapping = all.iter().any(|a| {
+        all.iter().any(|b| {
+            a["id"] != b["id"]
+                && started(b) <= started(a)
+                && seconds(&b["finished_at"]) > started(a)
+        })
+    });
+    assert!(overlapping, "no two renders ran at the same time");
+}
+
+/// Cancel mid-denoise: CANCELLED at once, no manifest, and the freed workers start the next
+/// render (the time it takes is printed).
+#[test]
+fn cancel_frees_the_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = dir.join("out");
+    let (c, addr) = coordinator(dir, "coordinator", &["--store", out.to_str().unwrap()], &[]);
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| worker(dir, &format!("w{i}"), &addr, &[]))
+        .collect();
+    wait_until(Duration::from_secs(60), "2 workers to register", || {
+        count(&c.log_text(), "worker registered") == 2
+    });
+    let mut args = vec!["submit".to_string(), "--coordinator".into(), addr.clone()];
+    args.extend(request(400));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = longtake(&args, &[]);
+    assert!(o.status.success());
+    let long = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    wait_denoising(&addr, &long, 2);
+    let o = longtake(
+        &[
+            "submit",
+            "--coordinator",
+            &addr,
+            "--prompt",
+            "next",
+            "--num-frames",
+            "5",
+            "--steps",
+            "2",
+        ],
+        &[],
+    );
+    assert!(o.status.success());
+    let next = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let cancelled_at = Instant::now();
+    let o = longtake(&["cancel", "--coordinator", &addr, "--json", &long], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["state"], "cancelled");
+    wait_until(
+        Duration::from_secs(60),
+        "the next render to succeed",
+        || get_json(&addr, &next)["state"] == "succeeded",
+    );
+    eprintln!(
+        "cancel: the next render finished {:.2} s after the cancel",
+        cancelled_at.elapsed().as_secs_f64()
+    );
+    let location = get_json(&addr, &long)["output_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!Path::new(&location).join("manifest.json").exists());
+    // The cancelled render's workers dropped it: no step of it is reported any more.
+    let done = get_json(&addr, &long)["progress"]["window_steps_done"].clone();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        get_json(&addr, &long)["progress"]["window_steps_done"],
+        done
+    );
+}
