@@ -54,6 +54,11 @@ pub struct CoordinatorArgs {
     /// Attempts per render: after this many rollbacks (workers lost) it fails.
     #[arg(long, default_value_t = 5)]
     max_attempts: u32,
+    /// Workers checkpoint every window after every N sampler steps (under the render's output,
+    /// `checkpoints/`, deleted once it succeeds); a rollback resumes from the last step every
+    /// window has. 0 turns checkpoints off (a rollback restarts from step 0).
+    #[arg(long, default_value_t = 5)]
+    checkpoint_every: u32,
 }
 
 #[derive(Args)]
@@ -207,6 +212,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         lease_ttl: Duration::from_secs_f64(a.lease_ttl),
         halo_timeout: Duration::from_secs_f64(a.halo_timeout),
         max_attempts: a.max_attempts,
+        checkpoint_every: a.checkpoint_every,
         default_output: a.store.clone(),
         jobs_prefix: "jobs".to_string(),
         ..CoordinatorConfig::default()

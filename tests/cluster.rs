@@ -112,6 +112,20 @@ fn logs(dir: &Path) -> String {
     out
 }
 
+/// The largest step a rollback in `log` resumed from ("rolled back to step N").
+fn resumed_after(log: &str) -> u32 {
+    log.split("rolled back to step ")
+        .skip(1)
+        .filter_map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn count(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
@@ -236,7 +250,14 @@ fn lost_workers_cost_steps_not_the_render() {
     let (c, addr) = coordinator(
         dir,
         "coordinator",
-        &["--store", out.to_str().unwrap(), "--lease-ttl", "1.5"],
+        &[
+            "--store",
+            out.to_str().unwrap(),
+            "--lease-ttl",
+            "1.5",
+            "--checkpoint-every",
+            "3",
+        ],
         &[],
     );
     let mut w: Vec<Option<Proc>> = (0..3)
@@ -262,14 +283,19 @@ fn lost_workers_cost_steps_not_the_render() {
         "the resumed worker to register again",
         || count(&c.log_text(), "worker registered") == 4,
     );
-    wait_denoising(&addr, &id, 1);
+    // Past the checkpoint after step 3 of the second attempt (2 workers, 3 windows).
+    wait_denoising(&addr, &id, 3 * 5);
     w[1] = None; // SIGKILL mid-denoise
     let status = submit.wait_exit(Duration::from_secs(300));
     assert!(status.success(), "submit --wait: {}", submit.log_text());
     let log = submit.log_text();
     assert!(
-        count(&log, "rolled back to step 0") >= 2,
+        count(&log, "rolled back to step") >= 2,
         "the event stream shows both rollbacks:\n{log}"
+    );
+    assert!(
+        resumed_after(&log) >= 3,
+        "the second rollback resumes from a checkpoint:\n{log}"
     );
     let r = get_json(&addr, &id);
     assert_eq!(r["state"], "succeeded");
@@ -279,6 +305,8 @@ fn lost_workers_cost_steps_not_the_render() {
         same_bits(&latents, &expected),
         "latents differ after the rollbacks"
     );
+    // Checkpoints are deleted once the render has succeeded.
+    assert!(!Path::new(location).join("checkpoints").exists());
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(Path::new(location).join("manifest.json")).unwrap())
             .unwrap();
@@ -314,6 +342,8 @@ fn leader_failover_mid_render() {
                 "2",
                 "--lease-ttl",
                 "3",
+                "--checkpoint-every",
+                "3",
             ],
             &[],
         );
@@ -345,7 +375,8 @@ fn leader_failover_mid_render() {
     let id = first_line(&mut submit, Duration::from_secs(30))
         .trim()
         .to_string();
-    wait_denoising(&all, &id, 2);
+    // Past the checkpoint after step 3 (2 workers, 3 windows).
+    wait_denoising(&all, &id, 3 * 5);
     let killed_at = Instant::now();
     replicas[first] = None; // SIGKILL
     wait_until(Duration::from_secs(10), "a standby to lead", || {
@@ -357,6 +388,11 @@ fn leader_failover_mid_render() {
     );
     let status = submit.wait_exit(Duration::from_secs(300));
     assert!(status.success(), "submit --wait: {}", submit.log_text());
+    assert!(
+        resumed_after(&submit.log_text()) >= 3,
+        "the new leader resumes from the committed checkpoint:\n{}",
+        submit.log_text()
+    );
     let r = get_json(&all, &id);
     assert_eq!(r["state"], "succeeded", "{r}\n{}", logs(dir));
     let location = r["output_uri"].as_str().unwrap();

@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     pub lease_ttl: Duration,
     /// A render rolled back this many times (workers lost) fails instead of starting again.
     pub max_attempts: u32,
+    /// Workers checkpoint every window after every this many sampler steps (0: never); a
+    /// rollback resumes from the last step every window has a checkpoint of.
+    pub checkpoint_every: u32,
     /// How long an ExchangeHalo call waits for its neighbours' parts before DEADLINE_EXCEEDED.
     /// It must cover the slowest worker's sampler step.
     pub halo_timeout: Duration,
@@ -75,6 +78,7 @@ impl Default for CoordinatorConfig {
             limits: Limits::default(),
             lease_ttl: Duration::from_secs(10),
             max_attempts: 5,
+            checkpoint_every: 0,
             halo_timeout: Duration::from_secs(600),
             default_output: "renders".to_string(),
             jobs_prefix: "jobs".to_string(),

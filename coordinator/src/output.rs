@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 
 /// The environment variable naming a non-AWS S3 endpoint (MinIO, Ceph, ...), for example
 /// `http://127.0.0.1:9000`. Credentials and region come from the standard `AWS_*` variables.
@@ -64,10 +64,14 @@ pub fn open_store(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), OutputError
         path: url.to_string(),
         source,
     })?;
-    let store = LocalFileSystem::new_with_prefix(url).map_err(|source| OutputError::Store {
-        url: url.to_string(),
-        source,
-    })?;
+    // Deleting the last object of a directory removes the directory (finished renders' checkpoints
+    // leave nothing behind).
+    let store = LocalFileSystem::new_with_prefix(url)
+        .map_err(|source| OutputError::Store {
+            url: url.to_string(),
+            source,
+        })?
+        .with_automatic_cleanup(true);
     Ok((Arc::new(store), Path::default()))
 }
 
@@ -99,10 +103,36 @@ pub async fn write_manifest(
 ) -> Result<(), object_store::Error> {
     let mut body = serde_json::to_vec_pretty(manifest).expect("a JSON value serialises");
     body.push(b'\n');
-    store
-        .put(&manifest_path(prefix), PutPayload::from(body))
+    // Write-once: a finished render's manifest is never replaced (a retried or stale writer
+    // finds it there and changes nothing).
+    match store
+        .put_opts(
+            &manifest_path(prefix),
+            PutPayload::from(body),
+            PutMode::Create.into(),
+        )
+        .await
+    {
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Delete every object under `prefix` (a finished render's checkpoints).
+pub async fn delete_prefix(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+) -> Result<usize, object_store::Error> {
+    use futures::TryStreamExt;
+    let keys: Vec<Path> = store
+        .list(Some(prefix))
+        .map_ok(|m| m.location)
+        .try_collect()
         .await?;
-    Ok(())
+    for k in &keys {
+        store.delete(k).await?;
+    }
+    Ok(keys.len())
 }
 
 #[cfg(test)]

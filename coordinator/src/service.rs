@@ -55,7 +55,7 @@ use crate::CoordinatorConfig;
 use crate::assemble;
 use crate::output;
 use crate::plan::{self, WindowPlan};
-use crate::store::{self, JobRecord, JobState, JobStore, PlanRecord, StoreError};
+use crate::store::{self, CheckpointRecord, JobRecord, JobState, JobStore, PlanRecord, StoreError};
 use crate::validate::{self, StitchingMode};
 
 /// The coordinator's shared state; cheap to clone (one `Arc`). Serve it with [`crate::serve`].
@@ -212,6 +212,8 @@ struct Run {
     timings: BTreeMap<&'static str, f64>,
     outputs: Vec<String>,
     frame_count: u32,
+    /// Windows whose checkpoint after a step has been written, by step (not yet committed).
+    checkpoints: BTreeMap<u32, BTreeSet<usize>>,
 }
 
 struct RunTask {
@@ -496,7 +498,8 @@ impl Coordinator {
                     "waiting for workers".to_string()
                 } else {
                     format!(
-                        "rolled back to step 0: a new coordinator leads (the render was {})",
+                        "rolled back to step {}: a new coordinator leads (the render was {})",
+                        job.record.checkpoint.as_ref().map_or(0, |c| c.step),
                         was.name()
                     )
                 };
@@ -707,6 +710,15 @@ impl Inner {
                 .collect(),
         };
         let pb_spec = spec.to_proto(job.noise.clone());
+        // Autoregressive renders run as one sequential loop: no checkpoints, always from 0.
+        let sequential = spec.stitching == StitchingMode::Autoregressive;
+        let resume = job.record.checkpoint.clone().filter(|_| !sequential);
+        let resume_step = resume.as_ref().map_or(0, |c| c.step);
+        let checkpoint_every = if sequential {
+            0
+        } else {
+            self.config.checkpoint_every
+        };
         let mut tasks = BTreeMap::new();
         let mut closed = Vec::new();
         for (k, g) in groups.iter().enumerate() {
@@ -725,6 +737,11 @@ impl Inner {
                     owned_windows: g.clone().map(|w| w as u32).collect(),
                     latent_shape: Some(latent_shape(shape)),
                     num_frames: spec.num_frames,
+                    output_uri: job.record.output_uri.clone(),
+                    checkpoint_every,
+                    checkpoint_dir: format!("checkpoints/e{epoch}"),
+                    resume_from: resume.as_ref().map(|c| c.dir.clone()).unwrap_or_default(),
+                    resume_step,
                 })),
             };
             if worker.tasks.send(Ok(task)).is_err() {
@@ -737,11 +754,11 @@ impl Inner {
                     worker_name: worker.name.clone(),
                     kind: TaskKind::Denoise { windows: g.clone() },
                     done: false,
-                    window_steps_done: 0,
+                    window_steps_done: g.len() as u64 * u64::from(resume_step),
                     frames_done: 0,
                 },
             );
-            tracing::info!(render = id, epoch, worker = %worker.name, windows = ?g, "denoise task sent");
+            tracing::info!(render = id, epoch, worker = %worker.name, windows = ?g, resume_step, "denoise task sent");
         }
         job.record.plan = Some(PlanRecord {
             num_frames: spec.num_frames,
@@ -753,6 +770,7 @@ impl Inner {
                 .collect(),
         });
         job.progress.window_steps_total = n as u64 * u64::from(spec.steps);
+        job.progress.window_steps_done = n as u64 * u64::from(resume_step);
         job.progress.frames_total = u64::from(spec.num_frames);
         job.progress.message = format!(
             "{n} window(s) of {} latent frames on {} worker(s)",
@@ -779,6 +797,7 @@ impl Inner {
                 timings,
                 outputs: Vec::new(),
                 frame_count: 0,
+                checkpoints: BTreeMap::new(),
             },
         );
         self.set_state(job, JobState::EncodingText);
@@ -836,10 +855,11 @@ impl Inner {
             tracing::warn!(render = id, error = %job.record.error, "render failed");
             self.set_state(job, JobState::Failed);
         } else {
+            let step = job.record.checkpoint.as_ref().map_or(0, |c| c.step);
             job.progress.window_steps_done = 0;
             job.progress.frames_done = 0;
             job.progress.message = format!(
-                "rolled back to step 0 (attempt {} of {max}): {reason}",
+                "rolled back to step {step} (attempt {} of {max}): {reason}",
                 job.record.attempts + 1
             );
             tracing::warn!(render = id, reason = %reason, "render rolled back");
@@ -1074,7 +1094,13 @@ impl Inner {
                 let (store, prefix) = output::open_store(&output_uri).map_err(|e| e.to_string())?;
                 output::write_manifest(&*store, &prefix, &manifest)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                // The checkpoints are of no use once the render is finished.
+                let checkpoints = prefix.clone().join("checkpoints");
+                if let Err(e) = output::delete_prefix(&*store, &checkpoints).await {
+                    tracing::warn!(render = %id, error = %e, "could not delete the checkpoints");
+                }
+                Ok::<(), String>(())
             }
             .await;
             let mut st = inner.lock();
@@ -1248,6 +1274,7 @@ impl RenderService for Coordinator {
                 started_at_ms: None,
                 finished_at_ms: None,
                 attempts: 0,
+                checkpoint: None,
             };
             let progress = pb::Progress {
                 phase: pb::RenderState::Queued as i32,
@@ -1591,6 +1618,44 @@ impl WorkerService for Coordinator {
                 task.window_steps_done = req.window_steps_done.min(windows.len() as u64 * steps);
             }
             TaskKind::Decode => task.frames_done = req.frames_done,
+        }
+        if req.checkpoint_step > 0 {
+            let TaskKind::Denoise { windows } = &task.kind else {
+                return Err(Status::invalid_argument(
+                    "checkpoint_step: a decode task has no checkpoints",
+                ));
+            };
+            let every = inner.config.checkpoint_every;
+            let k = req.checkpoint_step;
+            if u64::from(k) > steps || every == 0 || !k.is_multiple_of(every) {
+                return Err(Status::invalid_argument(format!(
+                    "checkpoint_step: {k} is not a checkpoint step (every {every} of {steps} steps)"
+                )));
+            }
+            if let Some(w) = req
+                .checkpoint_windows
+                .iter()
+                .find(|w| !windows.contains(&(**w as usize)))
+            {
+                return Err(Status::invalid_argument(format!(
+                    "checkpoint_windows: window {w} is not one of this task's {}",
+                    ranges_text(windows)
+                )));
+            }
+            let n = run.plan.windows.len();
+            let set = run.checkpoints.entry(k).or_default();
+            set.extend(req.checkpoint_windows.iter().map(|w| *w as usize));
+            let committed = job.record.checkpoint.as_ref().map_or(0, |c| c.step);
+            if set.len() == n && k > committed {
+                job.record.checkpoint = Some(CheckpointRecord {
+                    step: k,
+                    dir: format!("checkpoints/e{}/s{k}", run.epoch),
+                    epoch: run.epoch,
+                });
+                run.checkpoints.retain(|s, _| *s > k);
+                tracing::info!(render = %req.render_id, step = k, epoch = run.epoch, "checkpoint committed");
+                inner.save(job, None);
+            }
         }
         if !req.message.is_empty() {
             job.progress.message = format!("{}: {}", task.worker_name, req.message);

@@ -293,6 +293,20 @@ pub struct JobRecord {
     /// leader). Absent in records written before it existed: 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
+    /// The last committed checkpoint (every window's state after the same step), where a
+    /// rollback resumes. Absent: none yet (or in records written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointRecord>,
+}
+
+/// A committed checkpoint: every window's state after `step` steps, as objects
+/// `<output_uri>/<dir>/w<window>.safetensors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u32,
+    pub dir: String,
+    /// The epoch whose workers wrote it.
+    pub epoch: u64,
 }
 
 fn is_zero(n: &u32) -> bool {

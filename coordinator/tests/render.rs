@@ -96,6 +96,7 @@ async fn fake_denoise(worker: &mut FakeWorker, task_id: &str, task: pb::DenoiseT
                 window_steps_done: u64::from((step + 1) * owned.len() as u32),
                 frames_done: 0,
                 message: format!("step {}/{steps}", step + 1),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -153,48 +153,79 @@ pub fn read_f32_bytes(bytes: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>)
     Ok((view.shape().to_vec(), decode(dtype, view.data()).to_f32()))
 }
 
-/// Write f32 tensors to a safetensors file atomically (a temporary file renamed into place).
-pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
-    struct V<'a> {
-        shape: &'a [usize],
-        data: &'a [f32],
+/// An f32 tensor as safetensors sees it (little-endian bytes without a copy where possible).
+struct F32View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
     }
-    impl safetensors::View for V<'_> {
-        fn dtype(&self) -> safetensors::Dtype {
-            safetensors::Dtype::F32
-        }
-        fn shape(&self) -> &[usize] {
-            self.shape
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            if cfg!(target_endian = "little") {
-                // The in-memory bytes already are the little-endian encoding: no copy.
-                std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
-            } else {
-                self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
-            }
-        }
-        fn data_len(&self) -> usize {
-            self.data.len() * 4
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            // The in-memory bytes already are the little-endian encoding: no copy.
+            std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
+        } else {
+            self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
         }
     }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+type Named<'a> = (&'a str, &'a [usize], &'a [f32]);
+
+fn f32_views<'a>(
+    what: &'static str,
+    tensors: &'a [Named<'a>],
+) -> Result<impl Iterator<Item = (String, F32View<'a>)>> {
     for (name, shape, data) in tensors {
         if shape.iter().product::<usize>() != data.len() {
             return Err(Error::shape(
-                "write_f32",
+                what,
                 format!("{name}: shape {shape:?} for {} values", data.len()),
             ));
         }
     }
-    let views = tensors
+    Ok(tensors
         .iter()
-        .map(|(n, shape, data)| (n.to_string(), V { shape, data }));
+        .map(|(n, shape, data)| (n.to_string(), F32View { shape, data })))
+}
+
+/// Write f32 tensors to a safetensors file atomically (a temporary file renamed into place).
+pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
+    let views = f32_views("write_f32", tensors)?;
     let tmp = path.with_extension("safetensors.partial");
     safetensors::serialize_to_file(views, None, &tmp).map_err(|e| Error::SafeTensors {
         path: tmp.clone(),
         reason: e.to_string(),
     })?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// f32 tensors and string metadata as an in-memory safetensors file.
+pub fn f32_safetensors(
+    tensors: &[(&str, &[usize], &[f32])],
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let views = f32_views("f32_safetensors", tensors)?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| Error::SafeTensors {
+        path: "<memory>".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// The string metadata of an in-memory safetensors file.
+pub fn safetensors_metadata(bytes: &[u8]) -> Result<std::collections::HashMap<String, String>> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::input("checkpoint", format!("not a valid safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Read a JSON file into a value.

@@ -23,6 +23,24 @@ pub trait Sampler: Send {
     /// Apply one step in place: `x` holds the latents at the current noise level and receives
     /// those at the next.
     fn step(&mut self, velocity: &[f32], x: &mut [f32]) -> Result<()>;
+    /// Everything besides the latents that the next steps depend on (the multistep history),
+    /// so that a restored sampler continues bit-identically.
+    fn snapshot(&self) -> SamplerState;
+    /// Continue from a snapshot of a sampler with the same configuration and step count.
+    /// `len` is the latents' length: the history must match it.
+    fn restore(&mut self, state: &SamplerState, len: usize) -> Result<()>;
+}
+
+/// A sampler's state between steps: its step index, integer counters and history tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerState {
+    pub step_index: usize,
+    pub counters: Vec<usize>,
+    pub tensors: Vec<(String, Vec<f32>)>,
+}
+
+fn restore_error(reason: String) -> Error {
+    Error::input("checkpoint", reason)
 }
 
 /// A validated scheduler configuration.
@@ -375,6 +393,74 @@ impl Sampler for UniPc {
         self.step_index += 1;
         Ok(())
     }
+
+    fn snapshot(&self) -> SamplerState {
+        let mut tensors = Vec::new();
+        for (name, t) in [
+            ("out0", &self.outputs[0]),
+            ("out1", &self.outputs[1]),
+            ("last_sample", &self.last_sample),
+        ] {
+            if let Some(t) = t {
+                tensors.push((name.to_string(), t.clone()));
+            }
+        }
+        SamplerState {
+            step_index: self.step_index,
+            counters: vec![self.this_order, self.lower_order_nums],
+            tensors,
+        }
+    }
+
+    fn restore(&mut self, state: &SamplerState, len: usize) -> Result<()> {
+        let n = self.timesteps.len();
+        if state.step_index > n {
+            return Err(restore_error(format!(
+                "step {} of a {n}-step sampler",
+                state.step_index
+            )));
+        }
+        let [this_order, lower_order_nums] = state.counters[..] else {
+            return Err(restore_error(format!(
+                "UniPC needs 2 counters, the checkpoint has {}",
+                state.counters.len()
+            )));
+        };
+        let order = self.cfg.solver_order;
+        if this_order > order || lower_order_nums > order {
+            return Err(restore_error(format!(
+                "orders {this_order}/{lower_order_nums} exceed the solver order {order}"
+            )));
+        }
+        let get = |name: &str| -> Result<Option<Vec<f32>>> {
+            match state.tensors.iter().find(|(n, _)| n == name) {
+                None => Ok(None),
+                Some((_, t)) if t.len() == len => Ok(Some(t.clone())),
+                Some((_, t)) => Err(restore_error(format!(
+                    "{name} has {} values; the latents have {len}",
+                    t.len()
+                ))),
+            }
+        };
+        let (out0, out1, last) = (get("out0")?, get("out1")?, get("last_sample")?);
+        let i = state.step_index;
+        if i > 0 && (out1.is_none() || last.is_none()) {
+            return Err(restore_error(format!(
+                "step {i} needs out1 and last_sample"
+            )));
+        }
+        if i > 0 && this_order >= 2 && out0.is_none() {
+            return Err(restore_error(format!(
+                "step {i} at order {this_order} needs out0"
+            )));
+        }
+        self.step_index = i;
+        self.this_order = this_order;
+        self.lower_order_nums = lower_order_nums;
+        self.outputs = [out0, out1];
+        self.last_sample = last;
+        Ok(())
+    }
 }
 
 /// `FlowMatchEulerDiscreteScheduler`: `x ← x + (σ_{i+1} − σ_i)·v`.
@@ -437,6 +523,26 @@ impl Sampler for FlowMatchEuler {
         let dt = self.sigmas[i + 1] - self.sigmas[i];
         x.iter_mut().zip(velocity).for_each(|(x, v)| *x += dt * *v);
         self.step_index += 1;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> SamplerState {
+        SamplerState {
+            step_index: self.step_index,
+            counters: Vec::new(),
+            tensors: Vec::new(),
+        }
+    }
+
+    fn restore(&mut self, state: &SamplerState, _len: usize) -> Result<()> {
+        let n = self.timesteps.len();
+        if state.step_index > n {
+            return Err(restore_error(format!(
+                "step {} of a {n}-step sampler",
+                state.step_index
+            )));
+        }
+        self.step_index = state.step_index;
         Ok(())
     }
 }

@@ -230,6 +230,100 @@ impl WindowState {
         self.sampler.step(velocity, &mut self.x)
     }
 
+    /// Steps taken so far.
+    pub fn step_index(&self) -> usize {
+        self.sampler.step_index()
+    }
+
+    /// The window's complete state between two steps (latents and the sampler's history) as a
+    /// safetensors file: tensor `x` and `sampler.<name>` tensors, and metadata naming the window,
+    /// its frames, the step and the sampler's counters. [`WindowState::restore`] continues from
+    /// it bit-identically.
+    pub fn checkpoint(&self) -> Result<Vec<u8>> {
+        let state = self.sampler.snapshot();
+        let len = self.x.len();
+        let names: Vec<String> = state
+            .tensors
+            .iter()
+            .map(|(n, _)| format!("sampler.{n}"))
+            .collect();
+        let shape = [len];
+        let mut tensors: Vec<(&str, &[usize], &[f32])> = vec![("x", &shape, &self.x)];
+        for (name, (_, t)) in names.iter().zip(&state.tensors) {
+            tensors.push((name, &shape, t));
+        }
+        let counters: Vec<String> = state.counters.iter().map(usize::to_string).collect();
+        let metadata = [
+            ("format", "longtake.window-checkpoint".to_string()),
+            ("format_version", "1".to_string()),
+            ("window", self.index.to_string()),
+            ("start", self.spec.start.to_string()),
+            ("len", self.spec.len.to_string()),
+            ("step_index", state.step_index.to_string()),
+            ("counters", counters.join(",")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        crate::io::f32_safetensors(&tensors, metadata)
+    }
+
+    /// Continue from a [`WindowState::checkpoint`] of this window (same plan, sampler and step
+    /// count). Checks that it is this window's, and its sizes, before changing anything.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        let bad = |reason: String| Error::input("checkpoint", reason);
+        let meta = crate::io::safetensors_metadata(bytes)?;
+        let field = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("metadata has no {k:?}")))
+        };
+        let number = |k: &str| -> Result<usize> {
+            field(k)?
+                .parse()
+                .map_err(|_| bad(format!("metadata {k:?} is not a number")))
+        };
+        if field("format")? != "longtake.window-checkpoint" || field("format_version")? != "1" {
+            return Err(bad("not a version-1 window checkpoint".into()));
+        }
+        let (window, start, len) = (number("window")?, number("start")?, number("len")?);
+        if (window, start, len) != (self.index, self.spec.start, self.spec.len) {
+            return Err(bad(format!(
+                "it is window {window} (frames {start}+{len}); this is window {} (frames {}+{})",
+                self.index, self.spec.start, self.spec.len
+            )));
+        }
+        let counters: Vec<usize> = field("counters")?
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(|c| c.parse().map_err(|_| bad(format!("counter {c:?}"))))
+            .collect::<Result<_>>()?;
+        let (_, x) = crate::io::read_f32_bytes(bytes, "x")?;
+        if x.len() != self.x.len() {
+            return Err(bad(format!(
+                "x has {} values; the window has {}",
+                x.len(),
+                self.x.len()
+            )));
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let mut tensors = Vec::new();
+        for name in st.names() {
+            if let Some(short) = name.strip_prefix("sampler.") {
+                tensors.push((short.to_string(), crate::io::read_f32_bytes(bytes, name)?.1));
+            }
+        }
+        let state = crate::sched::SamplerState {
+            step_index: number("step_index")?,
+            counters,
+            tensors,
+        };
+        self.sampler.restore(&state, x.len())?;
+        self.x = x;
+        Ok(())
+    }
+
     /// Hold frames `range` (absolute) to `clean` (`[C, range.len(), hw]`), re-noised to the
     /// current step's noise level: `(1 − σ)·clean + σ·noise`; after the last step, `clean`.
     pub fn hold(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32]) {

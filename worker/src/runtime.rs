@@ -325,6 +325,7 @@ impl Compute {
             window_steps_done: steps,
             frames_done: frames,
             message,
+            ..Default::default()
         }));
     }
 
@@ -415,77 +416,121 @@ impl Compute {
                 String::new(),
             );
         };
-        let finals: Vec<Part> =
-            if stitching == Stitching::Autoregressive && owned.len() == plan.len() {
-                // Sequential by nature: the whole sequence runs here.
-                let out = window::denoise(
-                    &guided,
-                    &comm,
-                    &scheduler,
-                    steps,
-                    &geo,
-                    &noise,
-                    &plan,
-                    stitching,
-                    |d, _| {
-                        if d % plan.len() == 0 {
-                            report(d as u64);
-                        }
-                    },
-                )
+        let finals: Vec<Part> = if stitching == Stitching::Autoregressive
+            && owned.len() == plan.len()
+        {
+            // Sequential by nature: the whole sequence runs here.
+            let out = window::denoise(
+                &guided,
+                &comm,
+                &scheduler,
+                steps,
+                &geo,
+                &noise,
+                &plan,
+                stitching,
+                |d, _| {
+                    if d % plan.len() == 0 {
+                        report(d as u64);
+                    }
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            plan.iter()
+                .enumerate()
+                .map(|(i, w)| Part {
+                    window: i,
+                    start: w.start,
+                    len: w.len,
+                    data: geo.take(&out, w.frames()),
+                })
+                .collect()
+        } else if stitching == Stitching::Autoregressive {
+            return Err("autoregressive renders must be planned onto one worker".into());
+        } else {
+            let mut states: Vec<WindowState> = owned
+                .iter()
+                .map(|&i| WindowState::new(i, plan[i].clone(), &geo, &noise, &scheduler, steps))
+                .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?;
-                plan.iter()
-                    .enumerate()
-                    .map(|(i, w)| Part {
-                        window: i,
-                        start: w.start,
-                        len: w.len,
-                        data: geo.take(&out, w.frames()),
-                    })
-                    .collect()
-            } else if stitching == Stitching::Autoregressive {
-                return Err("autoregressive renders must be planned onto one worker".into());
+            let every = t.checkpoint_every as usize;
+            let store = if every > 0 || !t.resume_from.is_empty() {
+                Some(open_store(&t.output_uri)?)
             } else {
-                let mut states: Vec<WindowState> = owned
+                None
+            };
+            let first = t.resume_step as usize;
+            if let Some((store, prefix)) = store.as_ref().filter(|_| !t.resume_from.is_empty()) {
+                let clock = Instant::now();
+                for w in states.iter_mut() {
+                    let key = object_key(
+                        prefix,
+                        &format!("{}/w{}.safetensors", t.resume_from, w.index),
+                    );
+                    let bytes = self
+                        .handle
+                        .block_on(async { store.get(&key).await?.bytes().await })
+                        .map_err(|e| format!("cannot resume: reading the checkpoint {key}: {e}"))?;
+                    w.restore(&bytes)
+                        .map_err(|e| format!("cannot resume from {key}: {e}"))?;
+                    if w.step_index() != first {
+                        return Err(format!(
+                            "cannot resume: {key} is after step {}, the task resumes after step {first}",
+                            w.step_index()
+                        ));
+                    }
+                }
+                timings.insert("resume".into(), clock.elapsed().as_secs_f64());
+                done = (first * states.len()) as u64;
+            }
+            let mut checkpoint_s = 0.0;
+            for step in first..steps {
+                if cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst) {
+                    return Err("cancelled".into());
+                }
+                let preds: Vec<Part> = states
                     .iter()
-                    .map(|&i| WindowState::new(i, plan[i].clone(), &geo, &noise, &scheduler, steps))
+                    .map(|w| w.predict(&guided, &comm, &geo))
                     .collect::<Result<_, _>>()
                     .map_err(|e| e.to_string())?;
-                for step in 0..steps {
-                    if cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst) {
-                        return Err("cancelled".into());
-                    }
-                    let preds: Vec<Part> = states
-                        .iter()
-                        .map(|w| w.predict(&guided, &comm, &geo))
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| e.to_string())?;
-                    let received = if stitching == Stitching::Codenoise {
-                        self.exchange(t, step as u32, &plan, &owned, &preds, &geo)?
+                let received = if stitching == Stitching::Codenoise {
+                    self.exchange(t, step as u32, &plan, &owned, &preds, &geo)?
+                } else {
+                    HashMap::new()
+                };
+                for (w, p) in states.iter_mut().zip(&preds) {
+                    let fused = if stitching == Stitching::Codenoise {
+                        let mut parts: Vec<&Part> = preds
+                            .iter()
+                            .filter(|q| !window::overlap(&plan[q.window], &w.spec).is_empty())
+                            .collect();
+                        if let Some(r) = received.get(&w.index) {
+                            parts.extend(r.iter());
+                        }
+                        window::fuse(&geo, &plan, w.spec.frames(), &parts)
+                            .map_err(|e| e.to_string())?
                     } else {
-                        HashMap::new()
+                        p.data.clone()
                     };
-                    for (w, p) in states.iter_mut().zip(&preds) {
-                        let fused = if stitching == Stitching::Codenoise {
-                            let mut parts: Vec<&Part> = preds
-                                .iter()
-                                .filter(|q| !window::overlap(&plan[q.window], &w.spec).is_empty())
-                                .collect();
-                            if let Some(r) = received.get(&w.index) {
-                                parts.extend(r.iter());
-                            }
-                            window::fuse(&geo, &plan, w.spec.frames(), &parts)
-                                .map_err(|e| e.to_string())?
-                        } else {
-                            p.data.clone()
-                        };
-                        w.step(&fused).map_err(|e| e.to_string())?;
-                        done += 1;
-                    }
-                    report(done);
+                    w.step(&fused).map_err(|e| e.to_string())?;
+                    done += 1;
                 }
-                states.iter().map(|w| w.latents()).collect()
-            };
+                let k = step + 1;
+                match store.as_ref() {
+                    Some((store, prefix)) if every > 0 && k.is_multiple_of(every) && k < steps => {
+                        let clock = Instant::now();
+                        self.write_checkpoints(t, &**store, prefix, k, &states)?;
+                        checkpoint_s += clock.elapsed().as_secs_f64();
+                        self.report_checkpoint(task_id, t, done, k, &owned);
+                    }
+                    _ => report(done),
+                }
+            }
+            if checkpoint_s > 0.0 {
+                timings.insert("checkpoint_write".into(), checkpoint_s);
+            }
+            states.iter().map(|w| w.latents()).collect()
+        };
         timings.insert("denoise".into(), clock.elapsed().as_secs_f64());
         Ok(pb::DenoiseResult {
             windows: finals
@@ -496,6 +541,58 @@ impl Compute {
                 })
                 .collect(),
         })
+    }
+
+    /// Write every window's checkpoint after `k` steps, each object created once (a retried or
+    /// stale writer never replaces one).
+    fn write_checkpoints(
+        &self,
+        t: &pb::DenoiseTask,
+        store: &dyn ObjectStore,
+        prefix: &StorePath,
+        k: usize,
+        states: &[WindowState],
+    ) -> TaskResult<()> {
+        for w in states {
+            let bytes = w.checkpoint().map_err(|e| e.to_string())?;
+            let key = object_key(
+                prefix,
+                &format!("{}/s{k}/w{}.safetensors", t.checkpoint_dir, w.index),
+            );
+            let put = self.handle.block_on(store.put_opts(
+                &key,
+                bytes.into(),
+                object_store::PutMode::Create.into(),
+            ));
+            match put {
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(format!("writing the checkpoint {key}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    fn report_checkpoint(
+        &self,
+        task_id: &str,
+        t: &pb::DenoiseTask,
+        done: u64,
+        k: usize,
+        windows: &[usize],
+    ) {
+        let mut rpc = self.rpc.clone();
+        let _ = self.handle.block_on(rpc.report_progress(pb::TaskProgress {
+            worker_id: self.worker_id.clone(),
+            task_id: task_id.to_string(),
+            render_id: t.render_id.clone(),
+            epoch: t.epoch,
+            phase: pb::RenderState::Denoising as i32,
+            window_steps_done: done,
+            frames_done: 0,
+            message: String::new(),
+            checkpoint_step: k as u32,
+            checkpoint_windows: windows.iter().map(|w| *w as u32).collect(),
+        }));
     }
 
     /// Send each owned window's prediction over the frames it shares with remote windows, and
@@ -681,6 +778,15 @@ fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
+}
+
+/// `rel` under the key prefix `prefix`.
+fn object_key(prefix: &StorePath, rel: &str) -> StorePath {
+    if prefix.as_ref().is_empty() {
+        StorePath::from(rel)
+    } else {
+        StorePath::from(format!("{}/{rel}", prefix.as_ref()))
+    }
 }
 
 /// A local directory or `s3://bucket[/prefix]`: the store and the key prefix.
