@@ -30,6 +30,9 @@ with --phase):
   6. eval     WanPipeline.from_pretrained(--out) generates 81 frames (64x64) for every held-out caption and
               some training captions; tools/scenes.py's checker scores them; eval.json + PNG strips go
               to the work directory.
+  7. long     a 961-frame (60 s) video of two captions with tools/reference_codenoise.py's window
+              co-denoising (21-frame windows, overlap 4), as longtake renders it, scored whole and per
+              81 frames.
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --dit-minutes),
 whichever comes first; the learning-rate schedule follows the larger of the two fractions, so a run that
@@ -192,7 +195,14 @@ def phase_vae(args, work: Path) -> None:
     torch.manual_seed(args.seed + 2)
     rng = random.Random(args.seed + 2)
     vae = AutoencoderKLWan(**VAE_CFG)
-    with torch.no_grad():  # start with a small posterior std (e^-3), so that the latent is not mostly noise
+    with torch.no_grad():
+        # Zero biases: with PyTorch's default bias init the encoder's output barely depends on its input
+        # (the biases' common component dominates after a few normalised layers), and training sits on a
+        # plateau where the decoder ignores the latent.
+        for name, p in vae.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+        # A small initial posterior std (e^-3), so that the latent is not mostly noise.
         vae.quant_conv.bias[VAE_CFG["z_dim"]:] = -6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     train = scenes.train_scenes()
@@ -214,19 +224,27 @@ def phase_vae(args, work: Path) -> None:
         rec_l1 = (y - x).abs().mean()
         rec_mse = (y - x).pow(2).mean()
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        loss = rec_l1 + rec_mse + args.vae_kl * kl
+        # Anchor: latent channels 0-2 are pulled towards the clip's colours averaged over each latent cell
+        # (8x8 pixels, and the frames a latent frame covers), which gives the decoder an informative latent
+        # from the first steps.
+        b, _, t, h, w = x.shape
+        anchor = torch.cat([x[:, :, :1], x[:, :, 1:].reshape(b, 3, (t - 1) // 4, 4, h, w).mean(3)], 2)
+        anchor = torch.nn.functional.avg_pool3d(anchor, (1, 8, 8))
+        aux = (post.mean[:, :3] - anchor).pow(2).mean()
+        loss = rec_l1 + rec_mse + args.vae_kl * kl + args.vae_anchor * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        acc.append((rec_l1.item(), rec_mse.item(), kl.item()))
+        acc.append((rec_l1.item(), rec_mse.item(), kl.item(), aux.item()))
         if step % 25 == 0 or step == args.vae_steps:
             a = np.mean(acc, axis=0)
             acc = []
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1=float(a[0]), mse=float(a[1]),
-                             kl=float(a[2])))
-            log(f"vae step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f} KL {a[2]:.3f}")
+                             kl=float(a[2]), anchor=float(a[3])))
+            log(f"vae step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f} KL {a[2]:.3f} "
+                f"anchor {a[3]:.4f}")
         if step % 100 == 0:
             vae.save_pretrained(str(work / "vae"), safe_serialization=True)
     vae.save_pretrained(str(work / "vae"), safe_serialization=True)
@@ -402,7 +420,6 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
     readme = out / "README.md"
     if readme.exists():
         shutil.copyfile(readme, tmp / "README.md")
-    (tmp / "training_state.json").write_text(json.dumps(dict(dit_step=dit_step), indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -465,20 +482,63 @@ def phase_eval(args, work: Path) -> None:
     log(f"eval summary: held-out {s['held_out']}; train {s['train']}; {s['seconds_per_video']:.1f} s/video")
 
 
+@torch.no_grad()
+def phase_long(args, work: Path) -> None:
+    """A long video as longtake renders it: tools/reference_codenoise.py's window co-denoising (21-frame
+    windows, overlap 4, one scheduler step per timestep over the whole sequence), then one VAE decode."""
+    from diffusers import WanPipeline
+    from PIL import Image
+    from reference_codenoise import codenoise
+
+    pipe = WanPipeline.from_pretrained(args.out, torch_dtype=torch.float32)
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    caps = ["a yellow square moves right on a green background", scenes.held_out_scenes()[0].caption]
+    out = []
+    for k, cap in enumerate(caps):
+        scene = scenes.parse_caption(cap)
+        t_lat = (args.long_frames - 1) // 4 + 1
+        noise = torch.randn(1, 16, t_lat, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(args.seed + 200 + k))
+        run = dict(prompt=cap, negative_prompt="", guidance_scale=args.eval_guidance,
+                   num_inference_steps=args.eval_steps, window=WINDOW, overlap=4)
+        t = time.time()
+        res = codenoise(pipe, run, noise)
+        t_dit = time.time() - t
+        video = vae.decode(res["latents"] / inv_std + mean).sample
+        t_all = time.time() - t
+        frames = (video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
+        whole = scenes.score(scene, frames)
+        chunks = [scenes.score(scene, frames[i:i + 81]) for i in range(0, len(frames) - 80, 80)]
+        r = dict(caption=cap, held_out=scenes.is_held_out(scene), frames=len(frames), windows=len(res["starts"]),
+                 seconds_denoise=t_dit, seconds_total=t_all, whole=whole,
+                 chunks_motion_ok=float(np.mean([c["motion_ok"] for c in chunks])),
+                 chunks_bg=float(np.mean([c["bg_frac"] for c in chunks])),
+                 chunks_obj=float(np.mean([c["obj_frac"] for c in chunks])))
+        out.append(r)
+        u8 = (frames * 255).round().astype(np.uint8)
+        Image.fromarray(np.concatenate(list(u8[::40]), axis=1)).save(work / f"long_{k}.png")
+        log(f"long {k}: {cap}: {len(frames)} frames, {len(res['starts'])} windows, {t_dit:.0f}s denoise, "
+            f"{t_all:.0f}s total; whole {whole}; per-81-frame chunks: motion ok {r['chunks_motion_ok']:.2f}, "
+            f"bg {r['chunks_bg']:.2f}, obj {r['chunks_obj']:.2f}")
+    (work / f"long_s{args.eval_steps}_g{args.eval_guidance:g}.json").write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
-    ap.add_argument("--phase", nargs="*", default=["text", "vae", "latents", "dit", "export", "eval"],
-                    choices=["text", "vae", "latents", "dit", "export", "eval"])
+    ap.add_argument("--phase", nargs="*", default=["text", "vae", "latents", "dit", "export", "eval", "long"],
+                    choices=["text", "vae", "latents", "dit", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--vae-minutes", type=float, default=30)
-    ap.add_argument("--vae-batch", type=int, default=2)
-    ap.add_argument("--vae-frames", type=int, default=13)
-    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-batch", type=int, default=3)
+    ap.add_argument("--vae-frames", type=int, default=9)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-4)
+    ap.add_argument("--vae-anchor", type=float, default=1.0)
     ap.add_argument("--clips-per-scene", type=int, default=1)
     ap.add_argument("--latent-frames", type=int, default=241)
     ap.add_argument("--recon-checks", type=int, default=6, help="held-out clips reconstructed to check the VAE")
@@ -495,6 +555,7 @@ def main() -> None:
     ap.add_argument("--eval-steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--eval-guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--eval-frames", type=int, default=81)
+    ap.add_argument("--long-frames", type=int, default=961, help="long: frames of the co-denoised video")
     ap.add_argument("--eval-train", type=int, default=10, help="training captions evaluated besides the held-out")
     args = ap.parse_args()
 
@@ -510,7 +571,7 @@ def main() -> None:
     for ph in args.phase:
         tp = time.time()
         {"text": phase_text, "vae": phase_vae, "latents": phase_latents, "dit": phase_dit,
-         "export": lambda a, w: export(a, w), "eval": phase_eval}[ph](args, work)
+         "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
         log(f"phase {ph}: {(time.time() - tp) / 60:.1f} min")
     log(f"total {(time.time() - t0) / 60:.1f} min")
 
