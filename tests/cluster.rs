@@ -606,3 +606,60 @@ fn cancel_frees_the_workers() {
         done
     );
 }
+
+/// The worker decoding a render is killed: the decode is sent again to the other worker, the
+/// denoising is not repeated, and the result is bit-identical.
+#[test]
+fn a_lost_decode_keeps_the_denoising() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let expected = reference(dir, 4);
+    let out = dir.join("out");
+    let (c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &["--store", out.to_str().unwrap(), "--lease-ttl", "1.5"],
+        &[],
+    );
+    let mut w: Vec<Option<Proc>> = (0..2)
+        .map(|i| Some(worker(dir, &format!("w{i}"), &addr, &[])))
+        .collect();
+    wait_until(Duration::from_secs(60), "2 workers to register", || {
+        count(&c.log_text(), "worker registered") == 2
+    });
+    let mut submit = submit_wait(dir, &addr, 4, &[]);
+    let id = first_line(&mut submit, Duration::from_secs(30))
+        .trim()
+        .to_string();
+    let mut decoder = String::new();
+    wait_until(Duration::from_secs(120), "the decode to start", || {
+        let r = get_json(&addr, &id);
+        let message = r["progress"]["message"].as_str().unwrap_or("").to_string();
+        if r["state"] == "decoding" && message.starts_with("decoding on ") {
+            decoder = message.trim_start_matches("decoding on ").to_string();
+            return true;
+        }
+        false
+    });
+    let victim = if decoder == "w0" { 0 } else { 1 };
+    w[victim] = None; // SIGKILL mid-decode
+    let status = submit.wait_exit(Duration::from_secs(300));
+    assert!(status.success(), "submit --wait: {}", submit.log_text());
+    let log = submit.log_text();
+    let after = log
+        .split("rolled back to the decode")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no decode rollback in the events:\n{log}"));
+    assert!(
+        !after.contains("denoising"),
+        "the denoising ran again after the decode was lost:\n{log}"
+    );
+    let r = get_json(&addr, &id);
+    let location = r["output_uri"].as_str().unwrap();
+    let latents = f32s(&std::fs::read(Path::new(location).join("latents.safetensors")).unwrap());
+    assert!(
+        same_bits(&latents, &expected),
+        "latents differ after the decode rollback"
+    );
+    assert!(Path::new(location).join("video.mp4").exists());
+}

@@ -118,6 +118,31 @@ pub async fn write_manifest(
     }
 }
 
+/// `rel` (a relative key such as `windows/e3/w0.f32`) under the key prefix `prefix`.
+pub fn object_path(prefix: &Path, rel: &str) -> Path {
+    if prefix.as_ref().is_empty() {
+        Path::from(rel)
+    } else {
+        Path::from(format!("{}/{rel}", prefix.as_ref()))
+    }
+}
+
+/// Create `path` with `bytes` unless it exists (then it is left as it is: a retried writer of
+/// the same render writes the same bytes).
+pub async fn write_once(
+    store: &dyn ObjectStore,
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<(), object_store::Error> {
+    match store
+        .put_opts(path, PutPayload::from(bytes), PutMode::Create.into())
+        .await
+    {
+        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Delete every object under `prefix` (a finished render's checkpoints).
 pub async fn delete_prefix(
     store: &dyn ObjectStore,

@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use longtake_proto::v1 as pb;
+use object_store::ObjectStoreExt;
 use pb::render_service_server::RenderService;
 use pb::worker_service_server::WorkerService;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -57,6 +58,9 @@ use crate::output;
 use crate::plan::{self, WindowPlan};
 use crate::store::{self, CheckpointRecord, JobRecord, JobState, JobStore, PlanRecord, StoreError};
 use crate::validate::{self, StitchingMode};
+
+/// The fused latents' object under a render's output.
+const LATENTS: &str = "latents.safetensors";
 
 /// The coordinator's shared state; cheap to clone (one `Arc`). Serve it with [`crate::serve`].
 #[derive(Clone)]
@@ -203,8 +207,8 @@ struct Run {
     /// Per window, its halo partners (empty unless CODENOISE).
     partners: Vec<Vec<usize>>,
     tasks: BTreeMap<String, RunTask>,
-    /// Per window, its final latents once handed in.
-    latents: Vec<Option<Vec<f32>>>,
+    /// Per window, its final latents once handed in (inline, or an object key).
+    latents: Vec<Option<WindowData>>,
     model_identity: String,
     worker_timings: BTreeMap<String, BTreeMap<String, f64>>,
     started: Instant,
@@ -214,6 +218,13 @@ struct Run {
     frame_count: u32,
     /// Windows whose checkpoint after a step has been written, by step (not yet committed).
     checkpoints: BTreeMap<u32, BTreeSet<usize>>,
+}
+
+/// A window's final latents as handed in.
+enum WindowData {
+    Inline(Vec<f32>),
+    /// An object under the render's output.
+    Key(String),
 }
 
 struct RunTask {
@@ -647,7 +658,10 @@ impl Inner {
             }
         };
         let n = plan.windows.len();
+        // Denoised already (the fused latents are stored): only the decode is left.
+        let decode_only = job.record.latents_written.is_some();
         let wanted = match spec.stitching {
+            _ if decode_only => 1,
             StitchingMode::Autoregressive => 1,
             _ => n,
         };
@@ -661,6 +675,37 @@ impl Inner {
             if let Some(w) = workers.get_mut(k) {
                 w.render = Some(id.to_string());
             }
+        }
+        if decode_only {
+            let mut timings = BTreeMap::new();
+            timings.insert("plan", started.elapsed().as_secs_f64());
+            job.progress.window_steps_total = n as u64 * u64::from(spec.steps);
+            job.progress.window_steps_done = job.progress.window_steps_total;
+            job.progress.frames_total = u64::from(spec.num_frames);
+            runs.insert(
+                id.to_string(),
+                Run {
+                    render_id: id.to_string(),
+                    epoch,
+                    plan,
+                    shape,
+                    owners: vec![chosen[0].clone(); n],
+                    partners: vec![Vec::new(); n],
+                    tasks: BTreeMap::new(),
+                    latents: (0..n).map(|_| None).collect(),
+                    model_identity: String::new(),
+                    worker_timings: BTreeMap::new(),
+                    started,
+                    phase_started: Instant::now(),
+                    timings,
+                    outputs: Vec::new(),
+                    frame_count: 0,
+                    checkpoints: BTreeMap::new(),
+                },
+            );
+            self.set_state(job, JobState::Decoding);
+            self.dispatch_decode(st, id, epoch);
+            return;
         }
         let worker_list: Vec<(&String, &Worker)> = chosen
             .iter()
@@ -789,7 +834,7 @@ impl Inner {
                 owners,
                 partners,
                 tasks,
-                latents: vec![None; n],
+                latents: (0..n).map(|_| None).collect(),
                 model_identity: String::new(),
                 worker_timings: BTreeMap::new(),
                 started,
@@ -858,10 +903,15 @@ impl Inner {
             let step = job.record.checkpoint.as_ref().map_or(0, |c| c.step);
             job.progress.window_steps_done = 0;
             job.progress.frames_done = 0;
-            job.progress.message = format!(
-                "rolled back to step {step} (attempt {} of {max}): {reason}",
-                job.record.attempts + 1
-            );
+            let attempt = job.record.attempts + 1;
+            job.progress.message = if job.record.latents_written.is_some() {
+                format!(
+                    "rolled back to the decode (attempt {attempt} of {max}; the denoised \
+                     latents are kept): {reason}"
+                )
+            } else {
+                format!("rolled back to step {step} (attempt {attempt} of {max}): {reason}")
+            };
             tracing::warn!(render = id, reason = %reason, "render rolled back");
             self.set_state(job, JobState::Queued);
         }
@@ -995,30 +1045,89 @@ impl Inner {
         }
     }
 
-    /// Every window's latents are in: fuse them off the runtime, then send the decode task.
-    fn begin_decode(self: &Arc<Self>, run: &mut Run) {
+    /// Every window's latents are in: read the ones handed in as objects, fuse them off the
+    /// runtime, write them once as `latents.safetensors`, commit that in the job, and send the
+    /// decode task. A failure here rolls the render back.
+    fn begin_decode(self: &Arc<Self>, run: &mut Run, output_uri: String) {
         let plan = run.plan.clone();
         let shape = run.shape;
-        let windows: Vec<Vec<f32>> = run
-            .latents
-            .iter_mut()
-            .map(|l| l.take().unwrap_or_default())
-            .collect();
+        let windows: Vec<Option<WindowData>> = run.latents.iter_mut().map(Option::take).collect();
         let (id, epoch) = (run.render_id.clone(), run.epoch);
         let inner = Arc::clone(self);
         tokio::spawn(async move {
-            let fused = tokio::task::spawn_blocking(move || {
+            let written = async {
+                let (store, prefix) = output::open_store(&output_uri).map_err(|e| e.to_string())?;
                 let plane = (shape[2] * shape[3]) as usize;
-                let data = assemble::fuse(&plan, shape[0] as usize, plane, &windows);
-                assemble::latents_safetensors(shape, &data)
-            })
+                let mut data = Vec::with_capacity(windows.len());
+                for (i, w) in windows.into_iter().enumerate() {
+                    let want = shape[0] as usize * plan.windows[i].len * plane;
+                    let values = match w {
+                        Some(WindowData::Inline(v)) => v,
+                        Some(WindowData::Key(key)) => {
+                            let path = output::object_path(&prefix, &key);
+                            let bytes = async { store.get(&path).await?.bytes().await }
+                                .await
+                                .map_err(|e| format!("reading {key}: {e}"))?;
+                            assemble::f32s_from_le(&bytes)
+                                .ok_or_else(|| format!("{key} is not f32 data"))?
+                        }
+                        None => return Err(format!("window {i} has no latents")),
+                    };
+                    if values.len() != want {
+                        return Err(format!(
+                            "window {i} has {} latent values; expected {want}",
+                            values.len()
+                        ));
+                    }
+                    data.push(values);
+                }
+                let file = tokio::task::spawn_blocking(move || {
+                    let fused = assemble::fuse(&plan, shape[0] as usize, plane, &data);
+                    assemble::latents_safetensors(shape, &fused)
+                })
+                .await
+                .map_err(|e| format!("fusing: {e}"))?;
+                output::write_once(&*store, &output::object_path(&prefix, LATENTS), file)
+                    .await
+                    .map_err(|e| format!("writing {LATENTS}: {e}"))
+            }
             .await;
-            inner.dispatch_decode(&id, epoch, fused.ok());
+            let mut st = inner.lock();
+            match written {
+                Ok(()) => inner.latents_written(&mut st, &id, epoch),
+                Err(e) => {
+                    let State { jobs, runs, .. } = &mut *st;
+                    if Self::running(jobs, runs, &id, epoch).is_ok() {
+                        inner.roll_back(&mut st, &id, format!("fusing the latents failed: {e}"));
+                    }
+                }
+            }
         });
     }
 
-    fn dispatch_decode(&self, id: &str, epoch: u64, latents: Option<Vec<u8>>) {
-        let mut st = self.lock();
+    /// The fused latents are stored: commit that (a rollback now only decodes again) and send
+    /// the decode task.
+    fn latents_written(&self, st: &mut State, id: &str, epoch: u64) {
+        let State { jobs, runs, .. } = &mut *st;
+        let Ok((job, run)) = Self::running(jobs, runs, id, epoch) else {
+            return;
+        };
+        let names: Vec<String> = (0..run.plan.windows.len())
+            .map(|i| {
+                run.tasks
+                    .values()
+                    .find(|t| matches!(&t.kind, TaskKind::Denoise { windows } if windows.contains(&i)))
+                    .map(|t| t.worker_name.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        job.record.latents_written = Some(names);
+        self.save(job, None);
+        self.dispatch_decode(st, id, epoch);
+    }
+
+    /// Send the decode task (the fused latents are stored) to one of the render's workers.
+    fn dispatch_decode(&self, st: &mut State, id: &str, epoch: u64) {
         let State {
             jobs,
             workers,
@@ -1028,19 +1137,17 @@ impl Inner {
         let Ok((job, run)) = Self::running(jobs, runs, id, epoch) else {
             return;
         };
-        let Some(latents) = latents else {
-            let reason = "fusing the windows' latents failed".to_string();
-            self.end_render(&mut st, id, JobState::Failed, reason);
-            return;
-        };
-        let target = workers.get_key_value(&run.owners[0]).or_else(|| {
-            workers
-                .iter()
-                .find(|(_, w)| w.render.as_deref() == Some(id))
-        });
+        let target = workers
+            .get_key_value(&run.owners[0])
+            .filter(|(_, w)| w.render.as_deref() == Some(id))
+            .or_else(|| {
+                workers
+                    .iter()
+                    .find(|(_, w)| w.render.as_deref() == Some(id))
+            });
         let Some((worker_id, worker)) = target else {
             let reason = "no worker is left to decode the latents".to_string();
-            self.end_render(&mut st, id, JobState::Failed, reason);
+            self.roll_back(st, id, reason);
             return;
         };
         let task_id = format!("{id}/{epoch}/decode");
@@ -1051,7 +1158,7 @@ impl Inner {
                 render_id: id.to_string(),
                 epoch,
                 spec: Some(spec.to_proto(None)),
-                latents: Some(pb::decode_task::Latents::LatentsSafetensors(latents)),
+                latents: Some(pb::decode_task::Latents::LatentsKey(LATENTS.to_string())),
                 latent_shape: Some(latent_shape(run.shape)),
                 num_frames: spec.num_frames,
                 output_uri: job.record.output_uri.clone(),
@@ -1076,7 +1183,7 @@ impl Inner {
             let reason = format!("worker {} closed its task stream", worker.name);
             let worker_id = worker_id.clone();
             st.workers.remove(&worker_id);
-            self.end_render(&mut st, id, JobState::Failed, reason);
+            self.roll_back(st, id, reason);
         }
     }
 
@@ -1096,9 +1203,11 @@ impl Inner {
                     .await
                     .map_err(|e| e.to_string())?;
                 // The checkpoints are of no use once the render is finished.
-                let checkpoints = prefix.clone().join("checkpoints");
-                if let Err(e) = output::delete_prefix(&*store, &checkpoints).await {
-                    tracing::warn!(render = %id, error = %e, "could not delete the checkpoints");
+                for dir in ["checkpoints", "windows"] {
+                    let path = prefix.clone().join(dir);
+                    if let Err(e) = output::delete_prefix(&*store, &path).await {
+                        tracing::warn!(render = %id, error = %e, "could not delete {dir}/");
+                    }
                 }
                 Ok::<(), String>(())
             }
@@ -1162,9 +1271,7 @@ fn manifest(job: &Job, run: &Run) -> serde_json::Value {
                 "start": w.start,
                 "len": w.len,
                 "weights": weights,
-                "worker": run.tasks.values().find(|t| matches!(&t.kind,
-                    TaskKind::Denoise { windows } if windows.contains(&i)))
-                    .map(|t| t.worker_name.clone()),
+                "worker": r.latents_written.as_ref().and_then(|names| names.get(i).cloned()),
             })
         })
         .collect();
@@ -1275,6 +1382,7 @@ impl RenderService for Coordinator {
                 finished_at_ms: None,
                 attempts: 0,
                 checkpoint: None,
+                latents_written: None,
             };
             let progress = pb::Progress {
                 phase: pb::RenderState::Queued as i32,
@@ -1877,6 +1985,18 @@ impl WorkerService for Coordinator {
                         break;
                     };
                     let want = 4 * channels as usize * win.len * (h * w) as usize;
+                    if wl.latents.is_empty() {
+                        let key = format!("windows/e{}/w{i}.f32", run.epoch);
+                        if wl.latents_key != key {
+                            bad = Some(format!(
+                                "window {i}: latents_key {:?}; expected {key:?}",
+                                wl.latents_key
+                            ));
+                            break;
+                        }
+                        got.insert(i, WindowData::Key(key));
+                        continue;
+                    }
                     if wl.latents.len() != want {
                         bad = Some(format!(
                             "window {i}: {} bytes of latents; expected {want} (f32 [{channels}, {}, {h}, {w}])",
@@ -1885,7 +2005,11 @@ impl WorkerService for Coordinator {
                         ));
                         break;
                     }
-                    got.insert(i, wl.latents);
+                    let Some(data) = assemble::f32s_from_le(&wl.latents) else {
+                        bad = Some(format!("window {i}: latents are not f32"));
+                        break;
+                    };
+                    got.insert(i, WindowData::Inline(data));
                 }
                 if bad.is_none() && got.len() != windows.len() {
                     bad = Some(format!(
@@ -1900,8 +2024,8 @@ impl WorkerService for Coordinator {
                         Some(Status::invalid_argument(format!("denoise: {reason}"))),
                     )),
                     None => {
-                        for (i, bytes) in got {
-                            run.latents[i] = assemble::f32s_from_le(&bytes);
+                        for (i, data) in got {
+                            run.latents[i] = Some(data);
                         }
                         task.done = true;
                         task.window_steps_done =
@@ -1917,7 +2041,8 @@ impl WorkerService for Coordinator {
                             run.phase_started = now;
                             job.progress.message = "fusing the windows' latents".to_string();
                             inner.set_state(job, JobState::Decoding);
-                            inner.begin_decode(run);
+                            let output_uri = job.record.output_uri.clone();
+                            inner.begin_decode(run, output_uri);
                         } else {
                             inner.publish(job);
                         }

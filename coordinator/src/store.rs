@@ -297,6 +297,11 @@ pub struct JobRecord {
     /// rollback resumes. Absent: none yet (or in records written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointRecord>,
+    /// Set once the fused latents are written (`latents.safetensors` under the output): the
+    /// denoising is done, and a rollback only decodes again. The worker names per window, for
+    /// the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_written: Option<Vec<String>>,
 }
 
 /// A committed checkpoint: every window's state after `step` steps, as objects

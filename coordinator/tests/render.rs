@@ -109,6 +109,7 @@ async fn fake_denoise(worker: &mut FakeWorker, task_id: &str, task: pb::DenoiseT
             pb::WindowLatents {
                 window: win,
                 latents: f32_bytes((0..n).map(|_| win as f32 + 1.0)),
+                latents_key: String::new(),
             }
         })
         .collect();
@@ -177,14 +178,17 @@ async fn two_workers_codenoise_render_succeeds() {
         fake_denoise(&mut b, &task_b, denoise_b)
     );
 
-    // The decode task goes to window 0's owner, with the fused latents.
+    // The decode task goes to window 0's owner; the fused latents are written once under the
+    // output before it, and the task names them.
     let task = a.next_task().await;
     let Some(pb::task::Kind::Decode(decode)) = task.kind else {
         panic!("expected a decode task, got {task:?}");
     };
-    let Some(pb::decode_task::Latents::LatentsSafetensors(file)) = decode.latents else {
-        panic!("expected inline latents");
+    let Some(pb::decode_task::Latents::LatentsKey(key)) = &decode.latents else {
+        panic!("expected the latents' object key");
     };
+    assert_eq!(key, "latents.safetensors");
+    let file = std::fs::read(std::path::Path::new(&decode.output_uri).join(key)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&file).unwrap();
     let latents = st.tensor("latents").unwrap();
     assert_eq!(latents.shape(), &[1, 16, 5, 2, 2]);
@@ -198,7 +202,6 @@ async fn two_workers_codenoise_render_succeeds() {
     assert_eq!(out_dir, server.output.path().join("jobs").join(&id));
     std::fs::create_dir_all(&out_dir).unwrap();
     std::fs::write(out_dir.join("video.mp4"), b"not really a video").unwrap();
-    std::fs::write(out_dir.join("latents.safetensors"), &file).unwrap();
     wait_for_state(&mut renders, &id, pb::RenderState::Decoding).await;
     assert!(
         !out_dir.join("manifest.json").exists(),
@@ -458,6 +461,7 @@ async fn invalid_results_fail_the_render() {
                 windows: vec![pb::WindowLatents {
                     window: 0,
                     latents: vec![0; 12],
+                    latents_key: String::new(),
                 }],
             }),
         )

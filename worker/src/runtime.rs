@@ -532,15 +532,35 @@ impl Compute {
             states.iter().map(|w| w.latents()).collect()
         };
         timings.insert("denoise".into(), clock.elapsed().as_secs_f64());
-        Ok(pb::DenoiseResult {
-            windows: finals
-                .into_iter()
-                .map(|p| pb::WindowLatents {
-                    window: p.window as u32,
-                    latents: f32_le(&p.data),
-                })
-                .collect(),
-        })
+        if t.output_uri.is_empty() {
+            return Ok(pb::DenoiseResult {
+                windows: finals
+                    .into_iter()
+                    .map(|p| pb::WindowLatents {
+                        window: p.window as u32,
+                        latents: f32_le(&p.data),
+                        latents_key: String::new(),
+                    })
+                    .collect(),
+            });
+        }
+        // The final latents go to the object store; the result names them.
+        let clock = Instant::now();
+        let (store, prefix) = open_store(&t.output_uri)?;
+        let mut windows = Vec::new();
+        for p in finals {
+            let key = format!("windows/e{}/w{}.f32", t.epoch, p.window);
+            self.handle
+                .block_on(store.put(&object_key(&prefix, &key), f32_le(&p.data).into()))
+                .map_err(|e| format!("writing {key} to {}: {e}", t.output_uri))?;
+            windows.push(pb::WindowLatents {
+                window: p.window as u32,
+                latents: Vec::new(),
+                latents_key: key,
+            });
+        }
+        timings.insert("write_windows".into(), clock.elapsed().as_secs_f64());
+        Ok(pb::DenoiseResult { windows })
     }
 
     /// Write every window's checkpoint after `k` steps, each object created once (a retried or
@@ -684,15 +704,25 @@ impl Compute {
         let pipe = self.pipeline(&spec.model)?;
         let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
         let cancel_all = Arc::clone(&self.cancel_all);
-        let latents_file = match &t.latents {
-            Some(pb::decode_task::Latents::LatentsSafetensors(b)) => b.clone(),
-            _ => return Err("decode task without latents bytes".into()),
+        let (store, prefix) = open_store(&t.output_uri)?;
+        // Inline latents are written as `latents.safetensors` here; a key names the file the
+        // coordinator has written already.
+        let (latents_file, inline) = match &t.latents {
+            Some(pb::decode_task::Latents::LatentsSafetensors(b)) => (b.clone(), true),
+            Some(pb::decode_task::Latents::LatentsKey(key)) => {
+                let path = object_key(&prefix, key);
+                let bytes = self
+                    .handle
+                    .block_on(async { store.get(&path).await?.bytes().await })
+                    .map_err(|e| format!("reading {key} under {}: {e}", t.output_uri))?;
+                (bytes.to_vec(), false)
+            }
+            None => return Err("decode task without latents".into()),
         };
         let (shape, latents) =
             read_f32_bytes(&latents_file, "latents").map_err(|e| e.to_string())?;
         let [_, c, tt, h, w] = <[usize; 5]>::try_from(shape.as_slice())
             .map_err(|_| format!("latents shape {shape:?}"))?;
-        let (store, prefix) = open_store(&t.output_uri)?;
         let put = |name: &str, bytes: Vec<u8>| -> TaskResult<String> {
             let key = if prefix.as_ref().is_empty() {
                 StorePath::from(name)
@@ -704,7 +734,11 @@ impl Compute {
                 .map_err(|e| format!("writing {name} to {}: {e}", t.output_uri))?;
             Ok(name.to_string())
         };
-        let mut objects = vec![put("latents.safetensors", latents_file.clone())?];
+        let mut objects = vec![if inline {
+            put("latents.safetensors", latents_file.clone())?
+        } else {
+            "latents.safetensors".to_string()
+        }];
         let clock = Instant::now();
         let z = pipe.denormalize(&latents, tt * h * w);
         let sf = pipe.dir.vae.spatial_factor();
