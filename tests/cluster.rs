@@ -244,7 +244,7 @@ fn three_worker_processes_match_a_single_process_render() {
 fn lost_workers_cost_steps_not_the_render() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let steps = 12;
+    let steps = 24;
     let expected = reference(dir, steps);
     let out = dir.join("out");
     let (c, addr) = coordinator(
@@ -323,7 +323,7 @@ fn lost_workers_cost_steps_not_the_render() {
 fn leader_failover_mid_render() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let steps = 12;
+    let steps = 24;
     let expected = reference(dir, steps);
     let etcd = Etcd::start(dir);
     let out = dir.join("out");
@@ -662,4 +662,72 @@ fn a_lost_decode_keeps_the_denoising() {
         "latents differ after the decode rollback"
     );
     assert!(Path::new(location).join("video.mp4").exists());
+}
+
+/// etcd restarted mid-render, then a worker stopped with SIGTERM: the leader keeps its lease
+/// across the restart, the worker leaves the pool at once (its render resumes on the other
+/// worker from the last checkpoint) and exits cleanly, and the render completes bit-identical.
+#[test]
+fn etcd_restart_and_a_worker_leaving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let steps = 60;
+    let expected = reference(dir, steps);
+    let mut etcd = Etcd::start(dir);
+    let out = dir.join("out");
+    let (c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--store",
+            out.to_str().unwrap(),
+            "--checkpoint-every",
+            "5",
+        ],
+        &[],
+    );
+    let mut w: Vec<Proc> = (0..2)
+        .map(|i| worker(dir, &format!("w{i}"), &addr, &[]))
+        .collect();
+    wait_until(Duration::from_secs(60), "2 workers to register", || {
+        count(&c.log_text(), "worker registered") == 2
+    });
+    let mut submit = submit_wait(dir, &addr, steps, &[]);
+    let id = first_line(&mut submit, Duration::from_secs(30))
+        .trim()
+        .to_string();
+    wait_denoising(&addr, &id, 3);
+    etcd.restart();
+    let progressed = std::panic::catch_unwind(|| wait_denoising(&addr, &id, 3 * 20));
+    assert!(
+        progressed.is_ok(),
+        "no progress after the etcd restart:\n{}",
+        logs(dir)
+    );
+    w[1].signal("TERM");
+    let status = w[1].wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "the worker exits 0 on SIGTERM: {}",
+        w[1].log_text()
+    );
+    let status = submit.wait_exit(Duration::from_secs(300));
+    assert!(status.success(), "submit --wait: {}", submit.log_text());
+    let log = submit.log_text();
+    assert!(log.contains("left the pool"), "{log}");
+    assert!(
+        resumed_after(&log) >= 20,
+        "resumed from a checkpoint:\n{log}"
+    );
+    assert!(
+        !c.log_text().contains("deposed"),
+        "the leader kept its lease across the etcd restart:\n{}",
+        c.log_text()
+    );
+    let r = get_json(&addr, &id);
+    let location = r["output_uri"].as_str().unwrap();
+    let latents = f32s(&std::fs::read(Path::new(location).join("latents.safetensors")).unwrap());
+    assert!(same_bits(&latents, &expected), "latents differ");
 }
