@@ -10,6 +10,7 @@
 //! - [`store`]: the [`JobStore`](store::JobStore) trait, the embedded in-memory store and the
 //!   versioned job record.
 //! - [`etcd`]: the etcd-backed store (writes fenced by the leader key) and leader election.
+//! - [`errors`]: the rich gRPC error details (reason, field, retryable) every error carries.
 //! - [`output`]: opening an output location (local directory or S3) and writing `manifest.json`.
 //! - [`service`]: the [`Coordinator`]: live state, scheduling, and the `RenderService` and
 //!   `WorkerService` implementations.
@@ -27,6 +28,7 @@
 //! limits to [`longtake_proto::MAX_MESSAGE_BYTES`].
 
 pub mod assemble;
+pub mod errors;
 pub mod etcd;
 pub mod output;
 pub mod plan;

@@ -54,6 +54,7 @@ use tonic::{Request, Response, Status};
 
 use crate::CoordinatorConfig;
 use crate::assemble;
+use crate::errors;
 use crate::output;
 use crate::plan::{self, WindowPlan};
 use crate::store::{self, CheckpointRecord, JobRecord, JobState, JobStore, PlanRecord, StoreError};
@@ -1315,9 +1316,9 @@ fn manifest(job: &Job, run: &Run) -> serde_json::Value {
     })
 }
 
-#[tonic::async_trait]
-impl RenderService for Coordinator {
-    async fn submit_render(
+/// The RenderService handlers; [`RenderService`] wraps each to attach the rich error details.
+impl Coordinator {
+    async fn handle_submit_render(
         &self,
         request: Request<pb::SubmitRenderRequest>,
     ) -> Result<Response<pb::SubmitRenderResponse>, Status> {
@@ -1438,7 +1439,7 @@ impl RenderService for Coordinator {
         }
     }
 
-    async fn get_render(
+    async fn handle_get_render(
         &self,
         request: Request<pb::GetRenderRequest>,
     ) -> Result<Response<pb::Render>, Status> {
@@ -1451,7 +1452,7 @@ impl RenderService for Coordinator {
         Ok(Response::new(job.snapshot()))
     }
 
-    async fn list_renders(
+    async fn handle_list_renders(
         &self,
         request: Request<pb::ListRendersRequest>,
     ) -> Result<Response<pb::ListRendersResponse>, Status> {
@@ -1514,12 +1515,10 @@ impl RenderService for Coordinator {
         }))
     }
 
-    type WatchRenderStream = ReceiverStream<Result<pb::RenderEvent, Status>>;
-
-    async fn watch_render(
+    async fn handle_watch_render(
         &self,
         request: Request<pb::WatchRenderRequest>,
-    ) -> Result<Response<Self::WatchRenderStream>, Status> {
+    ) -> Result<Response<WatchStream>, Status> {
         let req = request.into_inner();
         let id = req.render_id;
         let log = {
@@ -1565,7 +1564,7 @@ impl RenderService for Coordinator {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn cancel_render(
+    async fn handle_cancel_render(
         &self,
         request: Request<pb::CancelRenderRequest>,
     ) -> Result<Response<pb::Render>, Status> {
@@ -1587,9 +1586,9 @@ impl RenderService for Coordinator {
     }
 }
 
-#[tonic::async_trait]
-impl WorkerService for Coordinator {
-    async fn register(
+/// The WorkerService handlers, wrapped by [`WorkerService`] like the public ones.
+impl Coordinator {
+    async fn handle_register(
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
@@ -1634,7 +1633,7 @@ impl WorkerService for Coordinator {
         }))
     }
 
-    async fn heartbeat(
+    async fn handle_heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
@@ -1649,7 +1648,7 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
-    async fn leave(
+    async fn handle_leave(
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
@@ -1678,12 +1677,10 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
-    type PullTasksStream = UnboundedReceiverStream<Result<pb::Task, Status>>;
-
-    async fn pull_tasks(
+    async fn handle_pull_tasks(
         &self,
         request: Request<pb::PullTasksRequest>,
-    ) -> Result<Response<Self::PullTasksStream>, Status> {
+    ) -> Result<Response<TaskStream>, Status> {
         let id = request.into_inner().worker_id;
         let mut st = self.inner.lead()?;
         let worker = st.workers.get_mut(&id).ok_or_else(|| {
@@ -1702,7 +1699,7 @@ impl WorkerService for Coordinator {
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 
-    async fn report_progress(
+    async fn handle_report_progress(
         &self,
         request: Request<pb::TaskProgress>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
@@ -1779,7 +1776,7 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::ReportProgressResponse {}))
     }
 
-    async fn exchange_halo(
+    async fn handle_exchange_halo(
         &self,
         request: Request<pb::HaloRequest>,
     ) -> Result<Response<pb::HaloResponse>, Status> {
@@ -1928,7 +1925,7 @@ impl WorkerService for Coordinator {
         }
     }
 
-    async fn complete_task(
+    async fn handle_complete_task(
         &self,
         request: Request<pb::TaskResult>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
@@ -2086,6 +2083,121 @@ impl WorkerService for Coordinator {
             }
         }
         Ok(Response::new(pb::CompleteTaskResponse {}))
+    }
+}
+
+type WatchStream = ReceiverStream<Result<pb::RenderEvent, Status>>;
+type TaskStream = UnboundedReceiverStream<Result<pb::Task, Status>>;
+
+#[tonic::async_trait]
+impl RenderService for Coordinator {
+    type WatchRenderStream = WatchStream;
+
+    async fn submit_render(
+        &self,
+        request: Request<pb::SubmitRenderRequest>,
+    ) -> Result<Response<pb::SubmitRenderResponse>, Status> {
+        self.handle_submit_render(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn get_render(
+        &self,
+        request: Request<pb::GetRenderRequest>,
+    ) -> Result<Response<pb::Render>, Status> {
+        self.handle_get_render(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn list_renders(
+        &self,
+        request: Request<pb::ListRendersRequest>,
+    ) -> Result<Response<pb::ListRendersResponse>, Status> {
+        self.handle_list_renders(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn watch_render(
+        &self,
+        request: Request<pb::WatchRenderRequest>,
+    ) -> Result<Response<Self::WatchRenderStream>, Status> {
+        self.handle_watch_render(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn cancel_render(
+        &self,
+        request: Request<pb::CancelRenderRequest>,
+    ) -> Result<Response<pb::Render>, Status> {
+        self.handle_cancel_render(request)
+            .await
+            .map_err(errors::enrich)
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Coordinator {
+    type PullTasksStream = TaskStream;
+
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.handle_register(request).await.map_err(errors::enrich)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.handle_heartbeat(request).await.map_err(errors::enrich)
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        self.handle_leave(request).await.map_err(errors::enrich)
+    }
+
+    async fn pull_tasks(
+        &self,
+        request: Request<pb::PullTasksRequest>,
+    ) -> Result<Response<Self::PullTasksStream>, Status> {
+        self.handle_pull_tasks(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::TaskProgress>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        self.handle_report_progress(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn exchange_halo(
+        &self,
+        request: Request<pb::HaloRequest>,
+    ) -> Result<Response<pb::HaloResponse>, Status> {
+        self.handle_exchange_halo(request)
+            .await
+            .map_err(errors::enrich)
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::TaskResult>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        self.handle_complete_task(request)
+            .await
+            .map_err(errors::enrich)
     }
 }
 

@@ -9,6 +9,7 @@ use common::*;
 use longtake_coordinator::CoordinatorConfig;
 use longtake_proto::v1 as pb;
 use pb::render_spec::Length;
+use tonic_types::StatusExt;
 
 #[tokio::test]
 async fn bad_requests_name_the_field() {
@@ -224,6 +225,16 @@ async fn bad_requests_name_the_field() {
             "{}",
             status.message()
         );
+        // The same, machine-readable: google.rpc.BadRequest and ErrorInfo in the details.
+        let details = status.get_error_details();
+        let violation = &details
+            .bad_request()
+            .expect("BadRequest details")
+            .field_violations[0];
+        assert_eq!(violation.field, field);
+        let info = details.error_info().expect("ErrorInfo details");
+        assert_eq!(info.reason, "INVALID_FIELD");
+        assert_eq!(info.metadata["retryable"], "false");
     }
     let missing = client
         .submit_render(pb::SubmitRenderRequest::default())

@@ -484,6 +484,8 @@ impl Compute {
                 done = (first * states.len()) as u64;
             }
             let mut checkpoint_s = 0.0;
+            // Time spent in halo exchanges (relay plus waiting for the neighbours' step).
+            let mut halo_s = 0.0;
             for step in first..steps {
                 if cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst) {
                     return Err("cancelled".into());
@@ -494,7 +496,10 @@ impl Compute {
                     .collect::<Result<_, _>>()
                     .map_err(|e| e.to_string())?;
                 let received = if stitching == Stitching::Codenoise {
-                    self.exchange(t, step as u32, &plan, &owned, &preds, &geo)?
+                    let clock = Instant::now();
+                    let r = self.exchange(t, step as u32, &plan, &owned, &preds, &geo)?;
+                    halo_s += clock.elapsed().as_secs_f64();
+                    r
                 } else {
                     HashMap::new()
                 };
@@ -528,6 +533,9 @@ impl Compute {
             }
             if checkpoint_s > 0.0 {
                 timings.insert("checkpoint_write".into(), checkpoint_s);
+            }
+            if halo_s > 0.0 {
+                timings.insert("halo_exchange".into(), halo_s);
             }
             states.iter().map(|w| w.latents()).collect()
         };
