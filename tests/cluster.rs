@@ -634,9 +634,14 @@ fn a_lost_decode_keeps_the_denoising() {
     let mut decoder = String::new();
     wait_until(Duration::from_secs(120), "the decode to start", || {
         let r = get_json(&addr, &id);
+        // "decoding on w0" when the task is sent, then "w0: 16/161 frames" as it progresses.
         let message = r["progress"]["message"].as_str().unwrap_or("").to_string();
-        if r["state"] == "decoding" && message.starts_with("decoding on ") {
-            decoder = message.trim_start_matches("decoding on ").to_string();
+        let name = match message.strip_prefix("decoding on ") {
+            Some(n) => n.to_string(),
+            None => message.split(':').next().unwrap_or("").to_string(),
+        };
+        if r["state"] == "decoding" && (name == "w0" || name == "w1") {
+            decoder = name;
             return true;
         }
         false

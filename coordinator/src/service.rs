@@ -20,9 +20,10 @@
 //! Under CODENOISE, window `w`'s halo partners are the windows that overlap it and belong to
 //! another worker. An ExchangeHalo call for (render, epoch, step, window) first deposits its parts
 //! in the slots of their destination windows, then waits on its own window's slot until every
-//! partner's part has arrived, takes them and returns. Slots are keyed by (render, epoch, step,
-//! destination window) and removed when taken or when the render stops. The bytes are relayed,
-//! never read.
+//! partner's part has arrived, and returns them. Slots are keyed by (render, epoch, step,
+//! destination window) and kept until that window's call for the next step (so that a call
+//! retried after a lost response gets the same parts; depositing is idempotent too) or until the
+//! render ends. The bytes are relayed, never read.
 //!
 //! # Failure
 //!
@@ -231,6 +232,8 @@ enum WindowData {
 struct RunTask {
     worker_id: String,
     worker_name: String,
+    /// The task as sent, to send again on a reopened task stream.
+    sent: pb::Task,
     kind: TaskKind,
     done: bool,
     window_steps_done: u64,
@@ -790,12 +793,13 @@ impl Inner {
                     resume_step,
                 })),
             };
-            if worker.tasks.send(Ok(task)).is_err() {
+            if worker.tasks.send(Ok(task.clone())).is_err() {
                 closed.push(worker_id.clone());
             }
             tasks.insert(
                 task_id,
                 RunTask {
+                    sent: task,
                     worker_id: worker_id.clone(),
                     worker_name: worker.name.clone(),
                     kind: TaskKind::Denoise { windows: g.clone() },
@@ -1165,10 +1169,11 @@ impl Inner {
                 output_uri: job.record.output_uri.clone(),
             })),
         };
-        let sent = worker.tasks.send(Ok(task)).is_ok();
+        let sent = worker.tasks.send(Ok(task.clone())).is_ok();
         run.tasks.insert(
             task_id,
             RunTask {
+                sent: task,
                 worker_id: worker_id.clone(),
                 worker_name: worker.name.clone(),
                 kind: TaskKind::Decode,
@@ -1218,6 +1223,7 @@ impl Inner {
                 jobs,
                 runs,
                 workers,
+                halos,
                 ..
             } = &mut *st;
             if Self::running(jobs, runs, &id, epoch).is_err() {
@@ -1226,6 +1232,7 @@ impl Inner {
             match written {
                 Ok(()) => {
                     runs.remove(&id);
+                    halos.retain(|k, _| k.render != id);
                     for w in workers.values_mut() {
                         if w.render.as_deref() == Some(id.as_str()) {
                             w.render = None;
@@ -1683,7 +1690,8 @@ impl Coordinator {
     ) -> Result<Response<TaskStream>, Status> {
         let id = request.into_inner().worker_id;
         let mut st = self.inner.lead()?;
-        let worker = st.workers.get_mut(&id).ok_or_else(|| {
+        let State { workers, runs, .. } = &mut *st;
+        let worker = workers.get_mut(&id).ok_or_else(|| {
             Status::not_found(format!(
                 "worker_id: {id:?} is not registered; register first"
             ))
@@ -1691,7 +1699,14 @@ impl Coordinator {
         let rx = match worker.pending.take() {
             Some(rx) => rx,
             None => {
+                // A reopened stream: what the old one may not have delivered is sent again (a
+                // task is idempotent per task id and epoch).
                 let (tx, rx) = mpsc::unbounded_channel();
+                if let Some(run) = worker.render.as_ref().and_then(|r| runs.get(r)) {
+                    for t in run.tasks.values().filter(|t| !t.done && t.worker_id == id) {
+                        let _ = tx.send(Ok(t.sent.clone()));
+                    }
+                }
                 worker.tasks = tx;
                 rx
             }
@@ -1855,6 +1870,16 @@ impl Coordinator {
                      each partner {partners:?}"
                 )));
             }
+            // This window is at `step`, so it has its parts of the step before: that slot can go
+            // (it was kept so that a retried call after a lost response gets the same answer).
+            if req.step > 0 {
+                halos.remove(&HaloKey {
+                    render: req.render_id.clone(),
+                    epoch: req.epoch,
+                    step: req.step - 1,
+                    to_window: me,
+                });
+            }
             for part in req.parts {
                 let key = HaloKey {
                     render: req.render_id.clone(),
@@ -1898,9 +1923,9 @@ impl Coordinator {
                     .iter()
                     .all(|w| slot.parts.contains_key(&(*w as u32)))
                 {
-                    let slot = halos.remove(&key).expect("present");
+                    // Kept until this window's next step: a retry gets the same parts.
                     return Ok(Response::new(pb::HaloResponse {
-                        parts: slot.parts.into_values().collect(),
+                        parts: slot.parts.values().cloned().collect(),
                     }));
                 }
                 Arc::clone(&slot.notify)

@@ -67,7 +67,13 @@ async fn fake_denoise(worker: &mut FakeWorker, task_id: &str, task: pb::DenoiseT
                 parts,
             };
             calls.push(tokio::spawn(async move {
-                (win, client.exchange_halo(request).await)
+                let first = client.exchange_halo(request.clone()).await;
+                // The call is safe to retry (a response lost on the way): the same parts again.
+                if let Ok(first) = &first {
+                    let again = client.exchange_halo(request).await.unwrap().into_inner();
+                    assert_eq!(&again, first.get_ref(), "a retried halo exchange differs");
+                }
+                (win, first)
             }));
         }
         for call in calls {
@@ -590,5 +596,25 @@ async fn halo_exchange_times_out_and_checks_its_parts() {
         "{}",
         e.message()
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_reopened_task_stream_gets_the_unfinished_tasks_again() {
+    let server = Server::start(config()).await;
+    let mut renders = server.renders().await;
+    let mut w = FakeWorker::join(&server, "w", true).await;
+    submit(&mut renders, two_window_spec()).await.unwrap();
+    let (first, _) = w.next_denoise().await;
+    w.tasks = w
+        .client
+        .pull_tasks(pb::PullTasksRequest {
+            worker_id: w.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (again, _) = w.next_denoise().await;
+    assert_eq!(again, first);
     server.stop().await;
 }

@@ -152,6 +152,7 @@ pub async fn run(
     };
 
     tokio::pin!(shutdown);
+    let mut seen = std::collections::HashSet::new();
     let exit = loop {
         tokio::select! {
             _ = &mut shutdown => break Exit::Shutdown,
@@ -159,6 +160,10 @@ pub async fn run(
                 Ok(Some(task)) => {
                     if let Some(pb::task::Kind::Cancel(c)) = &task.kind {
                         flag(&cancelled, &c.render_id, c.epoch).store(true, Ordering::SeqCst);
+                        continue;
+                    }
+                    // A task sent again (a reopened stream) runs once.
+                    if !seen.insert(task.task_id.clone()) {
                         continue;
                     }
                     if tx.send(task).is_err() {
