@@ -83,7 +83,21 @@ impl ModelDir {
                     ));
                 }
             };
-            if !classes.contains(&class.as_str()) {
+            // The tokenizer's own files decide how it loads (transformers 5 writes
+            // `TokenizersBackend`, older versions a T5 class): any class that comes with a
+            // `tokenizer.json` is accepted.
+            if name == "tokenizer" {
+                if !root.join("tokenizer/tokenizer.json").is_file() {
+                    return Err(idx.error(
+                        name,
+                        format!(
+                            "class {class:?} without tokenizer/tokenizer.json; longtake loads \
+                             tokenizers from tokenizer.json (save the tokenizer with a fast \
+                             tokenizer class)"
+                        ),
+                    ));
+                }
+            } else if !classes.contains(&class.as_str()) {
                 return Err(idx.error(
                     name,
                     format!(

@@ -261,3 +261,44 @@ fn bad_forward_inputs_are_named() {
     let bad = TextContext::from_host(&Cpu, 1, 4, 32, &[f32::INFINITY; 4 * 32]);
     assert!(bad.is_err_and(|e| e.to_string().contains("finite")));
 }
+
+/// A copy of a fixture directory (recursively) in a fresh temporary directory.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// The tokenizer's files decide how it loads: any class in model_index.json that comes with a
+/// tokenizer.json is accepted (transformers 5 writes `TokenizersBackend`); without one the
+/// error names the file.
+#[test]
+fn tokenizer_class_names_with_a_tokenizer_json_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pipe");
+    copy_dir(&fixture("pipeline/tiny"), &dir);
+    let index = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    for class in ["TokenizersBackend", "T5TokenizerFast", "AnyFutureTokenizer"] {
+        std::fs::write(
+            &index,
+            text.replace("\"T5Tokenizer\"", &format!("\"{class}\"")),
+        )
+        .unwrap();
+        longtake_model::pipeline::ModelDir::open(&dir).unwrap_or_else(|e| panic!("{class}: {e}"));
+    }
+    std::fs::remove_file(dir.join("tokenizer/tokenizer.json")).unwrap();
+    let e = longtake_model::pipeline::ModelDir::open(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("tokenizer"),
+        "{e}"
+    );
+}
