@@ -1,9 +1,10 @@
 //! Pure helpers of the scheduling path: splitting a plan's windows over workers, halo partners,
-//! fusing the windows' final latents into one sequence, and the latents file for the decoder.
+//! and reading f32 bytes. (Fusing windows is the workers' job: `longtake_model::window::fuse`,
+//! the one implementation that halos and the final latents both use.)
 
 use std::ops::Range;
 
-use crate::plan::{Window, WindowPlan};
+use crate::plan::Window;
 
 /// Split `n` windows into contiguous groups over workers in proportion to their capacities
 /// (0 counts as 1), in worker order: the largest-remainder method, ties to the earlier worker.
@@ -63,27 +64,6 @@ pub fn halo_partners(windows: &[Window], owner: &[usize]) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Fuse per-window latents (`[C, len, h, w]` f32 each, in plan order) into the whole sequence
-/// `[C, T, h, w]`: per latent frame, the sum over the covering windows in ascending order of
-/// `weight × value`, each product rounded to f32 and added to an f32 accumulator starting at 0.
-pub fn fuse(plan: &WindowPlan, channels: usize, plane: usize, windows: &[Vec<f32>]) -> Vec<f32> {
-    let t = plan.latent_frames;
-    let mut out = vec![0.0f32; channels * t * plane];
-    for ((w, weights), data) in plan.windows.iter().zip(&plan.weights).zip(windows) {
-        debug_assert_eq!(data.len(), channels * w.len * plane);
-        for c in 0..channels {
-            for (j, &weight) in weights.iter().enumerate() {
-                let src = &data[(c * w.len + j) * plane..][..plane];
-                let dst = &mut out[(c * t + w.start + j) * plane..][..plane];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d += weight * s;
-                }
-            }
-        }
-    }
-    out
-}
-
 /// Little-endian f32 bytes → values (`None` unless the length is a multiple of 4).
 pub fn f32s_from_le(bytes: &[u8]) -> Option<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
@@ -95,21 +75,6 @@ pub fn f32s_from_le(bytes: &[u8]) -> Option<Vec<f32>> {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
     )
-}
-
-/// A safetensors file with one f32 tensor `latents` of shape `[1, C, T, h, w]`.
-pub fn latents_safetensors(shape: [u32; 4], data: &[f32]) -> Vec<u8> {
-    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let dims = vec![
-        1,
-        shape[0] as usize,
-        shape[1] as usize,
-        shape[2] as usize,
-        shape[3] as usize,
-    ];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, dims, &bytes)
-        .expect("the shape matches the data");
-    safetensors::serialize([("latents", view)], None).expect("serialising to memory succeeds")
 }
 
 #[cfg(test)]
@@ -154,46 +119,11 @@ mod tests {
     }
 
     #[test]
-    fn fusing_identical_overlaps_keeps_values() {
-        let p = plan(38, 21, 4).unwrap();
-        let (c, plane) = (2, 3);
-        // Every window holds the same global sequence value(frame) on its frames.
-        let value = |t: usize| t as f32 * 0.25 - 1.0;
-        let windows: Vec<Vec<f32>> = p
-            .windows
-            .iter()
-            .map(|w| {
-                (0..c)
-                    .flat_map(|_| (0..w.len).flat_map(move |j| vec![value(w.start + j); plane]))
-                    .collect()
-            })
-            .collect();
-        let fused = fuse(&p, c, plane, &windows);
-        for ch in 0..c {
-            for t in 0..38 {
-                for k in 0..plane {
-                    let got = fused[(ch * 38 + t) * plane + k];
-                    assert!((got - value(t)).abs() < 1e-6, "{t}: {got}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn fusing_cross_fades_over_the_overlap() {
-        // T = 5, L = 3, O = 1: windows [0,3) and [2,5), frame 2 shared half and half.
-        let p = plan(5, 3, 1).unwrap();
-        let fused = fuse(&p, 1, 1, &[vec![1.0; 3], vec![2.0; 3]]);
-        assert_eq!(fused, vec![1.0, 1.0, 1.5, 2.0, 2.0]);
-    }
-
-    #[test]
-    fn latents_file() {
-        let bytes = latents_safetensors([1, 2, 1, 1], &[1.0, -2.0]);
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let t = st.tensor("latents").unwrap();
-        assert_eq!(t.shape(), &[1, 1, 2, 1, 1]);
-        assert_eq!(f32s_from_le(t.data()).unwrap(), vec![1.0, -2.0]);
+    fn f32_bytes() {
+        assert_eq!(
+            f32s_from_le(&[0, 0, 128, 63, 0, 0, 0, 192]).unwrap(),
+            vec![1.0, -2.0]
+        );
         assert_eq!(f32s_from_le(&[0, 0, 0]), None);
     }
 }

@@ -9,11 +9,12 @@
 //! has windows (one for AUTOREGRESSIVE, which is sequential); they stay bound to it until it
 //! ends, so no worker ever holds windows of two renders. It is planned ([`crate::plan`]), its
 //! windows are split into contiguous groups over its workers in proportion to their capacity,
-//! and each worker gets a `DenoiseTask` with a fresh epoch. When every
-//! window's final latents are in, they are fused with the plan's weights
-//! ([`crate::assemble::fuse`]) and one `DecodeTask` goes to the owner of window 0 (or the first
-//! worker left). When the decoder reports its outputs written, `manifest.json` is written last and
-//! the render is SUCCEEDED.
+//! and each worker gets a `DenoiseTask` with a fresh epoch. When every window's final latents
+//! are stored (objects under the output), they are committed in the job and one `DecodeTask`
+//! naming them goes to the owner of window 0 (or another of the render's workers): the decoding
+//! worker fuses them with the plan's weights, writes `latents.safetensors` once and decodes.
+//! When the decoder reports its outputs written, `manifest.json` is written last and the render
+//! is SUCCEEDED.
 //!
 //! # Halo exchange
 //!
@@ -46,7 +47,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use longtake_proto::v1 as pb;
-use object_store::ObjectStoreExt;
 use pb::render_service_server::RenderService;
 use pb::worker_service_server::WorkerService;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -60,9 +60,6 @@ use crate::output;
 use crate::plan::{self, WindowPlan};
 use crate::store::{self, CheckpointRecord, JobRecord, JobState, JobStore, PlanRecord, StoreError};
 use crate::validate::{self, StitchingMode};
-
-/// The fused latents' object under a render's output.
-const LATENTS: &str = "latents.safetensors";
 
 /// The coordinator's shared state; cheap to clone (one `Arc`). Serve it with [`crate::serve`].
 #[derive(Clone)]
@@ -663,7 +660,7 @@ impl Inner {
         };
         let n = plan.windows.len();
         // Denoised already (the fused latents are stored): only the decode is left.
-        let decode_only = job.record.latents_written.is_some();
+        let decode_only = job.record.denoised.is_some();
         let wanted = match spec.stitching {
             _ if decode_only => 1,
             StitchingMode::Autoregressive => 1,
@@ -743,21 +740,7 @@ impl Inner {
         } else {
             vec![Vec::new(); n]
         };
-        let pb_plan = pb::WindowPlan {
-            latent_frames: plan.latent_frames as u32,
-            window: plan.window as u32,
-            overlap: plan.overlap as u32,
-            windows: plan
-                .windows
-                .iter()
-                .zip(&plan.weights)
-                .map(|(w, weights)| pb::PlannedWindow {
-                    start: w.start as u32,
-                    len: w.len as u32,
-                    weights: weights.clone(),
-                })
-                .collect(),
-        };
+        let pb_plan = window_plan(&plan);
         let pb_spec = spec.to_proto(job.noise.clone());
         // Autoregressive renders run as one sequential loop: no checkpoints, always from 0.
         let sequential = spec.stitching == StitchingMode::Autoregressive;
@@ -909,7 +892,7 @@ impl Inner {
             job.progress.window_steps_done = 0;
             job.progress.frames_done = 0;
             let attempt = job.record.attempts + 1;
-            job.progress.message = if job.record.latents_written.is_some() {
+            job.progress.message = if job.record.denoised.is_some() {
                 format!(
                     "rolled back to the decode (attempt {attempt} of {max}; the denoised \
                      latents are kept): {reason}"
@@ -1050,74 +1033,62 @@ impl Inner {
         }
     }
 
-    /// Every window's latents are in: read the ones handed in as objects, fuse them off the
-    /// runtime, write them once as `latents.safetensors`, commit that in the job, and send the
-    /// decode task. A failure here rolls the render back.
+    /// Every window's latents are in: store the ones handed in inline as objects (workers with
+    /// an output send keys), commit the keys in the job, and send the decode task. A failure
+    /// here rolls the render back.
     fn begin_decode(self: &Arc<Self>, run: &mut Run, output_uri: String) {
-        let plan = run.plan.clone();
-        let shape = run.shape;
-        let windows: Vec<Option<WindowData>> = run.latents.iter_mut().map(Option::take).collect();
-        let (id, epoch) = (run.render_id.clone(), run.epoch);
+        let epoch = run.epoch;
+        let mut keys = Vec::new();
+        let mut inline = Vec::new();
+        for (i, w) in run.latents.iter_mut().enumerate() {
+            match w.take() {
+                Some(WindowData::Key(k)) => keys.push(k),
+                Some(WindowData::Inline(v)) => {
+                    let k = format!("windows/e{epoch}/w{i}.f32");
+                    inline.push((k.clone(), v));
+                    keys.push(k);
+                }
+                None => keys.push(String::new()),
+            }
+        }
+        let id = run.render_id.clone();
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             let written = async {
-                let (store, prefix) = output::open_store(&output_uri).map_err(|e| e.to_string())?;
-                let plane = (shape[2] * shape[3]) as usize;
-                let mut data = Vec::with_capacity(windows.len());
-                for (i, w) in windows.into_iter().enumerate() {
-                    let want = shape[0] as usize * plan.windows[i].len * plane;
-                    let values = match w {
-                        Some(WindowData::Inline(v)) => v,
-                        Some(WindowData::Key(key)) => {
-                            let path = output::object_path(&prefix, &key);
-                            let bytes = async { store.get(&path).await?.bytes().await }
-                                .await
-                                .map_err(|e| format!("reading {key}: {e}"))?;
-                            assemble::f32s_from_le(&bytes)
-                                .ok_or_else(|| format!("{key} is not f32 data"))?
-                        }
-                        None => return Err(format!("window {i} has no latents")),
-                    };
-                    if values.len() != want {
-                        return Err(format!(
-                            "window {i} has {} latent values; expected {want}",
-                            values.len()
-                        ));
-                    }
-                    data.push(values);
+                if inline.is_empty() {
+                    return Ok(());
                 }
-                let file = tokio::task::spawn_blocking(move || {
-                    let fused = assemble::fuse(&plan, shape[0] as usize, plane, &data);
-                    assemble::latents_safetensors(shape, &fused)
-                })
-                .await
-                .map_err(|e| format!("fusing: {e}"))?;
-                output::write_once(&*store, &output::object_path(&prefix, LATENTS), file)
-                    .await
-                    .map_err(|e| format!("writing {LATENTS}: {e}"))
+                let (store, prefix) = output::open_store(&output_uri).map_err(|e| e.to_string())?;
+                for (k, v) in inline {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    output::write_once(&*store, &output::object_path(&prefix, &k), bytes)
+                        .await
+                        .map_err(|e| format!("writing {k}: {e}"))?;
+                }
+                Ok::<(), String>(())
             }
             .await;
             let mut st = inner.lock();
             match written {
-                Ok(()) => inner.latents_written(&mut st, &id, epoch),
+                Ok(()) => inner.windows_stored(&mut st, &id, epoch, keys),
                 Err(e) => {
                     let State { jobs, runs, .. } = &mut *st;
                     if Self::running(jobs, runs, &id, epoch).is_ok() {
-                        inner.roll_back(&mut st, &id, format!("fusing the latents failed: {e}"));
+                        inner.roll_back(&mut st, &id, format!("storing the latents failed: {e}"));
                     }
                 }
             }
         });
     }
 
-    /// The fused latents are stored: commit that (a rollback now only decodes again) and send
-    /// the decode task.
-    fn latents_written(&self, st: &mut State, id: &str, epoch: u64) {
+    /// Every window's final latents are stored: commit them (a rollback now only decodes
+    /// again) and send the decode task.
+    fn windows_stored(&self, st: &mut State, id: &str, epoch: u64, keys: Vec<String>) {
         let State { jobs, runs, .. } = &mut *st;
         let Ok((job, run)) = Self::running(jobs, runs, id, epoch) else {
             return;
         };
-        let names: Vec<String> = (0..run.plan.windows.len())
+        let workers: Vec<String> = (0..run.plan.windows.len())
             .map(|i| {
                 run.tasks
                     .values()
@@ -1126,12 +1097,12 @@ impl Inner {
                     .unwrap_or_default()
             })
             .collect();
-        job.record.latents_written = Some(names);
+        job.record.denoised = Some(store::DenoisedRecord { keys, workers });
         self.save(job, None);
         self.dispatch_decode(st, id, epoch);
     }
 
-    /// Send the decode task (the fused latents are stored) to one of the render's workers.
+    /// Send the decode task (the windows' latents are stored) to one of the render's workers.
     fn dispatch_decode(&self, st: &mut State, id: &str, epoch: u64) {
         let State {
             jobs,
@@ -1163,10 +1134,17 @@ impl Inner {
                 render_id: id.to_string(),
                 epoch,
                 spec: Some(spec.to_proto(None)),
-                latents: Some(pb::decode_task::Latents::LatentsKey(LATENTS.to_string())),
+                latents: None,
                 latent_shape: Some(latent_shape(run.shape)),
                 num_frames: spec.num_frames,
                 output_uri: job.record.output_uri.clone(),
+                window_keys: job
+                    .record
+                    .denoised
+                    .as_ref()
+                    .map(|d| d.keys.clone())
+                    .unwrap_or_default(),
+                plan: Some(window_plan(&run.plan)),
             })),
         };
         let sent = worker.tasks.send(Ok(task.clone())).is_ok();
@@ -1254,6 +1232,25 @@ impl Inner {
     }
 }
 
+/// The plan as workers get it: windows with their fusion weights.
+fn window_plan(plan: &WindowPlan) -> pb::WindowPlan {
+    pb::WindowPlan {
+        latent_frames: plan.latent_frames as u32,
+        window: plan.window as u32,
+        overlap: plan.overlap as u32,
+        windows: plan
+            .windows
+            .iter()
+            .zip(&plan.weights)
+            .map(|(w, weights)| pb::PlannedWindow {
+                start: w.start as u32,
+                len: w.len as u32,
+                weights: weights.clone(),
+            })
+            .collect(),
+    }
+}
+
 fn latent_shape(shape: [u32; 4]) -> pb::LatentShape {
     pb::LatentShape {
         channels: shape[0],
@@ -1279,7 +1276,7 @@ fn manifest(job: &Job, run: &Run) -> serde_json::Value {
                 "start": w.start,
                 "len": w.len,
                 "weights": weights,
-                "worker": r.latents_written.as_ref().and_then(|names| names.get(i).cloned()),
+                "worker": r.denoised.as_ref().and_then(|d| d.workers.get(i).cloned()),
             })
         })
         .collect();
@@ -1390,7 +1387,7 @@ impl Coordinator {
                 finished_at_ms: None,
                 attempts: 0,
                 checkpoint: None,
-                latents_written: None,
+                denoised: None,
             };
             let progress = pb::Progress {
                 phase: pb::RenderState::Queued as i32,

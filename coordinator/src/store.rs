@@ -297,11 +297,19 @@ pub struct JobRecord {
     /// rollback resumes. Absent: none yet (or in records written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointRecord>,
-    /// Set once the fused latents are written (`latents.safetensors` under the output): the
-    /// denoising is done, and a rollback only decodes again. The worker names per window, for
-    /// the manifest.
+    /// Set once every window's final latents are stored: the denoising is done, and a rollback
+    /// only decodes again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latents_written: Option<Vec<String>>,
+    pub denoised: Option<DenoisedRecord>,
+}
+
+/// The stored final latents of every window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenoisedRecord {
+    /// Object keys under the output, one per plan window in order.
+    pub keys: Vec<String>,
+    /// The worker that denoised each window, for the manifest.
+    pub workers: Vec<String>,
 }
 
 /// A committed checkpoint: every window's state after `step` steps, as objects

@@ -184,25 +184,35 @@ async fn two_workers_codenoise_render_succeeds() {
         fake_denoise(&mut b, &task_b, denoise_b)
     );
 
-    // The decode task goes to window 0's owner; the fused latents are written once under the
-    // output before it, and the task names them.
+    // The decode task goes to window 0's owner, naming every window's final latents (stored
+    // under the output; these fake workers sent them inline, so the coordinator wrote them) and
+    // the plan with its weights: the decoding worker fuses them.
     let task = a.next_task().await;
     let Some(pb::task::Kind::Decode(decode)) = task.kind else {
         panic!("expected a decode task, got {task:?}");
     };
-    let Some(pb::decode_task::Latents::LatentsKey(key)) = &decode.latents else {
-        panic!("expected the latents' object key");
-    };
-    assert_eq!(key, "latents.safetensors");
-    let file = std::fs::read(std::path::Path::new(&decode.output_uri).join(key)).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
-    let latents = st.tensor("latents").unwrap();
-    assert_eq!(latents.shape(), &[1, 16, 5, 2, 2]);
-    let values = f32s(latents.data());
-    for c in 0..16 {
-        // Window 0 holds 1.0, window 1 holds 2.0; frame 2 is shared half and half.
-        let per_frame: Vec<f32> = (0..5).map(|t| values[(c * 5 + t) * 4]).collect();
-        assert_eq!(per_frame, [1.0, 1.0, 1.5, 2.0, 2.0]);
+    assert!(decode.latents.is_none());
+    assert_eq!(
+        decode.window_keys,
+        [
+            format!("windows/e{}/w0.f32", decode.epoch),
+            format!("windows/e{}/w1.f32", decode.epoch)
+        ]
+    );
+    let weights: Vec<Vec<f32>> = decode
+        .plan
+        .as_ref()
+        .unwrap()
+        .windows
+        .iter()
+        .map(|w| w.weights.clone())
+        .collect();
+    assert_eq!(weights, [vec![1.0, 1.0, 0.5], vec![0.5, 1.0, 1.0]]);
+    for (i, key) in decode.window_keys.iter().enumerate() {
+        let bytes = std::fs::read(std::path::Path::new(&decode.output_uri).join(key)).unwrap();
+        let values = f32s(&bytes);
+        assert_eq!(values.len(), 16 * 3 * 4);
+        assert!(values.iter().all(|&v| v == i as f32 + 1.0));
     }
     let out_dir = std::path::PathBuf::from(&decode.output_uri);
     assert_eq!(out_dir, server.output.path().join("jobs").join(&id));

@@ -576,6 +576,70 @@ impl Compute {
         Ok(pb::DenoiseResult { windows })
     }
 
+    /// Read the windows' final latents named by a decode task and fuse them into the whole
+    /// sequence with the plan's weights (the function that fuses halos): a safetensors file with
+    /// `latents` [1, C, T, h, w].
+    fn fuse_windows(
+        &self,
+        t: &pb::DecodeTask,
+        store: &dyn ObjectStore,
+        prefix: &StorePath,
+    ) -> TaskResult<Vec<u8>> {
+        let shape = t
+            .latent_shape
+            .as_ref()
+            .ok_or("decode task without a latent shape")?;
+        let plan_pb = t.plan.as_ref().ok_or("decode task without a plan")?;
+        let geo = Geometry {
+            channels: shape.channels as usize,
+            frames: shape.frames as usize,
+            height: shape.height as usize,
+            width: shape.width as usize,
+        };
+        let plan: Vec<WindowSpec> = plan_pb
+            .windows
+            .iter()
+            .map(|w| WindowSpec {
+                start: w.start as usize,
+                len: w.len as usize,
+                weights: w.weights.clone(),
+            })
+            .collect();
+        if t.window_keys.len() != plan.len() {
+            return Err(format!(
+                "{} window keys for a plan of {} windows",
+                t.window_keys.len(),
+                plan.len()
+            ));
+        }
+        let mut parts = Vec::new();
+        for (i, (key, w)) in t.window_keys.iter().zip(&plan).enumerate() {
+            let bytes = self
+                .handle
+                .block_on(async { store.get(&object_key(prefix, key)).await?.bytes().await })
+                .map_err(|e| format!("reading {key} under {}: {e}", t.output_uri))?;
+            let data = f32_from_le(&bytes);
+            let want = geo.channels * w.len * geo.height * geo.width;
+            if data.len() != want || bytes.len() % 4 != 0 {
+                return Err(format!(
+                    "{key}: {} bytes; window {i} needs {want} f32 values",
+                    bytes.len()
+                ));
+            }
+            parts.push(Part {
+                window: i,
+                start: w.start,
+                len: w.len,
+                data,
+            });
+        }
+        let refs: Vec<&Part> = parts.iter().collect();
+        let fused = window::fuse(&geo, &plan, 0..geo.frames, &refs).map_err(|e| e.to_string())?;
+        let dims = [1, geo.channels, geo.frames, geo.height, geo.width];
+        longtake_model::io::f32_safetensors(&[("latents", &dims, &fused)], Default::default())
+            .map_err(|e| e.to_string())
+    }
+
     /// Write every window's checkpoint after `k` steps, each object created once (a retried or
     /// stale writer never replaces one).
     fn write_checkpoints(
@@ -729,6 +793,23 @@ impl Compute {
                     .block_on(async { store.get(&path).await?.bytes().await })
                     .map_err(|e| format!("reading {key} under {}: {e}", t.output_uri))?;
                 (bytes.to_vec(), false)
+            }
+            None if !t.window_keys.is_empty() => {
+                let clock = Instant::now();
+                let file = self.fuse_windows(t, &*store, &prefix)?;
+                let path = object_key(&prefix, "latents.safetensors");
+                // Written once: a decode sent again finds it there (the same bytes).
+                let put = self.handle.block_on(store.put_opts(
+                    &path,
+                    file.clone().into(),
+                    object_store::PutMode::Create.into(),
+                ));
+                match put {
+                    Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(format!("writing latents.safetensors: {e}")),
+                }
+                timings.insert("fuse".into(), clock.elapsed().as_secs_f64());
+                (file, false)
             }
             None => return Err("decode task without latents".into()),
         };
