@@ -285,10 +285,19 @@ fn lost_workers_cost_steps_not_the_render() {
     );
     // Past the checkpoint after step 3 of the second attempt (2 workers, 3 windows).
     wait_denoising(&addr, &id, 3 * 5);
+    let at_kill = get_json(&addr, &id)["progress"]["window_steps_done"]
+        .as_u64()
+        .unwrap();
     w[1] = None; // SIGKILL mid-denoise
     let status = submit.wait_exit(Duration::from_secs(300));
     assert!(status.success(), "submit --wait: {}", submit.log_text());
     let log = submit.log_text();
+    eprintln!(
+        "worker kill: {at_kill} window-steps done (3 windows) when killed; resumed after step {} \
+         (checkpoint every 3): about {:.1} steps per window lost",
+        resumed_after(&log),
+        at_kill as f64 / 3.0 - f64::from(resumed_after(&log))
+    );
     assert!(
         count(&log, "rolled back to step") >= 2,
         "the event stream shows both rollbacks:\n{log}"
