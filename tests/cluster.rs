@@ -745,3 +745,105 @@ fn etcd_restart_and_a_worker_leaving() {
     let latents = f32s(&std::fs::read(Path::new(location).join("latents.safetensors")).unwrap());
     assert!(same_bits(&latents, &expected), "latents differ");
 }
+
+/// A request's `--noise-file` goes to the object store, never into etcd: the render through the
+/// farm equals the single-process render with the same noise, and etcd holds only small
+/// records.
+#[test]
+fn initial_noise_stays_out_of_etcd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 10 s at 64×64: [1, 16, 41, 8, 8].
+    let shape = [1usize, 16, 41, 8, 8];
+    let n: usize = shape.iter().product();
+    let noise: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let noise_file = dir.join("noise.safetensors");
+    longtake_model::io::write_f32(&noise_file, &[("noise", &shape, &noise)]).unwrap();
+    let noise_arg = noise_file.to_str().unwrap().to_string();
+    let o = longtake(
+        &[
+            "render",
+            "--prompt",
+            "fog",
+            "--duration",
+            "10",
+            "--steps",
+            "3",
+            "--noise-file",
+            &noise_arg,
+            "--out",
+            dir.join("reference").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let location = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let expected = f32s(&std::fs::read(Path::new(&location).join("latents.safetensors")).unwrap());
+    let etcd = Etcd::start(dir);
+    let out = dir.join("out");
+    let (_c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &["--etcd", &etcd.endpoint(), "--store", out.to_str().unwrap()],
+        &[],
+    );
+    let _w = worker(dir, "w0", &addr, &[]);
+    let o = longtake(
+        &[
+            "submit",
+            "--coordinator",
+            &addr,
+            "--wait",
+            "--prompt",
+            "fog",
+            "--duration",
+            "10",
+            "--steps",
+            "3",
+            "--noise-file",
+            &noise_arg,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let location = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let latents = f32s(&std::fs::read(Path::new(&location).join("latents.safetensors")).unwrap());
+    assert!(
+        same_bits(&latents, &expected),
+        "latents differ from the single-process render"
+    );
+    assert!(
+        Path::new(&location)
+            .join("inputs/initial_noise.safetensors")
+            .exists()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let kvs = rt.block_on(async {
+        use longtake_coordinator::store::JobStore;
+        let client =
+            longtake_coordinator::etcd::Etcd::connect(&[etcd.endpoint()], "longtake/").unwrap();
+        longtake_coordinator::etcd::EtcdStore::new(client)
+            .list("")
+            .await
+            .unwrap()
+    });
+    assert!(!kvs.is_empty());
+    for (key, v) in kvs {
+        assert!(key.starts_with("jobs/") || key == "leader", "{key}");
+        assert!(
+            v.value.len() < 64 * 1024,
+            "{key} holds {} bytes",
+            v.value.len()
+        );
+    }
+}

@@ -327,7 +327,8 @@ fn a_killed_render_is_never_presented_as_finished() {
                     "video.mp4",
                     "frames",
                     "windows",
-                    "checkpoints"
+                    "checkpoints",
+                    "inputs",
                 ]
                 .contains(&name.as_str()),
                 "unexpected object {name}"

@@ -61,6 +61,9 @@ use crate::plan::{self, WindowPlan};
 use crate::store::{self, CheckpointRecord, JobRecord, JobState, JobStore, PlanRecord, StoreError};
 use crate::validate::{self, StitchingMode};
 
+/// A render's `initial_noise` file, under its output.
+const NOISE: &str = "inputs/initial_noise.safetensors";
+
 /// The coordinator's shared state; cheap to clone (one `Arc`). Serve it with [`crate::serve`].
 #[derive(Clone)]
 pub struct Coordinator {
@@ -112,7 +115,6 @@ struct State {
 
 struct Job {
     record: JobRecord,
-    noise: Option<Vec<u8>>,
     progress: pb::Progress,
     /// The render's events, for WatchRender.
     events: Arc<EventLog>,
@@ -468,20 +470,11 @@ impl Coordinator {
                     continue;
                 }
             };
-            let noise = if record.spec.has_initial_noise && !record.state.is_terminal() {
-                inner
-                    .store
-                    .get(&store::noise_key(&record.id))
-                    .await?
-                    .map(|v| v.value)
-            } else {
-                None
-            };
-            loaded.push((record, noise));
+            loaded.push(record);
         }
         let count = loaded.len();
         let mut st = inner.lock();
-        for (record, noise) in loaded {
+        for record in loaded {
             let id = record.id.clone();
             if !record.idempotency_key.is_empty() {
                 st.idempotency
@@ -493,15 +486,11 @@ impl Coordinator {
                     ..Default::default()
                 },
                 record,
-                noise,
                 events: EventLog::new(epoch_base),
                 finalizing: false,
             };
             if job.record.state.is_terminal() {
                 inner.publish(&job);
-            } else if job.record.spec.has_initial_noise && job.noise.is_none() {
-                job.record.error = "its initial noise is missing from the state store".into();
-                inner.set_state(&mut job, JobState::Failed);
             } else {
                 let was = job.record.state;
                 job.record.state = JobState::Queued;
@@ -604,7 +593,6 @@ impl Inner {
         job.progress.phase = state.to_proto() as i32;
         if state.is_terminal() {
             job.record.finished_at_ms = Some(now_ms());
-            job.noise = None;
         }
         self.save(job, None);
     }
@@ -741,7 +729,7 @@ impl Inner {
             vec![Vec::new(); n]
         };
         let pb_plan = window_plan(&plan);
-        let pb_spec = spec.to_proto(job.noise.clone());
+        let pb_spec = spec.to_proto(None);
         // Autoregressive renders run as one sequential loop: no checkpoints, always from 0.
         let sequential = spec.stitching == StitchingMode::Autoregressive;
         let resume = job.record.checkpoint.clone().filter(|_| !sequential);
@@ -774,6 +762,11 @@ impl Inner {
                     checkpoint_dir: format!("checkpoints/e{epoch}"),
                     resume_from: resume.as_ref().map(|c| c.dir.clone()).unwrap_or_default(),
                     resume_step,
+                    initial_noise_key: if spec.has_initial_noise {
+                        NOISE.to_string()
+                    } else {
+                        String::new()
+                    },
                 })),
             };
             if worker.tasks.send(Ok(task.clone())).is_err() {
@@ -1346,33 +1339,55 @@ impl Coordinator {
             &inner.config.default_output,
             random_u64(),
         )?;
-        let (id, stored) = {
-            let mut st = inner.lead()?;
-            if !key.is_empty()
-                && let Some(id) = st.idempotency.get(&key)
-            {
-                let job = &st.jobs[id];
-                if job.record.request_fingerprint == fingerprint {
-                    return Ok(Response::new(pb::SubmitRenderResponse {
-                        render_id: id.clone(),
-                        created: false,
-                    }));
-                }
-                return Err(Status::already_exists(format!(
-                    "idempotency_key: {key:?} was already used for render {id} with a different \
-                     spec; repeat that spec exactly to get the same render, or use a new key"
+        // A repeat with the same idempotency key returns the render created the first time.
+        let repeat = |st: &State| -> Option<Result<Response<pb::SubmitRenderResponse>, Status>> {
+            let id = st.idempotency.get(&key).filter(|_| !key.is_empty())?;
+            let job = &st.jobs[id];
+            if job.record.request_fingerprint == fingerprint {
+                return Some(Ok(Response::new(pb::SubmitRenderResponse {
+                    render_id: id.clone(),
+                    created: false,
+                })));
+            }
+            Some(Err(Status::already_exists(format!(
+                "idempotency_key: {key:?} was already used for render {id} with a different \
+                 spec; repeat that spec exactly to get the same render, or use a new key"
+            ))))
+        };
+        if let Some(r) = repeat(&*inner.lead()?) {
+            return r;
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let base = if valid.output.starts_with("s3://") {
+            valid.output.clone()
+        } else {
+            std::path::absolute(&valid.output)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| valid.output.clone())
+        };
+        let rel = output::join_uri(&inner.config.jobs_prefix, &id);
+        let output_uri = output::join_uri(&base, rel.trim_start_matches('/'));
+        // Bulk input goes to the object store before the job exists (never into the state
+        // store); a render whose record is stored can always find it.
+        if let Some(noise) = &spec.initial_noise {
+            let written = async {
+                let (store, prefix) = output::open_store(&output_uri).map_err(|e| e.to_string())?;
+                output::write_once(&*store, &output::object_path(&prefix, NOISE), noise.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = written {
+                return Err(Status::unavailable(format!(
+                    "initial_noise: could not be stored under {output_uri}: {e}"
                 )));
             }
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            let base = if valid.output.starts_with("s3://") {
-                valid.output.clone()
-            } else {
-                std::path::absolute(&valid.output)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| valid.output.clone())
-            };
-            let rel = output::join_uri(&inner.config.jobs_prefix, &id);
-            let rel = rel.trim_start_matches('/');
+        }
+        let (id, stored) = {
+            let mut st = inner.lead()?;
+            if let Some(r) = repeat(&st) {
+                return r;
+            }
             let record = JobRecord {
                 id: id.clone(),
                 spec: valid,
@@ -1380,7 +1395,7 @@ impl Coordinator {
                 request_fingerprint: fingerprint,
                 state: JobState::Queued,
                 error: String::new(),
-                output_uri: output::join_uri(&base, rel),
+                output_uri,
                 plan: None,
                 created_at_ms: now_ms(),
                 started_at_ms: None,
@@ -1394,17 +1409,8 @@ impl Coordinator {
                 message: "waiting for workers".to_string(),
                 ..Default::default()
             };
-            let noise = spec.initial_noise;
-            if let Some(n) = &noise {
-                let _ = inner.persist.send(PersistOp {
-                    key: store::noise_key(&id),
-                    value: n.clone(),
-                    done: None,
-                });
-            }
             let job = Job {
                 record,
-                noise,
                 progress,
                 events: EventLog::new(st.epoch_base),
                 finalizing: false,

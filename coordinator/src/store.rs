@@ -1,8 +1,8 @@
 //! Job state storage: the [`JobStore`] trait (a small revisioned key-value interface that etcd
 //! and an embedded map can both provide) and the versioned JSON job record kept in it.
 //!
-//! Keys: `jobs/<render id>` holds a [`JobRecord`]; `noise/<render id>` holds a render's
-//! `initial_noise` file as raw bytes. The coordinator keeps live state in memory and writes every
+//! Keys: `jobs/<render id>` holds a [`JobRecord`]. Bulk data (a render's `initial_noise`, its
+//! checkpoints and latents) lives in the object store under the render's output, never here. The coordinator keeps live state in memory and writes every
 //! state change through to the store, in order.
 
 use std::collections::BTreeMap;
@@ -337,10 +337,6 @@ enum StoredJob {
 
 pub fn job_key(id: &str) -> String {
     format!("jobs/{id}")
-}
-
-pub fn noise_key(id: &str) -> String {
-    format!("noise/{id}")
 }
 
 pub fn encode_job(record: &JobRecord) -> Vec<u8> {

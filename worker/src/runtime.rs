@@ -381,7 +381,18 @@ impl Compute {
             seed: spec.seed.unwrap_or(0),
             noise: None,
         };
-        let noise = match &spec.initial_noise {
+        let stored_noise = if t.initial_noise_key.is_empty() {
+            None
+        } else {
+            let (store, prefix) = open_store(&t.output_uri)?;
+            let key = object_key(&prefix, &t.initial_noise_key);
+            let bytes = self
+                .handle
+                .block_on(async { store.get(&key).await?.bytes().await })
+                .map_err(|e| format!("initial noise: reading {key}: {e}"))?;
+            Some(bytes.to_vec())
+        };
+        let noise = match stored_noise.as_ref().or(spec.initial_noise.as_ref()) {
             Some(bytes) => {
                 let (s, data) =
                     read_f32_bytes(bytes, "noise").map_err(|e| format!("initial noise: {e}"))?;
