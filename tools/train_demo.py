@@ -3,7 +3,7 @@
 
 One command, seeded, on the CPU:
 
-    nice -n 19 .venv/bin/python tools/train_demo.py            # all phases, ~90 min on 2 cores
+    nice -n 19 .venv/bin/python tools/train_demo.py            # all phases, ~85 min + evaluation on 2 cores
 
 Phases (each resumes from the work directory, default target/demo-train/, so a phase can be rerun alone
 with --phase):
@@ -11,9 +11,14 @@ with --phase):
               so that other text does not become <unk>; written through transformers' T5Tokenizer, the
               same file layout as umt5-xxl's) and a freshly initialised UMT5EncoderModel.
   2. vae      AutoencoderKLWan (base_dim 8, z_dim 16, dim_mult [1,2,4,4], 1 res block) trained to
-              reconstruct random training clips (L1 + MSE on [-1, 1] pixels, a small KL term).
-  3. latents  every training scene is rendered as one long clip (241 frames at a random position) and
-              encoded (posterior mean) to 61 latent frames; the per-channel mean / std over all of them
+              reconstruct random 9-frame training clips (batch 3; L1 + MSE on [-1, 1] pixels without the
+              decoder's final clamp, a small KL term, and an anchor pulling latent channels 0-2 towards
+              the clip's colours averaged per latent cell).
+     vae2     the same VAE continued on 81-frame clips (batch 1). Trained on short clips only, it breaks
+              down on latent frames past the training length (the causal convolutions' caches then hold
+              features it never saw); the decoder's temporal receptive field spans about 18 latent frames.
+  3. latents  every training scene is rendered as one long clip (161 frames at a random position) and
+              encoded (posterior mean) to 41 latent frames; the per-channel mean / std over all of them
               become the VAE config's latents_mean / latents_std, and the cached latents are normalised
               as WanPipeline expects: (z - mean) / std.
   4. dit      WanTransformer3DModel and the text encoder trained together with Wan's flow matching on
@@ -189,36 +194,51 @@ def decode_raw(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, 2)
 
 
-def phase_vae(args, work: Path) -> None:
+def phase_vae(args, work: Path, stage: int = 1) -> None:
+    """Stage 1: short clips (--vae-frames) from a fresh VAE. Stage 2 (phase vae2): continue on clips of
+    --vae2-frames; a VAE trained on short clips only breaks down on latent frames past the training
+    length (the causal convolutions' caches then hold features it never saw), and the decoder's temporal
+    receptive field spans about 18 latent frames."""
     from diffusers import AutoencoderKLWan
 
-    torch.manual_seed(args.seed + 2)
-    rng = random.Random(args.seed + 2)
-    vae = AutoencoderKLWan(**VAE_CFG)
-    with torch.no_grad():
-        # Zero biases: with PyTorch's default bias init the encoder's output barely depends on its input
-        # (the biases' common component dominates after a few normalised layers), and training sits on a
-        # plateau where the decoder ignores the latent.
-        for name, p in vae.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-        # A small initial posterior std (e^-3), so that the latent is not mostly noise.
-        vae.quant_conv.bias[VAE_CFG["z_dim"]:] = -6.0
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if stage == 2:
+        torch.manual_seed(args.seed + 12)
+        rng = random.Random(args.seed + 12)
+        vae = AutoencoderKLWan.from_pretrained(str(work / "vae"), torch_dtype=torch.float32)
+        vae.train()
+        n_steps, minutes, batch, frames, base_lr = (args.vae2_steps, args.vae2_minutes, args.vae2_batch,
+                                                    args.vae2_frames, args.vae2_lr)
+    else:
+        torch.manual_seed(args.seed + 2)
+        rng = random.Random(args.seed + 2)
+        vae = AutoencoderKLWan(**VAE_CFG)
+        n_steps, minutes, batch, frames, base_lr = (args.vae_steps, args.vae_minutes, args.vae_batch,
+                                                    args.vae_frames, args.vae_lr)
+    if stage == 1:
+        with torch.no_grad():
+            # Zero biases: with PyTorch's default bias init the encoder's output barely depends on its input
+            # (the biases' common component dominates after a few normalised layers), and training sits on a
+            # plateau where the decoder ignores the latent.
+            for name, p in vae.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+            # A small initial posterior std (e^-3), so that the latent is not mostly noise.
+            vae.quant_conv.bias[VAE_CFG["z_dim"]:] = -6.0
+    opt = torch.optim.AdamW(vae.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     train = scenes.train_scenes()
     t0 = time.time()
-    budget = args.vae_minutes * 60
+    budget = minutes * 60
     hist, acc = [], []
     step = 0
-    while step < args.vae_steps:
-        progress = max(step / args.vae_steps, (time.time() - t0) / budget)
+    while step < n_steps:
+        progress = max(step / n_steps, (time.time() - t0) / budget)
         if progress >= 1:
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress, args.vae_lr, 0.03)
-        x = torch.stack([to_pixels(scenes.render(rng.choice(train), args.vae_frames, SIZE, SIZE,
+            g["lr"] = lr_at(progress, base_lr, 0.03)
+        x = torch.stack([to_pixels(scenes.render(rng.choice(train), frames, SIZE, SIZE,
                                                  seed=rng.getrandbits(32)))
-                         for _ in range(args.vae_batch)])
+                         for _ in range(batch)])
         post = vae.encode(x).latent_dist
         y = decode_raw(vae, post.sample())
         rec_l1 = (y - x).abs().mean()
@@ -238,19 +258,70 @@ def phase_vae(args, work: Path) -> None:
         opt.step()
         step += 1
         acc.append((rec_l1.item(), rec_mse.item(), kl.item(), aux.item()))
-        if step % 25 == 0 or step == args.vae_steps:
+        if step % 25 == 0 or step == n_steps:
             a = np.mean(acc, axis=0)
             acc = []
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1=float(a[0]), mse=float(a[1]),
                              kl=float(a[2]), anchor=float(a[3])))
-            log(f"vae step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f} KL {a[2]:.3f} "
+            log(f"vae{stage} step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f} KL {a[2]:.3f} "
                 f"anchor {a[3]:.4f}")
         if step % 100 == 0:
             vae.save_pretrained(str(work / "vae"), safe_serialization=True)
     vae.save_pretrained(str(work / "vae"), safe_serialization=True)
-    (work / "vae_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
-                                                          history=hist), indent=1))
-    log(f"vae done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+    (work / f"vae{stage}_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
+                                                                  frames=frames, batch=batch, history=hist), indent=1))
+    log(f"vae{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+
+
+def phase_vae3(args, work: Path) -> None:
+    """(Optional, not in the default phases.) Decoder-only fine-tuning on long clips after the latents are cached: the encoder (and so the
+    latent space the transformer learns) stays fixed; the decoder sees the posterior mean plus a little
+    noise (--vae3-noise x the latents' per-channel std), for robustness to imperfect generated latents."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(args.seed + 22)
+    rng = random.Random(args.seed + 22)
+    vae = AutoencoderKLWan.from_pretrained(str(work / "vae"), torch_dtype=torch.float32)
+    std = torch.load(work / "latents.pt")["std"].view(1, -1, 1, 1, 1)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vae3_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    train = scenes.train_scenes()
+    t0 = time.time()
+    budget = args.vae3_minutes * 60
+    hist, acc, step = [], [], 0
+    while step < args.vae3_steps:
+        progress = max(step / args.vae3_steps, (time.time() - t0) / budget)
+        if progress >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, args.vae3_lr, 0.03)
+        x = torch.stack([to_pixels(scenes.render(rng.choice(train), args.vae3_frames, SIZE, SIZE,
+                                                 seed=rng.getrandbits(32)))
+                         for _ in range(args.vae3_batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+            z = z + args.vae3_noise * std * torch.randn_like(z)
+        y = decode_raw(vae, z)
+        l1, mse = (y - x).abs().mean(), (y - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        (l1 + mse).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        acc.append((l1.item(), mse.item()))
+        if step % 10 == 0:
+            a = np.mean(acc, axis=0)
+            acc = []
+            hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1=float(a[0]), mse=float(a[1])))
+            log(f"vae3 step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f}")
+        if step % 25 == 0:
+            vae.save_pretrained(str(work / "vae"), safe_serialization=True)
+    vae.save_pretrained(str(work / "vae"), safe_serialization=True)
+    (work / "vae3_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
+                                                           frames=args.vae3_frames, history=hist), indent=1))
+    log(f"vae3 done: {step} steps in {(time.time() - t0) / 60:.1f} min")
 
 
 @torch.no_grad()
@@ -281,7 +352,7 @@ def phase_latents(args, work: Path) -> None:
     # Reconstruction of held-out scenes through the pipeline's own (clamped) decode.
     recon = []
     for k, sc in enumerate(scenes.held_out_scenes()[:args.recon_checks]):
-        clip = scenes.render(sc, 81, SIZE, SIZE, seed=1000 + k)
+        clip = scenes.render(sc, args.latent_frames, SIZE, SIZE, seed=1000 + k)
         x = to_pixels(clip)[None]
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
         frames = (y[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
@@ -528,8 +599,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
-    ap.add_argument("--phase", nargs="*", default=["text", "vae", "latents", "dit", "export", "eval", "long"],
-                    choices=["text", "vae", "latents", "dit", "export", "eval", "long"])
+    ap.add_argument("--phase", nargs="*", default=["text", "vae", "vae2", "latents", "dit", "export", "eval", "long"],
+                    choices=["text", "vae", "vae2", "latents", "vae3", "dit", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-steps", type=int, default=4000)
@@ -537,14 +608,25 @@ def main() -> None:
     ap.add_argument("--vae-batch", type=int, default=3)
     ap.add_argument("--vae-frames", type=int, default=9)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--vae2-steps", type=int, default=1000)
+    ap.add_argument("--vae2-minutes", type=float, default=10)
+    ap.add_argument("--vae2-batch", type=int, default=1)
+    ap.add_argument("--vae2-frames", type=int, default=81)
+    ap.add_argument("--vae2-lr", type=float, default=5e-4)
+    ap.add_argument("--vae3-steps", type=int, default=1000)
+    ap.add_argument("--vae3-minutes", type=float, default=15)
+    ap.add_argument("--vae3-batch", type=int, default=1)
+    ap.add_argument("--vae3-frames", type=int, default=81)
+    ap.add_argument("--vae3-lr", type=float, default=5e-4)
+    ap.add_argument("--vae3-noise", type=float, default=0.1)
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
     ap.add_argument("--clips-per-scene", type=int, default=1)
-    ap.add_argument("--latent-frames", type=int, default=241)
+    ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=6, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
     ap.add_argument("--dit-steps", type=int, default=6000)
-    ap.add_argument("--dit-minutes", type=float, default=50)
+    ap.add_argument("--dit-minutes", type=float, default=30)
     ap.add_argument("--dit-batch", type=int, default=8)
     ap.add_argument("--dit-lr", type=float, default=5e-4)
     ap.add_argument("--ema", type=float, default=0.998)
@@ -570,7 +652,7 @@ def main() -> None:
     t0 = time.time()
     for ph in args.phase:
         tp = time.time()
-        {"text": phase_text, "vae": phase_vae, "latents": phase_latents, "dit": phase_dit,
+        {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3, "latents": phase_latents, "dit": phase_dit,
          "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
         log(f"phase {ph}: {(time.time() - tp) / 60:.1f} min")
     log(f"total {(time.time() - t0) / 60:.1f} min")
