@@ -233,6 +233,9 @@ fn three_worker_processes_match_a_single_process_render() {
         manifest_workers(&manifest),
         ["w0", "w1", "w2"].iter().map(|s| s.to_string()).collect()
     );
+    // The kernel family the result depends on is recorded.
+    let family = manifest["kernel_family"].as_str().unwrap_or("");
+    assert!(family.starts_with("cpu-"), "{manifest}");
     drop(workers);
 }
 

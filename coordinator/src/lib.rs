@@ -11,6 +11,7 @@
 //!   versioned job record.
 //! - [`etcd`]: the etcd-backed store (writes fenced by the leader key) and leader election.
 //! - [`errors`]: the rich gRPC error details (reason, field, retryable) every error carries.
+//! - `events`: each render's event log (sequence numbers, resumable watches).
 //! - [`output`]: opening an output location (local directory or S3) and writing `manifest.json`.
 //! - [`service`]: the [`Coordinator`]: live state, scheduling, and the `RenderService` and
 //!   `WorkerService` implementations.
@@ -30,6 +31,7 @@
 pub mod assemble;
 pub mod errors;
 pub mod etcd;
+mod events;
 pub mod output;
 pub mod plan;
 pub mod service;

@@ -56,6 +56,7 @@ use tonic::{Request, Response, Status};
 use crate::CoordinatorConfig;
 use crate::assemble;
 use crate::errors;
+use crate::events::EventLog;
 use crate::output;
 use crate::plan::{self, WindowPlan};
 use crate::store::{self, CheckpointRecord, JobRecord, JobState, JobStore, PlanRecord, StoreError};
@@ -122,81 +123,6 @@ struct Job {
     finalizing: bool,
 }
 
-/// The events of one render: every change of state and every rollback kept, a run of progress
-/// updates within one state collapsed to its latest, each with a sequence number.
-struct EventLog {
-    log: Mutex<Vec<Event>>,
-    seq: Mutex<u64>,
-    /// The latest sequence number, for waking watchers.
-    changed: watch::Sender<u64>,
-}
-
-struct Event {
-    seq: u64,
-    /// Kept for good (a change of state, a rollback), or replaceable by the next progress update.
-    milestone: bool,
-    render: pb::Render,
-}
-
-/// Events kept per render at most; past it the oldest milestones go (a resuming client then
-/// starts from the oldest kept).
-const MAX_EVENTS: usize = 10_000;
-
-impl EventLog {
-    /// A log whose sequence numbers start above `base` (a leader's term base, so that a client
-    /// resuming on a new leader with a sequence number of the old one misses nothing).
-    fn new(base: u64) -> Arc<Self> {
-        Arc::new(EventLog {
-            log: Mutex::new(Vec::new()),
-            seq: Mutex::new(base),
-            changed: watch::channel(0).0,
-        })
-    }
-
-    fn push(&self, render: pb::Render) {
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
-        *seq += 1;
-        let milestone = match log.last() {
-            None => true,
-            Some(last) => {
-                last.render.state != render.state
-                    || render
-                        .progress
-                        .as_ref()
-                        .is_some_and(|p| p.message.starts_with("rolled back"))
-            }
-        };
-        if !milestone && log.last().is_some_and(|l| !l.milestone) {
-            log.pop();
-        }
-        log.push(Event {
-            seq: *seq,
-            milestone,
-            render,
-        });
-        if log.len() > MAX_EVENTS {
-            log.remove(0);
-        }
-        self.changed.send_replace(*seq);
-    }
-
-    /// Events after `seq`, or (`seq` = 0) the latest one only.
-    fn after(&self, seq: u64) -> Vec<(u64, pb::Render)> {
-        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        if seq == 0 {
-            return log
-                .last()
-                .map(|e| vec![(e.seq, e.render.clone())])
-                .unwrap_or_default();
-        }
-        log.iter()
-            .filter(|e| e.seq > seq)
-            .map(|e| (e.seq, e.render.clone()))
-            .collect()
-    }
-}
-
 struct Run {
     render_id: String,
     epoch: u64,
@@ -256,6 +182,8 @@ struct Worker {
     pending: Option<TaskReceiver>,
     /// The render this worker is bound to, from its start until it ends.
     render: Option<String>,
+    /// Its compute kernel family (results are bit-identical only within one).
+    kernel_family: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -598,12 +526,29 @@ impl Inner {
     }
 
     /// Start queued renders, highest priority (then oldest) first, while a worker is free.
+    /// A render bound to a kernel family only takes free workers of that family; one that
+    /// cannot start now does not hold back the renders behind it.
     fn schedule(&self, st: &mut State) {
-        while st.workers.values().any(|w| w.render.is_none()) {
+        loop {
+            let free: BTreeSet<&str> = st
+                .workers
+                .values()
+                .filter(|w| w.render.is_none())
+                .map(|w| w.kernel_family.as_str())
+                .collect();
+            if free.is_empty() {
+                return;
+            }
             let next = st
                 .jobs
                 .values()
                 .filter(|j| j.record.state == JobState::Queued)
+                .filter(|j| {
+                    j.record
+                        .kernel_family
+                        .as_deref()
+                        .is_none_or(|f| free.contains(f))
+                })
                 .max_by(|a, b| {
                     (a.record.spec.priority)
                         .cmp(&b.record.spec.priority)
@@ -654,9 +599,18 @@ impl Inner {
             StitchingMode::Autoregressive => 1,
             _ => n,
         };
+        // The render's kernel family: recorded at its first start, from its first free worker.
+        let family = match &job.record.kernel_family {
+            Some(f) => f.clone(),
+            None => match workers.values().find(|w| w.render.is_none()) {
+                Some(w) => w.kernel_family.clone(),
+                None => return,
+            },
+        };
+        job.record.kernel_family = Some(family.clone());
         let chosen: Vec<String> = workers
             .iter()
-            .filter(|(_, w)| w.render.is_none())
+            .filter(|(_, w)| w.render.is_none() && w.kernel_family == family)
             .take(wanted)
             .map(|(k, _)| k.clone())
             .collect();
@@ -1281,6 +1235,7 @@ fn manifest(job: &Job, run: &Run) -> serde_json::Value {
         "request": spec,
         "idempotency_key": r.idempotency_key,
         "seed": spec.seed,
+        "kernel_family": r.kernel_family,
         "video": {
             "num_frames": spec.num_frames,
             "frames_written": run.frame_count,
@@ -1403,6 +1358,7 @@ impl Coordinator {
                 attempts: 0,
                 checkpoint: None,
                 denoised: None,
+                kernel_family: None,
             };
             let progress = pb::Progress {
                 phase: pb::RenderState::Queued as i32,
@@ -1630,6 +1586,7 @@ impl Coordinator {
                 tasks,
                 pending: Some(pending),
                 render: None,
+                kernel_family: req.kernel_family.clone(),
             },
         );
         inner.schedule(&mut st);

@@ -301,6 +301,11 @@ pub struct JobRecord {
     /// only decodes again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denoised: Option<DenoisedRecord>,
+    /// The kernel family of the workers that started the render: its windows only ever move
+    /// between workers of this family (results are bit-identical only within one). Absent: not
+    /// started yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_family: Option<String>,
 }
 
 /// The stored final latents of every window.

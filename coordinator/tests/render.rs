@@ -628,3 +628,52 @@ async fn a_reopened_task_stream_gets_the_unfinished_tasks_again() {
     assert_eq!(again, first);
     server.stop().await;
 }
+
+/// A render keeps the kernel family of its first workers: after a rollback it waits for a worker
+/// of that family, while a worker of another family takes other renders meanwhile.
+#[tokio::test]
+async fn windows_move_only_within_a_kernel_family() {
+    let server = Server::start(CoordinatorConfig {
+        lease_ttl: Duration::from_millis(400),
+        ..config()
+    })
+    .await;
+    let mut renders = server.renders().await;
+    let mut a = FakeWorker::join_family(&server, "a", false, "fam-a").await;
+    let first = submit(&mut renders, two_window_spec())
+        .await
+        .unwrap()
+        .render_id;
+    let (_, task) = a.next_denoise().await;
+    assert_eq!(task.render_id, first);
+    wait_for_state(&mut renders, &first, pb::RenderState::Queued).await;
+    // A worker of another family does not take it...
+    let mut b = FakeWorker::join_family(&server, "b", true, "fam-b").await;
+    let nothing = tokio::time::timeout(Duration::from_millis(500), b.tasks.message()).await;
+    assert!(
+        nothing.is_err(),
+        "a worker of another family got {nothing:?}"
+    );
+    // ...but takes a new render, which is not held back by the first.
+    let second = submit(
+        &mut renders,
+        pb::RenderSpec {
+            seed: Some(9),
+            ..two_window_spec()
+        },
+    )
+    .await
+    .unwrap()
+    .render_id;
+    let (_, task) = b.next_denoise().await;
+    assert_eq!(task.render_id, second);
+    // A worker of the first family picks the first render up again.
+    let mut c = FakeWorker::join_family(&server, "c", true, "fam-a").await;
+    let (_, task) = c.next_denoise().await;
+    assert_eq!(task.render_id, first);
+    assert_eq!(
+        get(&mut renders, &first).await.state,
+        pb::RenderState::EncodingText as i32
+    );
+    server.stop().await;
+}

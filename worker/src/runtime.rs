@@ -82,6 +82,7 @@ pub async fn run(
             worker_name: opts.name.clone(),
             devices: opts.devices.clone(),
             capacity: opts.capacity,
+            kernel_family: longtake_model::backend::cpu_kernel_family().to_string(),
         })
         .await
         .map_err(|status| WorkerError::Rpc {

@@ -153,12 +153,23 @@ pub struct FakeWorker {
 impl FakeWorker {
     /// Register, open the task stream, and (with `heartbeat`) renew the lease every 100 ms.
     pub async fn join(server: &Server, name: &str, heartbeat: bool) -> FakeWorker {
+        Self::join_family(server, name, heartbeat, "cpu-test").await
+    }
+
+    /// [`FakeWorker::join`] with a kernel family.
+    pub async fn join_family(
+        server: &Server,
+        name: &str,
+        heartbeat: bool,
+        family: &str,
+    ) -> FakeWorker {
         let mut client = server.workers().await;
         let reg = client
             .register(pb::RegisterRequest {
                 worker_name: name.to_string(),
                 devices: vec!["cpu".into()],
                 capacity: 1,
+                kernel_family: family.to_string(),
             })
             .await
             .unwrap()

@@ -32,6 +32,29 @@ macro_rules! multiversion {
     };
 }
 
+/// The kernel family this CPU runs (the row kernels' dispatch level): results are bit-identical
+/// only between machines of one family.
+pub fn family() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            return "cpu-x86_64-avx512";
+        }
+        if has_avx2() {
+            return "cpu-x86_64-avx2-fma";
+        }
+        "cpu-x86_64-baseline"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        if cfg!(target_arch = "aarch64") {
+            "cpu-aarch64"
+        } else {
+            "cpu-other"
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")

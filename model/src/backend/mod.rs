@@ -12,6 +12,11 @@
 
 pub mod cpu;
 mod kernels;
+
+/// The CPU kernel family of this machine (see [`kernels::family`]).
+pub fn cpu_kernel_family() -> &'static str {
+    kernels::family()
+}
 pub mod text_ops;
 pub mod video_ops;
 
