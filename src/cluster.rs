@@ -395,8 +395,21 @@ impl Coordinators {
     }
 }
 
+/// A coordinator's error for people: the message, then the machine-readable reason and whether
+/// a retry can help (from the rich error details, when the server sent them).
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+    use tonic_types::StatusExt;
+    match s.get_error_details().error_info() {
+        Some(info) => {
+            let retry = if info.metadata.get("retryable").is_some_and(|r| r == "true") {
+                "retrying may help"
+            } else {
+                "retrying will not help"
+            };
+            anyhow::anyhow!("{} ({}; {retry})", s.message(), info.reason)
+        }
+        None => anyhow::anyhow!("{} ({:?})", s.message(), s.code()),
+    }
 }
 
 fn state_name(state: i32) -> String {

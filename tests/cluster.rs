@@ -455,7 +455,10 @@ fn client_commands_reject_bad_input() {
             ],
             "duration_s",
         ),
-        (&["get", "--coordinator", &addr, "nope"], "render_id"),
+        (
+            &["get", "--coordinator", &addr, "nope"],
+            "render_id: no render \"nope\" (NOT_FOUND; retrying will not help)",
+        ),
         (
             &["list", "--coordinator", &addr, "--state", "bogus"],
             "state",
