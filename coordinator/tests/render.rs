@@ -677,3 +677,100 @@ async fn windows_move_only_within_a_kernel_family() {
     );
     server.stop().await;
 }
+
+/// A watch cut mid-render and resumed from the last sequence number it saw misses no change and
+/// repeats nothing.
+#[tokio::test]
+async fn a_resumed_watch_misses_and_repeats_nothing() {
+    let server = Server::start(config()).await;
+    let mut renders = server.renders().await;
+    let mut w = FakeWorker::join(&server, "w", true).await;
+    let id = submit(&mut renders, two_window_spec())
+        .await
+        .unwrap()
+        .render_id;
+    let (task_id, task) = w.next_denoise().await;
+    let mut first = renders
+        .watch_render(pb::WatchRenderRequest {
+            render_id: id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = first.message().await.unwrap().unwrap();
+    assert_eq!(
+        state(seen.render.as_ref().unwrap()),
+        pb::RenderState::EncodingText
+    );
+    drop(first); // the connection drops
+    // Meanwhile: progress, a change of state, more progress, then the render is cancelled.
+    for done in 1..=4u64 {
+        w.client
+            .report_progress(pb::TaskProgress {
+                worker_id: w.id.clone(),
+                task_id: task_id.clone(),
+                render_id: id.clone(),
+                epoch: task.epoch,
+                phase: pb::RenderState::Denoising as i32,
+                window_steps_done: done,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    renders
+        .cancel_render(pb::CancelRenderRequest {
+            render_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut resumed = renders
+        .watch_render(pb::WatchRenderRequest {
+            render_id: id.clone(),
+            after_sequence: seen.sequence,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(10), resumed.message())
+        .await
+        .expect("the resumed stream ends after the terminal state")
+        .unwrap()
+    {
+        events.push(e);
+    }
+    let seqs: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "{seqs:?}");
+    assert!(seqs[0] > seen.sequence, "{seqs:?} after {}", seen.sequence);
+    let states: Vec<pb::RenderState> = events
+        .iter()
+        .map(|e| state(e.render.as_ref().unwrap()))
+        .collect();
+    // Every change after the cut, in order: into DENOISING, its latest progress, then CANCELLED;
+    // nothing from before the cut again.
+    assert_eq!(
+        states,
+        [
+            pb::RenderState::Denoising,
+            pb::RenderState::Denoising,
+            pb::RenderState::Cancelled
+        ],
+        "{events:?}"
+    );
+    let done: Vec<u64> = events[..2]
+        .iter()
+        .map(|e| {
+            e.render
+                .as_ref()
+                .unwrap()
+                .progress
+                .as_ref()
+                .unwrap()
+                .window_steps_done
+        })
+        .collect();
+    assert_eq!(done, [1, 4]);
+    server.stop().await;
+}
