@@ -20,6 +20,15 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::render::{ProgressDisplay, RequestArgs};
 
+/// `println!` for command output that a closed pipe (`| head`) ends quietly instead of with a
+/// panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Args)]
 pub struct CoordinatorArgs {
     /// Address to serve the public and worker APIs on (`host:port`; port 0 picks a free one,
@@ -223,7 +232,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
             .await
             .with_context(|| format!("listen: cannot bind {}", a.listen))?;
         let addr: SocketAddr = listener.local_addr()?;
-        println!("listening on {addr}");
+        out!("listening on {addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
         if a.etcd.is_empty() {
@@ -498,27 +507,30 @@ fn render_json(r: &pb::Render) -> serde_json::Value {
 
 fn print_render(r: &pb::Render, as_json: bool) {
     if as_json {
-        println!("{}", render_json(r));
+        out!("{}", render_json(r));
         return;
     }
     let p = r.progress.clone().unwrap_or_default();
-    println!("{}", r.id);
-    println!("state:    {}", state_name(r.state));
-    println!(
+    out!("{}", r.id);
+    out!("state:    {}", state_name(r.state));
+    out!(
         "prompt:   {}",
         r.spec.as_ref().map(|s| s.prompt.as_str()).unwrap_or("")
     );
-    println!(
+    out!(
         "progress: {}/{} window-steps, {}/{} frames",
-        p.window_steps_done, p.window_steps_total, p.frames_done, p.frames_total
+        p.window_steps_done,
+        p.window_steps_total,
+        p.frames_done,
+        p.frames_total
     );
     if !p.message.is_empty() {
-        println!("message:  {}", p.message);
+        out!("message:  {}", p.message);
     }
     if !r.error.is_empty() {
-        println!("error:    {}", r.error);
+        out!("error:    {}", r.error);
     }
-    println!("output:   {}", r.output_uri);
+    out!("output:   {}", r.output_uri);
 }
 
 fn terminal(state: i32) -> bool {
@@ -600,9 +612,9 @@ pub fn submit(a: &SubmitArgs) -> Result<()> {
         let id = resp.render_id;
         if !a.json || !a.wait {
             if a.json {
-                println!("{}", json!({ "render_id": id, "created": resp.created }));
+                out!("{}", json!({ "render_id": id, "created": resp.created }));
             } else {
-                println!("{id}");
+                out!("{id}");
             }
         }
         use std::io::Write;
@@ -614,13 +626,13 @@ pub fn submit(a: &SubmitArgs) -> Result<()> {
         let last = follow(&mut coords, &id, |r| display.show(r)).await?;
         display.finish();
         if a.json {
-            println!("{}", render_json(&last));
+            out!("{}", render_json(&last));
         }
         if last.state != pb::RenderState::Succeeded as i32 {
             bail!("render {id} {}: {}", state_name(last.state), last.error);
         }
         if !a.json {
-            println!("{}", last.output_uri);
+            out!("{}", last.output_uri);
         }
         Ok(())
     })
@@ -661,7 +673,7 @@ pub fn watch(a: &IdArgs) -> Result<()> {
         let mut display = ProgressDisplay::new();
         let last = follow(&mut coords, &a.render_id, |r| {
             if a.json {
-                println!("{}", render_json(r));
+                out!("{}", render_json(r));
             } else {
                 display.show(r);
             }
@@ -731,11 +743,11 @@ pub fn list(a: &ListArgs) -> Result<()> {
         }
         if a.json {
             let v: Vec<serde_json::Value> = all.iter().map(render_json).collect();
-            println!("{}", serde_json::Value::Array(v));
+            out!("{}", serde_json::Value::Array(v));
         } else {
             for r in &all {
                 let p = r.progress.clone().unwrap_or_default();
-                println!(
+                out!(
                     "{}  {:<13} {:>6}/{:<6} {}",
                     r.id,
                     state_name(r.state),
