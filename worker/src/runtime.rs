@@ -348,21 +348,8 @@ impl Compute {
             .ok_or("denoise task without a latent shape")?;
         let plan_pb = t.plan.as_ref().ok_or("denoise task without a plan")?;
         let pipe = self.pipeline(&spec.model)?;
-        let geo = Geometry {
-            channels: shape.channels as usize,
-            frames: shape.frames as usize,
-            height: shape.height as usize,
-            width: shape.width as usize,
-        };
-        let plan: Vec<WindowSpec> = plan_pb
-            .windows
-            .iter()
-            .map(|w| WindowSpec {
-                start: w.start as usize,
-                len: w.len as usize,
-                weights: w.weights.clone(),
-            })
-            .collect();
+        let geo = geometry(shape);
+        let plan = window_specs(plan_pb);
         let stitching =
             match pb::Stitching::try_from(spec.stitching).unwrap_or(pb::Stitching::Codenoise) {
                 pb::Stitching::Independent => Stitching::Independent,
@@ -388,10 +375,9 @@ impl Compute {
             let (store, prefix) = open_store(&t.output_uri)?;
             let key = object_key(&prefix, &t.initial_noise_key);
             let bytes = self
-                .handle
-                .block_on(async { store.get(&key).await?.bytes().await })
+                .read_object(&*store, &key)
                 .map_err(|e| format!("initial noise: reading {key}: {e}"))?;
-            Some(bytes.to_vec())
+            Some(bytes)
         };
         let noise = match stored_noise.as_ref().or(spec.initial_noise.as_ref()) {
             Some(bytes) => {
@@ -485,8 +471,7 @@ impl Compute {
                         &format!("{}/w{}.safetensors", t.resume_from, w.index),
                     );
                     let bytes = self
-                        .handle
-                        .block_on(async { store.get(&key).await?.bytes().await })
+                        .read_object(&**store, &key)
                         .map_err(|e| format!("cannot resume: reading the checkpoint {key}: {e}"))?;
                     w.restore(&bytes)
                         .map_err(|e| format!("cannot resume from {key}: {e}"))?;
@@ -588,6 +573,36 @@ impl Compute {
         Ok(pb::DenoiseResult { windows })
     }
 
+    /// The bytes of object `key`.
+    fn read_object(
+        &self,
+        store: &dyn ObjectStore,
+        key: &StorePath,
+    ) -> Result<Vec<u8>, object_store::Error> {
+        self.handle
+            .block_on(async { store.get(key).await?.bytes().await })
+            .map(|b| b.to_vec())
+    }
+
+    /// Create object `key` unless it exists (a retried or stale writer never replaces one; an
+    /// existing object of the same task holds the same bytes).
+    fn create_object(
+        &self,
+        store: &dyn ObjectStore,
+        key: &StorePath,
+        bytes: Vec<u8>,
+    ) -> Result<(), object_store::Error> {
+        let put = self.handle.block_on(store.put_opts(
+            key,
+            bytes.into(),
+            object_store::PutMode::Create.into(),
+        ));
+        match put {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Read the windows' final latents named by a decode task and fuse them into the whole
     /// sequence with the plan's weights (the function that fuses halos): a safetensors file with
     /// `latents` [1, C, T, h, w].
@@ -602,21 +617,8 @@ impl Compute {
             .as_ref()
             .ok_or("decode task without a latent shape")?;
         let plan_pb = t.plan.as_ref().ok_or("decode task without a plan")?;
-        let geo = Geometry {
-            channels: shape.channels as usize,
-            frames: shape.frames as usize,
-            height: shape.height as usize,
-            width: shape.width as usize,
-        };
-        let plan: Vec<WindowSpec> = plan_pb
-            .windows
-            .iter()
-            .map(|w| WindowSpec {
-                start: w.start as usize,
-                len: w.len as usize,
-                weights: w.weights.clone(),
-            })
-            .collect();
+        let geo = geometry(shape);
+        let plan = window_specs(plan_pb);
         if t.window_keys.len() != plan.len() {
             return Err(format!(
                 "{} window keys for a plan of {} windows",
@@ -627,8 +629,7 @@ impl Compute {
         let mut parts = Vec::new();
         for (i, (key, w)) in t.window_keys.iter().zip(&plan).enumerate() {
             let bytes = self
-                .handle
-                .block_on(async { store.get(&object_key(prefix, key)).await?.bytes().await })
+                .read_object(store, &object_key(prefix, key))
                 .map_err(|e| format!("reading {key} under {}: {e}", t.output_uri))?;
             let data = f32_from_le(&bytes);
             let want = geo.channels * w.len * geo.height * geo.width;
@@ -668,15 +669,8 @@ impl Compute {
                 prefix,
                 &format!("{}/s{k}/w{}.safetensors", t.checkpoint_dir, w.index),
             );
-            let put = self.handle.block_on(store.put_opts(
-                &key,
-                bytes.into(),
-                object_store::PutMode::Create.into(),
-            ));
-            match put {
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(format!("writing the checkpoint {key}: {e}")),
-            }
+            self.create_object(store, &key, bytes)
+                .map_err(|e| format!("writing the checkpoint {key}: {e}"))?;
         }
         Ok(())
     }
@@ -801,25 +795,17 @@ impl Compute {
             Some(pb::decode_task::Latents::LatentsKey(key)) => {
                 let path = object_key(&prefix, key);
                 let bytes = self
-                    .handle
-                    .block_on(async { store.get(&path).await?.bytes().await })
+                    .read_object(&*store, &path)
                     .map_err(|e| format!("reading {key} under {}: {e}", t.output_uri))?;
-                (bytes.to_vec(), false)
+                (bytes, false)
             }
             None if !t.window_keys.is_empty() => {
                 let clock = Instant::now();
                 let file = self.fuse_windows(t, &*store, &prefix)?;
                 let path = object_key(&prefix, "latents.safetensors");
                 // Written once: a decode sent again finds it there (the same bytes).
-                let put = self.handle.block_on(store.put_opts(
-                    &path,
-                    file.clone().into(),
-                    object_store::PutMode::Create.into(),
-                ));
-                match put {
-                    Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-                    Err(e) => return Err(format!("writing latents.safetensors: {e}")),
-                }
+                self.create_object(&*store, &path, file.clone())
+                    .map_err(|e| format!("writing latents.safetensors: {e}"))?;
                 timings.insert("fuse".into(), clock.elapsed().as_secs_f64());
                 (file, false)
             }
@@ -830,11 +816,7 @@ impl Compute {
         let [_, c, tt, h, w] = <[usize; 5]>::try_from(shape.as_slice())
             .map_err(|_| format!("latents shape {shape:?}"))?;
         let put = |name: &str, bytes: Vec<u8>| -> TaskResult<String> {
-            let key = if prefix.as_ref().is_empty() {
-                StorePath::from(name)
-            } else {
-                StorePath::from(format!("{}/{name}", prefix.as_ref()))
-            };
+            let key = object_key(&prefix, name);
             self.handle
                 .block_on(store.put(&key, bytes.into()))
                 .map_err(|e| format!("writing {name} to {}: {e}", t.output_uri))?;
@@ -917,6 +899,26 @@ fn f32_from_le(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn geometry(shape: &pb::LatentShape) -> Geometry {
+    Geometry {
+        channels: shape.channels as usize,
+        frames: shape.frames as usize,
+        height: shape.height as usize,
+        width: shape.width as usize,
+    }
+}
+
+fn window_specs(plan: &pb::WindowPlan) -> Vec<WindowSpec> {
+    plan.windows
+        .iter()
+        .map(|w| WindowSpec {
+            start: w.start as usize,
+            len: w.len as usize,
+            weights: w.weights.clone(),
+        })
         .collect()
 }
 
