@@ -147,6 +147,48 @@ struct Run {
     checkpoints: BTreeMap<u32, BTreeSet<usize>>,
 }
 
+impl Run {
+    /// A run planned at `started`, with no task sent yet.
+    fn new(
+        id: &str,
+        epoch: u64,
+        plan: WindowPlan,
+        shape: [u32; 4],
+        owners: Vec<String>,
+        partners: Vec<Vec<usize>>,
+        started: Instant,
+    ) -> Run {
+        let n = plan.windows.len();
+        Run {
+            render_id: id.to_string(),
+            epoch,
+            plan,
+            shape,
+            owners,
+            partners,
+            tasks: BTreeMap::new(),
+            latents: (0..n).map(|_| None).collect(),
+            model_identity: String::new(),
+            worker_timings: BTreeMap::new(),
+            started,
+            phase_started: Instant::now(),
+            timings: BTreeMap::from([("plan", started.elapsed().as_secs_f64())]),
+            outputs: Vec::new(),
+            frame_count: 0,
+            checkpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// Unbind the workers bound to render `id`: they are free for the next render.
+fn release_workers(workers: &mut BTreeMap<String, Worker>, id: &str) {
+    for w in workers.values_mut() {
+        if w.render.as_deref() == Some(id) {
+            w.render = None;
+        }
+    }
+}
+
 /// A window's final latents as handed in.
 enum WindowData {
     Inline(Vec<f32>),
@@ -620,32 +662,12 @@ impl Inner {
             }
         }
         if decode_only {
-            let mut timings = BTreeMap::new();
-            timings.insert("plan", started.elapsed().as_secs_f64());
             job.progress.window_steps_total = n as u64 * u64::from(spec.steps);
             job.progress.window_steps_done = job.progress.window_steps_total;
             job.progress.frames_total = u64::from(spec.num_frames);
-            runs.insert(
-                id.to_string(),
-                Run {
-                    render_id: id.to_string(),
-                    epoch,
-                    plan,
-                    shape,
-                    owners: vec![chosen[0].clone(); n],
-                    partners: vec![Vec::new(); n],
-                    tasks: BTreeMap::new(),
-                    latents: (0..n).map(|_| None).collect(),
-                    model_identity: String::new(),
-                    worker_timings: BTreeMap::new(),
-                    started,
-                    phase_started: Instant::now(),
-                    timings,
-                    outputs: Vec::new(),
-                    frame_count: 0,
-                    checkpoints: BTreeMap::new(),
-                },
-            );
+            let owners = vec![chosen[0].clone(); n];
+            let run = Run::new(id, epoch, plan, shape, owners, vec![Vec::new(); n], started);
+            runs.insert(id.to_string(), run);
             self.set_state(job, JobState::Decoding);
             self.dispatch_decode(st, id, epoch);
             return;
@@ -757,29 +779,9 @@ impl Inner {
             plan.window.min(plan.latent_frames),
             groups.iter().filter(|g| !g.is_empty()).count()
         );
-        let mut timings = BTreeMap::new();
-        timings.insert("plan", started.elapsed().as_secs_f64());
-        runs.insert(
-            id.to_string(),
-            Run {
-                render_id: id.to_string(),
-                epoch,
-                plan,
-                shape,
-                owners,
-                partners,
-                tasks,
-                latents: (0..n).map(|_| None).collect(),
-                model_identity: String::new(),
-                worker_timings: BTreeMap::new(),
-                started,
-                phase_started: Instant::now(),
-                timings,
-                outputs: Vec::new(),
-                frame_count: 0,
-                checkpoints: BTreeMap::new(),
-            },
-        );
+        let mut run = Run::new(id, epoch, plan, shape, owners, partners, started);
+        run.tasks = tasks;
+        runs.insert(id.to_string(), run);
         self.set_state(job, JobState::EncodingText);
         if !closed.is_empty() {
             // A worker whose task stream is gone cannot take part; drop it.
@@ -869,11 +871,7 @@ impl Inner {
         if job.record.state.is_terminal() {
             return false;
         }
-        for w in workers.values_mut() {
-            if w.render.as_deref() == Some(id) {
-                w.render = None;
-            }
-        }
+        release_workers(workers, id);
         if let Some(run) = runs.remove(id) {
             let busy: BTreeSet<&String> = run
                 .tasks
@@ -1158,11 +1156,7 @@ impl Inner {
                 Ok(()) => {
                     runs.remove(&id);
                     halos.retain(|k, _| k.render != id);
-                    for w in workers.values_mut() {
-                        if w.render.as_deref() == Some(id.as_str()) {
-                            w.render = None;
-                        }
-                    }
+                    release_workers(workers, &id);
                     let job = jobs.get_mut(&id).expect("checked above");
                     job.finalizing = false;
                     job.progress.message = format!("written to {output_uri}");
