@@ -176,7 +176,7 @@ impl std::error::Error for InvalidField {}
 
 impl From<InvalidField> for tonic::Status {
     fn from(e: InvalidField) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
+        crate::errors::Error::from(e).into()
     }
 }
 
