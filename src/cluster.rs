@@ -224,6 +224,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         default_output: a.store.clone(),
         jobs_prefix: "jobs".to_string(),
+        models: std::sync::Arc::new(crate::models::LocalModels),
         ..CoordinatorConfig::default()
     };
     let rt = runtime()?;

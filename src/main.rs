@@ -11,6 +11,7 @@ mod analyze;
 mod cluster;
 mod dit;
 mod generate;
+mod models;
 mod render;
 mod text;
 mod vae;

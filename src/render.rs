@@ -49,22 +49,25 @@ pub struct RequestArgs {
     /// Length in pixel frames (4k + 1). Default: 5 s.
     #[arg(long)]
     num_frames: Option<u32>,
-    /// Frames per second (default 16).
+    /// Frames per second. Default: the model's `longtake.json`, else 16.
     #[arg(long)]
     fps: Option<u32>,
-    /// Width in pixels, a multiple of 16 (default 832; the smoke model: 64).
+    /// Width in pixels, a multiple of the model's size multiple (16 for Wan2.1). Default: the
+    /// model's `longtake.json`, else 832 (the built-in model: 64).
     #[arg(long)]
     width: Option<u32>,
-    /// Height in pixels, a multiple of 16 (default 480; the smoke model: 64).
+    /// Height in pixels, like --width. Default: the model's `longtake.json`, else 480 (the
+    /// built-in model: 64).
     #[arg(long)]
     height: Option<u32>,
     /// Seed of the initial noise (default: random, recorded in the manifest).
     #[arg(long)]
     seed: Option<u64>,
-    /// Sampler steps (default 50; the smoke model: 4).
+    /// Sampler steps. Default: the model's `longtake.json`, else 50 (the built-in model: 4).
     #[arg(long)]
     steps: Option<u32>,
-    /// Classifier-free guidance scale (default 5; 1 or less disables it).
+    /// Classifier-free guidance scale (1 or less disables it). Default: the model's
+    /// `longtake.json`, else 5.
     #[arg(long)]
     guidance: Option<f32>,
     /// Override the scheduler's flow shift.
@@ -179,6 +182,7 @@ pub fn run(a: &RenderArgs) -> Result<()> {
     let config = CoordinatorConfig {
         jobs_prefix,
         default_output: output,
+        models: std::sync::Arc::new(crate::models::LocalModels),
         ..CoordinatorConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -32,6 +32,7 @@ pub mod assemble;
 pub mod errors;
 pub mod etcd;
 mod events;
+pub mod geometry;
 pub mod output;
 pub mod plan;
 pub mod service;
@@ -57,6 +58,8 @@ pub use validate::Limits;
 pub struct CoordinatorConfig {
     /// Request limits (duration, frames, window).
     pub limits: Limits,
+    /// What each model is (geometry, native window, defaults), asked at every SubmitRender.
+    pub models: std::sync::Arc<dyn geometry::ModelCatalog>,
     /// A worker that sends no heartbeat for this long is dropped, and the render it works on is
     /// rolled back and started again on the workers left.
     pub lease_ttl: Duration,
@@ -80,6 +83,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             limits: Limits::default(),
+            models: std::sync::Arc::new(geometry::Wan21Catalog),
             lease_ttl: Duration::from_secs(10),
             max_attempts: 5,
             checkpoint_every: 0,

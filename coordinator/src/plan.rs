@@ -6,16 +6,6 @@
 
 use std::fmt;
 
-/// Pixel frames → latent frames of Wan's causal VAE: the first latent frame is one pixel frame,
-/// every further one is four.
-pub fn latent_frames(pixel_frames: usize) -> usize {
-    if pixel_frames == 0 {
-        0
-    } else {
-        (pixel_frames - 1) / 4 + 1
-    }
-}
-
 /// Why a plan cannot be made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanError {
@@ -156,7 +146,7 @@ mod tests {
 
     #[test]
     fn a_minute_at_16_fps() {
-        let t = latent_frames(961);
+        let t = crate::geometry::LatentGeometry::WAN21.latent_frames(961) as usize;
         assert_eq!(t, 241);
         let p = plan(t, 21, 4).unwrap();
         assert_eq!(p.windows.first().unwrap().start, 0);

@@ -7,35 +7,8 @@ use std::fmt;
 use longtake_proto::v1::{RenderSpec, Stitching, render_spec::Length};
 use serde::{Deserialize, Serialize};
 
-use crate::plan;
+use crate::geometry::{LatentGeometry, ModelInfo};
 
-/// Defaults for the built-in smoke model (a small random-weight Wan): small enough that a minute
-/// renders in about a minute on two CPU cores.
-pub mod smoke_defaults {
-    pub const WIDTH: u32 = 64;
-    pub const HEIGHT: u32 = 64;
-    pub const FPS: u32 = 16;
-    pub const STEPS: u32 = 4;
-    pub const GUIDANCE: f32 = 5.0;
-    pub const WINDOW: u32 = 21;
-    pub const OVERLAP: u32 = 4;
-}
-
-/// Defaults for a real Wan2.1 model directory (480p, 16 fps, its native 81-frame clip).
-pub mod model_defaults {
-    pub const WIDTH: u32 = 832;
-    pub const HEIGHT: u32 = 480;
-    pub const FPS: u32 = 16;
-    pub const STEPS: u32 = 50;
-    pub const GUIDANCE: f32 = 5.0;
-    pub const WINDOW: u32 = 21;
-    pub const OVERLAP: u32 = 4;
-}
-
-/// Latent channels of the Wan2.1 VAE.
-pub const LATENT_CHANNELS: u32 = 16;
-/// Pixels per latent row/column of the Wan2.1 VAE.
-pub const SPATIAL_FACTOR: u32 = 8;
 pub const MAX_FPS: u32 = 120;
 pub const MAX_SIDE: u32 = 4096;
 pub const MAX_STEPS: u32 = 1000;
@@ -49,7 +22,8 @@ pub struct Limits {
     pub max_duration_s: f64,
     /// Most pixel frames accepted, whether given as `num_frames` or derived from a duration.
     pub max_frames: u32,
-    /// Longest window in latent frames: the model's native clip length.
+    /// Longest window in latent frames the coordinator accepts, on top of the model's own
+    /// native clip length.
     pub max_window: u32,
 }
 
@@ -57,8 +31,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_duration_s: 600.0,
-            max_frames: frames_for_duration(600.0, 16),
-            max_window: 21,
+            max_frames: frames_for_duration(600.0, 16, 4),
+            max_window: 1024,
         }
     }
 }
@@ -90,7 +64,7 @@ pub struct ValidSpec {
     pub negative_prompt: String,
     /// The requested duration, when the length was given in seconds.
     pub duration_s: Option<f64>,
-    /// Pixel frames, 4k + 1.
+    /// Pixel frames, of the form t·k + 1 (t: the model's temporal factor).
     pub num_frames: u32,
     pub fps: u32,
     pub width: u32,
@@ -110,6 +84,10 @@ pub struct ValidSpec {
     pub png_frames: bool,
     pub priority: i32,
     pub has_initial_noise: bool,
+    /// The model's latent geometry, from its configuration (records written before it was
+    /// stored are Wan2.1's, which is therefore left out of the record).
+    #[serde(default, skip_serializing_if = "LatentGeometry::is_wan21")]
+    pub latent: LatentGeometry,
 }
 
 impl ValidSpec {
@@ -118,16 +96,16 @@ impl ValidSpec {
     }
 
     pub fn latent_frames(&self) -> u32 {
-        plan::latent_frames(self.num_frames as usize) as u32
+        self.latent.latent_frames(self.num_frames)
     }
 
     /// [channels, frames, height, width] of the whole latent sequence.
     pub fn latent_shape(&self) -> [u32; 4] {
         [
-            LATENT_CHANNELS,
+            self.latent.channels,
             self.latent_frames(),
-            self.height / SPATIAL_FACTOR,
-            self.width / SPATIAL_FACTOR,
+            self.height / self.latent.spatial_factor,
+            self.width / self.latent.spatial_factor,
         ]
     }
 
@@ -187,21 +165,23 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidField {
     }
 }
 
-/// Pixel frames for a duration: F = 4·⌈duration·fps / 4⌉ + 1, the smallest length of Wan's form
-/// 4k + 1 that is longer than `duration_s × fps` frames (60 s at 16 fps: 961). A product within
-/// 1e-9 of a multiple of 4 counts as that multiple, so float noise (0.1 × 40 = 4.000000000000001)
-/// does not add four frames.
-pub fn frames_for_duration(duration_s: f64, fps: u32) -> u32 {
-    let quarter = duration_s * fps as f64 / 4.0;
-    let k = (quarter - 1e-9).ceil().max(0.0);
-    (4.0 * k + 1.0).min(u32::MAX as f64) as u32
+/// Pixel frames for a duration: F = t·⌈duration·fps / t⌉ + 1 for a model with temporal factor t,
+/// the smallest length of the form t·k + 1 that is longer than `duration_s × fps` frames (Wan,
+/// t = 4: 60 s at 16 fps is 961). A product within 1e-9 of a multiple of t counts as that
+/// multiple, so float noise (0.1 × 40 = 4.000000000000001) does not add t frames.
+pub fn frames_for_duration(duration_s: f64, fps: u32, temporal: u32) -> u32 {
+    let t = f64::from(temporal.max(1));
+    let k = (duration_s * fps as f64 / t - 1e-9).ceil().max(0.0);
+    (t * k + 1.0).min(u32::MAX as f64) as u32
 }
 
-/// Validate `spec` and apply the defaults. `default_output` replaces an empty `output`;
-/// `random_seed` is used when the spec has no seed.
+/// Validate `spec` for `info` (the model's geometry and defaults, from the model catalog) and apply the
+/// defaults. `default_output` replaces an empty `output`; `random_seed` is used when the spec has
+/// no seed.
 pub fn validate(
     spec: &RenderSpec,
     limits: &Limits,
+    info: &ModelInfo,
     default_output: &str,
     random_seed: u64,
 ) -> Result<ValidSpec, InvalidField> {
@@ -232,13 +212,13 @@ pub fn validate(
     if !smoke && spec.model.contains('\0') {
         return Err(invalid("model", "must be a directory path"));
     }
-    let (d_width, d_height, d_fps, d_steps, d_guidance, d_window, d_overlap) = if smoke {
-        use smoke_defaults::*;
-        (WIDTH, HEIGHT, FPS, STEPS, GUIDANCE, WINDOW, OVERLAP)
-    } else {
-        use model_defaults::*;
-        (WIDTH, HEIGHT, FPS, STEPS, GUIDANCE, WINDOW, OVERLAP)
-    };
+    let d = info.defaults;
+    let (d_width, d_height, d_fps, d_steps, d_guidance, d_window, d_overlap) = (
+        d.width, d.height, d.fps, d.steps, d.guidance, d.window, d.overlap,
+    );
+    let geometry = info.latent;
+    let t = geometry.temporal_factor.max(1);
+    let max_window = limits.max_window.min(info.native_window).max(1);
 
     let fps = spec.fps.unwrap_or(d_fps);
     if fps == 0 || fps > MAX_FPS {
@@ -262,7 +242,7 @@ pub fn validate(
                     ),
                 ));
             }
-            let frames = frames_for_duration(d, fps);
+            let frames = frames_for_duration(d, fps, t);
             if frames > limits.max_frames {
                 return Err(invalid(
                     "duration_s",
@@ -279,18 +259,18 @@ pub fn validate(
                 return Err(invalid(
                     "num_frames",
                     format!(
-                        "is {f}; allowed: 1..={} of the form 4k + 1",
+                        "is {f}; allowed: 1..={} of the form {t}k + 1",
                         limits.max_frames
                     ),
                 ));
             }
-            if f % 4 != 1 {
-                let below = f - (f + 3) % 4;
+            if (f - 1) % t != 0 {
+                let below = f - (f - 1) % t;
                 return Err(invalid(
                     "num_frames",
                     format!(
-                        "is {f}; must be of the form 4k + 1 (for example {below} or {})",
-                        below + 4
+                        "is {f}; must be of the form {t}k + 1 (for example {below} or {})",
+                        below + t
                     ),
                 ));
             }
@@ -301,10 +281,11 @@ pub fn validate(
     let width = spec.width.unwrap_or(d_width);
     let height = spec.height.unwrap_or(d_height);
     for (field, v) in [("width", width), ("height", height)] {
-        if v == 0 || v % 16 != 0 || v > MAX_SIDE {
+        let m = geometry.size_multiple.max(1);
+        if v == 0 || v % m != 0 || v > MAX_SIDE {
             return Err(invalid(
                 field,
-                format!("is {v}; allowed: a positive multiple of 16, at most {MAX_SIDE}"),
+                format!("is {v}; allowed: a positive multiple of {m}, at most {MAX_SIDE}"),
             ));
         }
     }
@@ -347,13 +328,12 @@ pub fn validate(
         }
     };
 
-    let window = spec.window.unwrap_or(d_window.min(limits.max_window));
-    if window == 0 || window > limits.max_window {
+    let window = spec.window.unwrap_or(d_window.min(max_window));
+    if window == 0 || window > max_window {
         return Err(invalid(
             "window",
             format!(
-                "is {window}; allowed: 1..={} latent frames (the model's native clip)",
-                limits.max_window
+                "is {window}; allowed: 1..={max_window} latent frames (the model's native clip)",
             ),
         ));
     }
@@ -377,16 +357,16 @@ pub fn validate(
     };
     check_output(&output)?;
 
-    let latent_frames = plan::latent_frames(num_frames as usize) as u32;
+    let latent_frames = geometry.latent_frames(num_frames);
     if let Some(noise) = &spec.initial_noise {
         check_noise(
             noise,
             [
                 1,
-                LATENT_CHANNELS,
+                geometry.channels,
                 latent_frames,
-                height / SPATIAL_FACTOR,
-                width / SPATIAL_FACTOR,
+                height / geometry.spatial_factor,
+                width / geometry.spatial_factor,
             ],
         )?;
     }
@@ -411,6 +391,7 @@ pub fn validate(
         png_frames: spec.png_frames,
         priority: spec.priority,
         has_initial_noise: spec.initial_noise.is_some(),
+        latent: geometry,
     })
 }
 
@@ -500,12 +481,69 @@ mod tests {
         }
     }
 
+    fn model_info(spec: &RenderSpec) -> ModelInfo {
+        use crate::geometry::{ModelCatalog, Wan21Catalog};
+        Wan21Catalog.model_info(spec.model.trim()).unwrap()
+    }
+
     fn check(spec: RenderSpec) -> Result<ValidSpec, InvalidField> {
-        validate(&spec, &Limits::default(), "renders", 7)
+        validate(&spec, &Limits::default(), &model_info(&spec), "renders", 7)
     }
 
     fn field_of(spec: RenderSpec) -> &'static str {
         check(spec).expect_err("should be rejected").field
+    }
+
+    #[test]
+    fn geometry_and_defaults_come_from_the_model() {
+        use crate::geometry::ModelDefaults;
+        let info = ModelInfo {
+            latent: LatentGeometry {
+                channels: 8,
+                spatial_factor: 4,
+                temporal_factor: 2,
+                size_multiple: 8,
+            },
+            native_window: 9,
+            defaults: ModelDefaults {
+                width: 96,
+                height: 72,
+                fps: 8,
+                steps: 7,
+                guidance: 3.0,
+                window: 9,
+                overlap: 2,
+            },
+        };
+        let run = |spec: RenderSpec| validate(&spec, &Limits::default(), &info, "renders", 7);
+        let v = run(RenderSpec {
+            length: Some(Length::DurationS(2.0)),
+            ..base()
+        })
+        .unwrap();
+        // 2 s at 8 fps: 16 frames → 2k + 1 = 17; latent frames (17 − 1) / 2 + 1 = 9.
+        assert_eq!(v.num_frames, 17);
+        assert_eq!(v.latent_shape(), [8, 9, 72 / 4, 96 / 4]);
+        assert_eq!((v.steps, v.guidance, v.window, v.overlap), (7, 3.0, 9, 2));
+        let e = run(RenderSpec {
+            length: Some(Length::NumFrames(20)),
+            ..base()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "num_frames");
+        assert!(e.reason.contains("2k + 1"), "{}", e.reason);
+        let e = run(RenderSpec {
+            width: Some(100),
+            ..base()
+        })
+        .unwrap_err();
+        assert!(e.reason.contains("multiple of 8"), "{}", e.reason);
+        let e = run(RenderSpec {
+            window: Some(10),
+            ..base()
+        })
+        .unwrap_err();
+        assert!(e.reason.contains("1..=9"), "{}", e.reason);
     }
 
     #[test]
@@ -539,18 +577,25 @@ mod tests {
 
     #[test]
     fn frames_rule() {
-        assert_eq!(frames_for_duration(60.0, 16), 961);
-        assert_eq!(frames_for_duration(5.0, 16), 81);
-        assert_eq!(frames_for_duration(0.1, 40), 5);
-        assert_eq!(frames_for_duration(1.0, 1), 5);
-        assert_eq!(frames_for_duration(0.01, 16), 5);
-        assert_eq!(frames_for_duration(600.0, 16), 9601);
+        assert_eq!(frames_for_duration(60.0, 16, 4), 961);
+        assert_eq!(frames_for_duration(5.0, 16, 4), 81);
+        assert_eq!(frames_for_duration(0.1, 40, 4), 5);
+        assert_eq!(frames_for_duration(1.0, 1, 4), 5);
+        assert_eq!(frames_for_duration(0.01, 16, 4), 5);
+        assert_eq!(frames_for_duration(600.0, 16, 4), 9601);
     }
 
     #[test]
     fn to_proto_round_trips() {
         let v = check(base()).unwrap();
-        let again = validate(&v.to_proto(None), &Limits::default(), "x", 99).unwrap();
+        let again = validate(
+            &v.to_proto(None),
+            &Limits::default(),
+            &model_info(&v.to_proto(None)),
+            "x",
+            99,
+        )
+        .unwrap();
         assert_eq!(again, v);
     }
 
@@ -830,7 +875,7 @@ mod tests {
                 "{bad}"
             );
         }
-        let e = validate(&base(), &Limits::default(), "", 1).unwrap_err();
+        let e = validate(&base(), &Limits::default(), &model_info(&base()), "", 1).unwrap_err();
         assert_eq!(e.field, "output");
         let file = tempfile::NamedTempFile::new().unwrap();
         let e = check(RenderSpec {

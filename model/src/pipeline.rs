@@ -31,6 +31,55 @@ pub struct ModelDir {
     pub vae: VaeConfig,
     pub text_encoder: Umt5Config,
     pub scheduler: SchedulerConfig,
+    /// What `longtake.json` declares (all fields optional; the file too).
+    pub defaults: RenderDefaults,
+}
+
+/// The request defaults a model directory declares in its optional `longtake.json` (a file
+/// diffusers ignores): the size, frame rate, step count and guidance it was made for, and its
+/// native clip length in latent frames. Absent fields fall back to Wan2.1's published settings
+/// (832×480, 16 fps, 50 steps, guidance 5, 21 latent frames).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RenderDefaults {
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub fps: Option<usize>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    /// Native clip length in latent frames (the longest window).
+    pub native_window: Option<usize>,
+}
+
+impl RenderDefaults {
+    /// `root/longtake.json`, or all defaults unset when the file is absent.
+    pub fn from_dir(root: &Path) -> Result<Self> {
+        let path = root.join("longtake.json");
+        if !path.is_file() {
+            return Ok(RenderDefaults::default());
+        }
+        let c = ConfigReader::open(&path)?;
+        let positive = |key: &str| -> Result<Option<usize>> {
+            match c.opt_usize(key)? {
+                Some(0) => Err(c.error(key, "must be a positive integer")),
+                v => Ok(v),
+            }
+        };
+        let guidance = match c.raw("guidance") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(g) if g.is_finite() && g >= 0.0 => Some(g),
+                _ => return Err(c.error("guidance", format!("{v} must be a number >= 0"))),
+            },
+        };
+        Ok(RenderDefaults {
+            width: positive("width")?,
+            height: positive("height")?,
+            fps: positive("fps")?,
+            steps: positive("steps")?,
+            guidance,
+            native_window: positive("native_window")?,
+        })
+    }
 }
 
 impl ModelDir {
@@ -149,12 +198,24 @@ impl ModelDir {
                 ),
             });
         }
+        let defaults = RenderDefaults::from_dir(root)?;
+        let m = transformer.patch_size[1].max(transformer.patch_size[2]) * vae.spatial_factor();
+        for (key, v) in [("width", defaults.width), ("height", defaults.height)] {
+            if let Some(v) = v.filter(|v| v % m != 0) {
+                return Err(Error::Config {
+                    path: root.join("longtake.json"),
+                    key: key.into(),
+                    reason: format!("is {v}; must be a multiple of {m} for this model"),
+                });
+            }
+        }
         Ok(ModelDir {
             root: root.to_path_buf(),
             transformer,
             vae,
             text_encoder,
             scheduler,
+            defaults,
         })
     }
 

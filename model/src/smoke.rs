@@ -21,8 +21,9 @@ macro_rules! asset {
     };
 }
 
-const FILES: [(&str, &[u8]); 12] = [
+const FILES: [(&str, &[u8]); 13] = [
     asset!("README.md"),
+    asset!("longtake.json"),
     asset!("model_index.json"),
     asset!("scheduler/scheduler_config.json"),
     asset!("text_encoder/config.json"),

@@ -161,6 +161,11 @@ impl VaeConfig {
     pub fn spatial_factor(&self) -> usize {
         1 << (self.dim_mult.len() - 1)
     }
+
+    /// Temporal upsampling factor of the decoder: pixel frames per latent frame after the first.
+    pub fn temporal_factor(&self) -> usize {
+        1 << self.temperal_downsample.iter().filter(|b| **b).count()
+    }
 }
 
 /// A convolution's weights; `slot` indexes its frame cache in [`StreamState`] when it is causal

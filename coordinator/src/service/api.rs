@@ -25,9 +25,15 @@ impl Coordinator {
             ));
         }
         let fingerprint = fingerprint(&spec);
+        let model = inner
+            .config
+            .models
+            .model_info(spec.model.trim())
+            .map_err(|e| Error::invalid("model", e))?;
         let valid = validate::validate(
             &spec,
             &inner.config.limits,
+            &model,
             &inner.config.default_output,
             random_u64(),
         )?;
