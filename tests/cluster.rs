@@ -565,7 +565,7 @@ fn cancel_frees_the_workers() {
     let dir = tmp.path();
     let out = dir.join("out");
     let (c, addr) = coordinator(dir, "coordinator", &["--store", out.to_str().unwrap()], &[]);
-    let _workers: Vec<Proc> = (0..2)
+    let workers: Vec<Proc> = (0..2)
         .map(|i| worker(dir, &format!("w{i}"), &addr, &[]))
         .collect();
     wait_until(Duration::from_secs(60), "2 workers to register", || {
@@ -599,6 +599,20 @@ fn cancel_frees_the_workers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["state"], "cancelled");
+    // Both workers drop the denoise task (they check between steps).
+    wait_until(
+        Duration::from_secs(60),
+        "both workers to drop the cancelled task",
+        || {
+            workers
+                .iter()
+                .all(|w| count(&w.log_text(), "task cancelled") == 1)
+        },
+    );
+    eprintln!(
+        "cancel while denoising: both workers stopped {:.2} s after the cancel",
+        cancelled_at.elapsed().as_secs_f64()
+    );
     wait_until(
         Duration::from_secs(60),
         "the next render to succeed",
@@ -620,6 +634,81 @@ fn cancel_frees_the_workers() {
         get_json(&addr, &long)["progress"]["window_steps_done"],
         done
     );
+}
+
+/// Cancel while decoding: the decode stops between chunks, no video or manifest is written, and
+/// the worker takes the next render.
+#[test]
+fn cancel_stops_the_decode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = dir.join("out");
+    let (c, addr) = coordinator(dir, "coordinator", &["--store", out.to_str().unwrap()], &[]);
+    let w = worker(dir, "w0", &addr, &[]);
+    wait_until(Duration::from_secs(60), "the worker to register", || {
+        count(&c.log_text(), "worker registered") == 1
+    });
+    // A minute of frames with one step: the decode is most of the render.
+    let o = longtake(
+        &[
+            "submit",
+            "--coordinator",
+            &addr,
+            "--prompt",
+            "a long decode",
+            "--duration",
+            "60",
+            "--steps",
+            "1",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    wait_until(
+        Duration::from_secs(120),
+        "the render to be decoding",
+        || {
+            let r = get_json(&addr, &id);
+            r["state"] == "decoding" && r["progress"]["frames_done"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    let cancelled_at = Instant::now();
+    let o = longtake(&["cancel", "--coordinator", &addr, "--json", &id], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["state"], "cancelled");
+    wait_until(
+        Duration::from_secs(60),
+        "the worker to drop the decode",
+        || count(&w.log_text(), "task cancelled") == 1,
+    );
+    eprintln!(
+        "cancel while decoding: the worker stopped {:.2} s after the cancel, at {} of 961 frames",
+        cancelled_at.elapsed().as_secs_f64(),
+        get_json(&addr, &id)["progress"]["frames_done"]
+    );
+    let location = PathBuf::from(get_json(&addr, &id)["output_uri"].as_str().unwrap());
+    assert!(!location.join("manifest.json").exists());
+    assert!(!location.join("video.mp4").exists());
+    assert_eq!(get_json(&addr, &id)["state"], "cancelled");
+    // The worker is free: a new render runs to the end on it.
+    let o = longtake(
+        &[
+            "submit",
+            "--coordinator",
+            &addr,
+            "--prompt",
+            "next",
+            "--num-frames",
+            "5",
+            "--steps",
+            "1",
+            "--wait",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// The worker decoding a render is killed: the decode is sent again to the other worker, the

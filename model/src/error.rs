@@ -56,6 +56,11 @@ pub enum Error {
     #[error("tensor parallelism: {0}")]
     Parallel(String),
 
+    // === Control ===
+    /// The caller asked to stop (named by what was stopped).
+    #[error("{0}: cancelled")]
+    Cancelled(String),
+
     // === Internal ===
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },

@@ -351,7 +351,18 @@ impl<B: PipelineBackend> WanPipeline<B> {
         what: &str,
         notices: &mut Vec<String>,
     ) -> Result<PromptEmbeds> {
-        let e = self.text.encode_prompt(prompt)?;
+        self.encode_until(prompt, what, notices, &|| false)
+    }
+
+    /// [`Self::encode`], cancellable between encoder layers by `stop`.
+    pub fn encode_until(
+        &self,
+        prompt: &str,
+        what: &str,
+        notices: &mut Vec<String>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<PromptEmbeds> {
+        let e = self.text.encode_prompt_until(prompt, stop)?;
         if e.truncated {
             notices.push(format!(
                 "{what} has {} tokens; only the first {} are used (the model's limit)",
@@ -372,12 +383,24 @@ impl<B: PipelineBackend> WanPipeline<B> {
 
     /// Encode a request's prompts into the guided model.
     pub fn guided(&self, req: &ClipRequest, notices: &mut Vec<String>) -> Result<Guided<'_, B>> {
-        let cond = self.encode(&req.prompt, "the prompt", notices)?;
+        self.guided_until(req, notices, &|| false)
+    }
+
+    /// [`Self::guided`], cancellable between text-encoder layers by `stop`
+    /// ([`Error::Cancelled`]).
+    pub fn guided_until(
+        &self,
+        req: &ClipRequest,
+        notices: &mut Vec<String>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Guided<'_, B>> {
+        let cond = self.encode_until(&req.prompt, "the prompt", notices, stop)?;
         let neg = if req.guidance > 1.0 {
-            Some(self.encode(
+            Some(self.encode_until(
                 req.negative_prompt.as_deref().unwrap_or(""),
                 "the negative prompt",
                 notices,
+                stop,
             )?)
         } else {
             None

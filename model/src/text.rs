@@ -328,8 +328,17 @@ impl<B: TextOps> PromptEncoder<B> {
     /// Clean, tokenize and encode a prompt: `[1, max_len, d_model]` with the real rows first and
     /// exact zeros after them.
     pub fn encode_prompt(&self, prompt: &str) -> Result<PromptEmbeds> {
+        self.encode_prompt_until(prompt, &|| false)
+    }
+
+    /// [`Self::encode_prompt`], cancellable between encoder layers by `stop`.
+    pub fn encode_prompt_until(
+        &self,
+        prompt: &str,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<PromptEmbeds> {
         let tokens = self.tokenizer.encode(&clean_prompt(prompt), self.max_len)?;
-        let hidden = self.encoder.encode(&tokens.ids)?;
+        let hidden = self.encoder.encode_until(&tokens.ids, stop)?;
         let d = self.encoder.config().d_model;
         let mut data = self.backend.download(&hidden)?;
         data.resize(self.max_len * d, 0.0);

@@ -262,6 +262,12 @@ impl<B: TextOps> Umt5Encoder<B> {
 
     /// `last_hidden_state` `[1, n, d_model]` of the token ids (the real tokens, `</s>` included).
     pub fn encode(&self, ids: &[u32]) -> Result<Tensor<B>> {
+        self.encode_until(ids, &|| false)
+    }
+
+    /// [`Self::encode`], giving up with [`Error::Cancelled`] before any layer once `stop`
+    /// returns true (a large encoder runs for seconds on a CPU).
+    pub fn encode_until(&self, ids: &[u32], stop: &dyn Fn() -> bool) -> Result<Tensor<B>> {
         let n = ids.len();
         if n == 0 {
             return Err(Error::input(
@@ -274,6 +280,9 @@ impl<B: TextOps> Umt5Encoder<B> {
         let buckets = self.distance_buckets(n);
         let mut x = be.embedding(&self.embed, ids)?;
         for layer in &self.layers {
+            if stop() {
+                return Err(Error::Cancelled("text encoding".into()));
+            }
             // Self-attention: unscaled logits plus this layer's own relative bias.
             let nx = self.rms_norm(&x, &layer.ln0)?;
             let q = be.linear(&nx, &layer.q, None, Activation::Identity)?;

@@ -248,6 +248,15 @@ impl Compute {
                 }
                 _ => continue,
             };
+            match &outcome {
+                Ok(_) => {
+                    tracing::info!(task = %task.task_id, seconds = started.elapsed().as_secs_f64(), "task done")
+                }
+                Err(e) if e == "cancelled" => {
+                    tracing::info!(task = %task.task_id, seconds = started.elapsed().as_secs_f64(), "task cancelled")
+                }
+                Err(e) => tracing::warn!(task = %task.task_id, error = %e, "task failed"),
+            }
             let mut timings = timings;
             timings.insert("task_total".into(), started.elapsed().as_secs_f64());
             let result = pb::TaskResult {
@@ -396,9 +405,13 @@ impl Compute {
         let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
         let comm = ThreadComm::group(1).map_err(|e| e.to_string())?.remove(0);
         let clock = Instant::now();
+        let stop = || cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst);
         let guided = pipe
-            .guided(&req, &mut Vec::new())
-            .map_err(|e| e.to_string())?;
+            .guided_until(&req, &mut Vec::new(), &stop)
+            .map_err(|e| match e {
+                longtake_model::Error::Cancelled(_) => "cancelled".to_string(),
+                e => e.to_string(),
+            })?;
         timings.insert("text_encode".into(), clock.elapsed().as_secs_f64());
         let scheduler = pipe.scheduler(&req).map_err(|e| e.to_string())?;
         let owned: Vec<usize> = t.owned_windows.iter().map(|w| *w as usize).collect();
@@ -750,6 +763,10 @@ impl Compute {
         for (w, answer) in answers {
             let resp = answer
                 .map_err(|s| {
+                    // The render was cancelled while this window waited for its neighbours.
+                    if s.code() == tonic::Code::Cancelled {
+                        return "cancelled".to_string();
+                    }
                     format!(
                         "halo exchange for window {w} at step {step}: {}",
                         s.message()
@@ -839,7 +856,7 @@ impl Compute {
         pipe.vae()
             .decode_stream(&z, [c, tt, h, w], 1, |px| {
                 if cancel.load(Ordering::SeqCst) || cancel_all.load(Ordering::SeqCst) {
-                    return Err(longtake_model::Error::external("decode", "cancelled"));
+                    return Err(longtake_model::Error::Cancelled("decode".into()));
                 }
                 let data = Cpu.download(&px)?;
                 let e = Instant::now();
@@ -868,7 +885,10 @@ impl Compute {
                 );
                 Ok(())
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                longtake_model::Error::Cancelled(_) => "cancelled".to_string(),
+                e => e.to_string(),
+            })?;
         let video = mp4.finish().map_err(|e| e.to_string())?;
         timings.insert("decode".into(), clock.elapsed().as_secs_f64() - encode_s);
         timings.insert("video_encode".into(), encode_s);
