@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{Etcd, Proc, S3, first_line, spawn, wait_until};
+use support::{Etcd, PersistentS3, Proc, S3, first_line, spawn, wait_until};
 
 fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_longtake"))
@@ -633,6 +633,72 @@ fn cancel_frees_the_workers() {
     assert_eq!(
         get_json(&addr, &long)["progress"]["window_steps_done"],
         done
+    );
+}
+
+/// The object store, then etcd, restarted mid-render: the workers' and the coordinator's calls
+/// wait for them (retries with backoff), and the render completes, bit-identical.
+#[test]
+fn s3_then_etcd_restart_mid_render() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let steps = 40;
+    let expected = reference(dir, steps);
+    let mut etcd = Etcd::start(dir);
+    let mut s3 = PersistentS3::start(dir, "farm");
+    let env = s3.env();
+    let (c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &[
+            "--etcd",
+            &etcd.endpoint(),
+            "--store",
+            "s3://farm/renders",
+            "--checkpoint-every",
+            "2",
+        ],
+        &env,
+    );
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| worker(dir, &format!("w{i}"), &addr, &env))
+        .collect();
+    wait_until(Duration::from_secs(60), "2 workers to register", || {
+        count(&c.log_text(), "worker registered") == 2
+    });
+    let mut submit = submit_wait(dir, &addr, steps, &env);
+    let id = first_line(&mut submit, Duration::from_secs(30))
+        .trim()
+        .to_string();
+    wait_denoising(&addr, &id, 3 * 3);
+    // Down for a second while checkpoints are being written, then back with its objects.
+    s3.restart(Duration::from_secs(1));
+    let s3_log = s3.proc.as_ref().unwrap().log_text();
+    assert!(
+        s3_log.contains("requests replayed") && !s3_log.contains("(0 requests"),
+        "the restarted S3 server holds the render's objects: {s3_log}"
+    );
+    let progressed = std::panic::catch_unwind(|| wait_denoising(&addr, &id, 3 * 15));
+    assert!(
+        progressed.is_ok(),
+        "no progress after the S3 restart:\n{}",
+        logs(dir)
+    );
+    etcd.restart();
+    let status = submit.wait_exit(Duration::from_secs(300));
+    assert!(
+        status.success(),
+        "submit --wait: {}\n{}",
+        submit.log_text(),
+        logs(dir)
+    );
+    assert_eq!(get_json(&addr, &id)["state"], "succeeded");
+    let latents = f32s(&s3.get("farm", &format!("renders/jobs/{id}/latents.safetensors")));
+    assert!(same_bits(&latents, &expected), "latents differ");
+    let log = submit.log_text();
+    eprintln!(
+        "s3 and etcd restarts: {} rollback(s)",
+        count(&log, "rolled back")
     );
 }
 

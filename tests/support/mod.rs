@@ -201,6 +201,74 @@ pub struct S3 {
     pub proc: Proc,
 }
 
+/// A moto S3 server that keeps its objects across [`PersistentS3::restart`] (the script
+/// `tests/support/s3_server.py` replays its request log before it listens).
+pub struct PersistentS3 {
+    pub port: u16,
+    dir: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl PersistentS3 {
+    pub fn start(dir: &Path, bucket: &str) -> PersistentS3 {
+        let mut s = PersistentS3 {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            proc: None,
+        };
+        s.launch();
+        let (status, _) = http("PUT", s.port, &format!("/{bucket}"));
+        assert!(status.contains(" 200"), "create bucket {bucket}: {status}");
+        s
+    }
+
+    fn launch(&mut self) {
+        let python = moto().with_file_name("python");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_server.py");
+        let log = self.dir.join("s3-requests.jsonl");
+        let proc = spawn(
+            &self.dir,
+            "s3",
+            &python,
+            &[
+                script.to_str().unwrap(),
+                "127.0.0.1",
+                &self.port.to_string(),
+                log.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let port = self.port;
+        let mut proc = proc;
+        wait_until(Duration::from_secs(60), "the S3 server to listen", || {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("the S3 server exited ({status}):\n{}", proc.log_text());
+            }
+            proc.log_text().contains("s3 server on")
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        self.proc = Some(proc);
+    }
+
+    /// Stop the server (SIGKILL) and start it again on the same port with the same objects,
+    /// after `down` without a server.
+    pub fn restart(&mut self, down: Duration) {
+        self.proc = None;
+        std::thread::sleep(down);
+        self.launch();
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        S3::env_for(self.port)
+    }
+
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let (status, body) = http("GET", self.port, &format!("/{bucket}/{key}"));
+        assert!(status.contains(" 200"), "GET {bucket}/{key}: {status}");
+        body
+    }
+}
+
 impl S3 {
     pub fn start(dir: &Path, bucket: &str) -> S3 {
         let port = free_port();
@@ -221,14 +289,15 @@ impl S3 {
 
     /// Environment for processes that write to this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
+        Self::env_for(self.port)
+    }
+
+    fn env_for(port: u16) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ACCESS_KEY_ID", "testing".to_string()),
             ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
             ("AWS_REGION", "us-east-1".to_string()),
-            (
-                "LONGTAKE_S3_ENDPOINT",
-                format!("http://127.0.0.1:{}", self.port),
-            ),
+            ("LONGTAKE_S3_ENDPOINT", format!("http://127.0.0.1:{port}")),
         ]
     }
 
