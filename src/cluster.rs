@@ -142,9 +142,17 @@ pub struct ListArgs {
     /// denoising, decoding, succeeded, failed, cancelled.
     #[arg(long, value_delimiter = ',')]
     state: Vec<String>,
-    /// Print JSON (an array) instead of text.
+    /// Print JSON instead of text: an array of renders, or with --page-size an object
+    /// `{"renders": [...], "next_page_token": "..."}`.
     #[arg(long)]
     json: bool,
+    /// Print one page of at most N renders (1..=1000), newest first, instead of every render;
+    /// the token for the next page follows (text: a last line `next page: TOKEN`).
+    #[arg(long)]
+    page_size: Option<u32>,
+    /// Continue after the page that returned TOKEN (tokens stay valid on any replica).
+    #[arg(long, requires = "page_size")]
+    page_token: Option<String>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -723,12 +731,12 @@ pub fn list(a: &ListArgs) -> Result<()> {
     let mut coords = Coordinators::new(&a.target)?;
     runtime()?.block_on(async {
         let mut all = Vec::new();
-        let mut token = String::new();
-        loop {
+        let mut token = a.page_token.clone().unwrap_or_default();
+        let next = loop {
             let page = coords
                 .call(|mut c| {
                     let req = pb::ListRendersRequest {
-                        page_size: 500,
+                        page_size: a.page_size.unwrap_or(500),
                         page_token: token.clone(),
                         states: states.clone(),
                     };
@@ -737,14 +745,21 @@ pub fn list(a: &ListArgs) -> Result<()> {
                 .await
                 .map_err(status_error)?;
             all.extend(page.renders);
-            if page.next_page_token.is_empty() {
-                break;
+            if page.next_page_token.is_empty() || a.page_size.is_some() {
+                break page.next_page_token;
             }
             token = page.next_page_token;
-        }
+        };
         if a.json {
             let v: Vec<serde_json::Value> = all.iter().map(render_json).collect();
-            out!("{}", serde_json::Value::Array(v));
+            if a.page_size.is_some() {
+                out!(
+                    "{}",
+                    serde_json::json!({"renders": v, "next_page_token": next})
+                );
+            } else {
+                out!("{}", serde_json::Value::Array(v));
+            }
         } else {
             for r in &all {
                 let p = r.progress.clone().unwrap_or_default();
@@ -756,6 +771,9 @@ pub fn list(a: &ListArgs) -> Result<()> {
                     p.window_steps_total,
                     r.spec.as_ref().map(|s| s.prompt.as_str()).unwrap_or("")
                 );
+            }
+            if a.page_size.is_some() && !next.is_empty() {
+                out!("next page: {next}");
             }
         }
         Ok(())

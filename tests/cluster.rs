@@ -702,6 +702,106 @@ fn s3_then_etcd_restart_mid_render() {
     );
 }
 
+fn list_page(coordinators: &str, size: u32, token: &str) -> (Vec<String>, String) {
+    let size = size.to_string();
+    let mut args = vec![
+        "list",
+        "--coordinator",
+        coordinators,
+        "--json",
+        "--page-size",
+        &size,
+    ];
+    if !token.is_empty() {
+        args.extend(["--page-token", token]);
+    }
+    let o = longtake(&args, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids = v["renders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, v["next_page_token"].as_str().unwrap().to_string())
+}
+
+/// ListRenders pages started on one leader continue on the next: the page token names a stored
+/// record (creation time and id), so after a failover the pages neither skip nor repeat a render.
+#[test]
+fn list_pages_continue_across_a_failover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let etcd = Etcd::start(dir);
+    let out = dir.join("out");
+    let mut replicas: Vec<Option<Proc>> = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..2 {
+        let (p, a) = coordinator(
+            dir,
+            &format!("c{i}"),
+            &[
+                "--etcd",
+                &etcd.endpoint(),
+                "--store",
+                out.to_str().unwrap(),
+                "--leader-ttl",
+                "2",
+            ],
+            &[],
+        );
+        replicas.push(Some(p));
+        addrs.push(a);
+    }
+    let all = addrs.join(",");
+    let leader = || {
+        replicas.iter().position(|p| {
+            p.as_ref()
+                .is_some_and(|p| p.log_text().contains("elected leader"))
+        })
+    };
+    wait_until(Duration::from_secs(30), "a leader", || leader().is_some());
+    let first = leader().unwrap();
+    // No workers: the renders stay queued.
+    let mut submitted = Vec::new();
+    for i in 0..5 {
+        let o = longtake(
+            &[
+                "submit",
+                "--coordinator",
+                &all,
+                "--prompt",
+                &format!("render {i}"),
+                "--num-frames",
+                "5",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        submitted.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
+    }
+    let (page1, token) = list_page(&all, 2, "");
+    assert_eq!(page1.len(), 2);
+    assert!(!token.is_empty());
+    replicas[first] = None; // SIGKILL the leader
+    wait_until(Duration::from_secs(10), "the standby to lead", || {
+        replicas[1 - first]
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("elected leader")
+    });
+    let (page2, token) = list_page(&all, 2, &token);
+    let (page3, token) = list_page(&all, 2, &token);
+    assert!(token.is_empty(), "three pages hold five renders");
+    let paged: Vec<String> = [page1, page2, page3].concat();
+    // Newest first, each render once.
+    let mut newest_first = submitted.clone();
+    newest_first.reverse();
+    assert_eq!(paged, newest_first);
+}
+
 /// Cancel while decoding: the decode stops between chunks, no video or manifest is written, and
 /// the worker takes the next render.
 #[test]
