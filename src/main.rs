@@ -3,12 +3,14 @@
 //!
 //! Subcommands: `render` (a whole render on this machine: coordinator, workers and storage in
 //! one process over loopback gRPC); the farm as separate processes: `coordinator`, `worker`,
-//! and the clients `submit`, `get`, `watch`, `cancel`, `list`; `analyze` (seam measurements of a finished render), `model`
+//! and the clients `submit`, `get`, `watch`, `cancel`, `list`; `analyze` (coherence measures of a finished render), `compare` (the measures of
+//! each stitching strategy side by side), `model`
 //! (single model components on files, for checking them against the reference) and `bench`
 //! (time them).
 
 mod analyze;
 mod cluster;
+mod compare;
 mod dit;
 mod generate;
 mod models;
@@ -50,9 +52,12 @@ enum Command {
     Cancel(cluster::IdArgs),
     /// List renders, newest first.
     List(cluster::ListArgs),
-    /// Measure how visible window seams are in a finished render (frame-to-frame change inside
-    /// windows vs across window boundaries, in the latents and in the video).
+    /// Measure a finished render's coherence: window seams (ratio and z-score), colour per
+    /// second and drift, and for demo-world prompts the object's colours, track and motion.
     Analyze(analyze::AnalyzeArgs),
+    /// Render one request with each stitching strategy and print the coherence measures side by
+    /// side.
+    Compare(Box<compare::CompareArgs>),
     /// Run one model component on safetensors files (developer tools; parity checks).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -170,6 +175,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => cluster::cancel(&a),
         Command::List(a) => cluster::list(&a),
         Command::Analyze(a) => analyze::run(&a),
+        Command::Compare(a) => compare::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {
             dit::forward(&a.transformer, &a.input, &a.output, a.tp)
         }

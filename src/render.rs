@@ -162,13 +162,9 @@ impl RequestArgs {
     }
 }
 
-pub fn run(a: &RenderArgs) -> Result<()> {
-    // Everything that can be checked here is checked before any work starts.
-    if a.workers == 0 || a.workers > 64 {
-        bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
-    }
-    let mut spec = a.request.spec(true)?;
-    let (output, jobs_prefix) = match (&a.out, &a.store) {
+/// The render's store settings: (output, jobs prefix).
+pub fn output_of(out: Option<&PathBuf>, store: Option<&String>) -> Result<(String, String)> {
+    Ok(match (out, store) {
         (_, Some(url)) => {
             if !url.starts_with("s3://") || url.len() <= 5 {
                 bail!("store: {url:?} must be s3://bucket[/prefix]");
@@ -177,7 +173,16 @@ pub fn run(a: &RenderArgs) -> Result<()> {
         }
         (Some(dir), None) => (dir.to_string_lossy().into_owned(), String::new()),
         (None, None) => ("renders".to_string(), String::new()),
-    };
+    })
+}
+
+pub fn run(a: &RenderArgs) -> Result<()> {
+    // Everything that can be checked here is checked before any work starts.
+    if a.workers == 0 || a.workers > 64 {
+        bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
+    }
+    let mut spec = a.request.spec(true)?;
+    let (output, jobs_prefix) = output_of(a.out.as_ref(), a.store.as_ref())?;
     spec.output = output.clone();
     let config = CoordinatorConfig {
         jobs_prefix,
@@ -190,10 +195,21 @@ pub fn run(a: &RenderArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(render(spec, config, a.workers))
+    let location = rt.block_on(render(spec, config, a.workers))?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    match writeln!(out, "{location}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
 }
 
-async fn render(spec: pb::RenderSpec, config: CoordinatorConfig, workers: u32) -> Result<()> {
+/// Render `spec` on this machine with `workers` in-process workers; returns the output location.
+pub async fn render(
+    spec: pb::RenderSpec,
+    config: CoordinatorConfig,
+    workers: u32,
+) -> Result<String> {
     let started = Instant::now();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -284,8 +300,7 @@ async fn render(spec: pb::RenderSpec, config: CoordinatorConfig, workers: u32) -
         started.elapsed().as_secs_f64(),
         render.output_uri
     );
-    println!("{}", render.output_uri);
-    Ok(())
+    Ok(render.output_uri)
 }
 
 /// Follow a render until it ends, showing progress: a bar on a terminal, log lines otherwise.

@@ -1,0 +1,124 @@
+//! `longtake compare`: the same request rendered with each stitching strategy (codenoise,
+//! independent, autoregressive) on this machine, then analyzed; the measures are printed side by
+//! side (a table, or `--json`), so strategies are compared on evidence.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use longtake_coordinator::CoordinatorConfig;
+use longtake_proto::v1 as pb;
+
+use crate::analyze;
+use crate::render::{RequestArgs, output_of, render};
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// The request (its --stitching is ignored: every strategy is rendered).
+    #[command(flatten)]
+    request: RequestArgs,
+    /// In-process workers for each render.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Write the three renders to DIR/<render id>/ (default: ./renders).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also draw each render's contact sheet, as PREFIX-<strategy>.png.
+    #[arg(long, value_name = "PREFIX")]
+    sheets: Option<PathBuf>,
+    /// Print one JSON object per strategy (an array) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+const STRATEGIES: [(&str, pb::Stitching); 3] = [
+    ("codenoise", pb::Stitching::Codenoise),
+    ("independent", pb::Stitching::Independent),
+    ("autoregressive", pb::Stitching::Autoregressive),
+];
+
+pub fn run(a: &CompareArgs) -> Result<()> {
+    if a.workers == 0 || a.workers > 64 {
+        bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
+    }
+    let mut spec = a.request.spec(true)?;
+    // One seed for all three, recorded: the strategies differ only in how windows are joined.
+    if spec.seed.is_none() {
+        spec.seed = Some(rand_seed());
+    }
+    let (output, jobs_prefix) = output_of(a.out.as_ref(), None)?;
+    spec.output = output.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut reports = Vec::new();
+    for (name, mode) in STRATEGIES {
+        eprintln!("rendering with {name} stitching");
+        let config = CoordinatorConfig {
+            jobs_prefix: jobs_prefix.clone(),
+            default_output: output.clone(),
+            models: std::sync::Arc::new(crate::models::LocalModels),
+            ..CoordinatorConfig::default()
+        };
+        let spec = pb::RenderSpec {
+            stitching: mode as i32,
+            ..spec.clone()
+        };
+        let location = rt.block_on(render(spec, config, a.workers))?;
+        let (report, frames) = analyze::analyze(std::path::Path::new(&location))?;
+        if let Some(prefix) = &a.sheets {
+            let path = PathBuf::from(format!("{}-{name}.png", prefix.display()));
+            std::fs::write(&path, analyze::sheet_png(&report, &frames)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("contact sheet: {}", path.display());
+        }
+        reports.push(report);
+    }
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    let text = if a.json {
+        serde_json::Value::Array(reports.iter().map(analyze::json).collect()).to_string()
+    } else {
+        let columns: Vec<Vec<(String, String)>> = reports.iter().map(analyze::rows).collect();
+        let mut header = vec!["measure".to_string()];
+        header.extend(STRATEGIES.iter().map(|(n, _)| n.to_string()));
+        let rows: Vec<Vec<String>> = columns[0]
+            .iter()
+            .enumerate()
+            .filter(|(_, (k, _))| k != "stitching")
+            .map(|(i, (k, _))| {
+                let mut row = vec![k.clone()];
+                row.extend(
+                    columns
+                        .iter()
+                        .map(|c| c.get(i).map_or("-".into(), |v| v.1.clone())),
+                );
+                row
+            })
+            .collect();
+        format!(
+            "{} (seed {})\n\n{}",
+            reports[0].prompt,
+            spec.seed.unwrap_or(0),
+            analyze::table(&header, &rows)
+        )
+    };
+    match writeln!(out, "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() >> 11
+}
