@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 
 use longtake_coordinator::geometry::{LatentGeometry, ModelCatalog, ModelDefaults, ModelInfo};
+use longtake_model::builtin::Builtin;
 use longtake_model::pipeline::ModelDir;
 
 /// Reads `vae/config.json`, `transformer/config.json` and `longtake.json` of the model named by a
-/// request: a directory path, or the empty name for the built-in model. In a farm the model
+/// request: a directory path, or a built-in model's name (the empty name: `builtin:demo`). In a farm the model
 /// directory must be readable at the same path on the coordinator as on the workers (the
 /// coordinator reads only these small JSON files).
 #[derive(Debug, Default, Clone, Copy)]
@@ -16,10 +17,9 @@ pub struct LocalModels;
 
 impl ModelCatalog for LocalModels {
     fn model_info(&self, model: &str) -> Result<ModelInfo, String> {
-        let root = if model.is_empty() {
-            longtake_model::smoke::model_dir().map_err(|e| e.to_string())?
-        } else {
-            PathBuf::from(model)
+        let root = match Builtin::lookup(model) {
+            Some(b) => b.model_dir().map_err(|e| e.to_string())?,
+            None => PathBuf::from(model),
         };
         let dir = ModelDir::open(&root).map_err(|e| {
             format!(
@@ -63,11 +63,15 @@ mod tests {
 
     #[test]
     fn builtin_model_geometry_comes_from_its_files() {
-        let info = LocalModels.model_info("").unwrap();
+        let info = LocalModels.model_info("builtin:smoke").unwrap();
         assert_eq!(info.latent, LatentGeometry::WAN21);
         assert_eq!(info.native_window, 21);
         assert_eq!((info.defaults.width, info.defaults.height), (64, 64));
         assert_eq!(info.defaults.steps, 4);
+        // The default is the demo model, at its own size.
+        let demo = LocalModels.model_info("").unwrap();
+        assert_eq!(demo, LocalModels.model_info("builtin:demo").unwrap());
+        assert_eq!((demo.defaults.width, demo.defaults.height), (64, 64));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
+use longtake_model::builtin::Builtin;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -38,11 +39,11 @@ pub struct RequestArgs {
     /// What to steer away from (default: none, the empty prompt).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// A diffusers Wan2.1 model directory. Without it, a built-in random-weight model of the
-    /// Wan architecture at a small resolution renders a smoke test (noise-like video, not a
-    /// picture).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    /// A diffusers Wan2.1 model directory, or a built-in model: `builtin:demo` (the default: a
+    /// small model trained on the demo scenes, 64×64) or `builtin:smoke` (random weights: a
+    /// noise-like smoke test of the whole path, for tests).
+    #[arg(long, value_name = "DIR|builtin:NAME")]
+    model: Option<String>,
     /// Length in seconds (frames = 4·⌈seconds·fps/4⌉ + 1: 60 s at 16 fps is 961 frames).
     #[arg(long, conflicts_with = "num_frames")]
     duration: Option<f64>,
@@ -109,8 +110,15 @@ impl RequestArgs {
         let a = self;
         let stitching = stitching(&a.stitching)?;
         let model = match &a.model {
-            Some(dir) if !local_model => dir.to_string_lossy().into_owned(),
+            Some(name) if let Some(b) = Builtin::lookup(name) => b.name().to_string(),
+            Some(name) if name.starts_with("builtin:") => bail!(
+                "model: {name:?} is not a built-in model; allowed: {}, {} or a model directory",
+                longtake_model::builtin::DEMO,
+                longtake_model::builtin::SMOKE
+            ),
+            Some(dir) if !local_model => dir.clone(),
             Some(dir) => {
+                let dir = std::path::Path::new(dir);
                 longtake_model::pipeline::ModelDir::open(dir).with_context(|| {
                     format!(
                         "model: {} is not a usable Wan2.1 model directory",
@@ -289,7 +297,7 @@ pub async fn render(
     }
     let spec = render.spec.unwrap_or_default();
     let frames = render.plan.as_ref().map(|p| p.num_frames).unwrap_or(0);
-    if spec.model.is_empty() {
+    if spec.model == longtake_model::builtin::SMOKE {
         eprintln!(
             "note: rendered with the built-in random-weight smoke model: the video is noise, not a picture"
         );

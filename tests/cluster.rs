@@ -35,6 +35,8 @@ fn request(steps: u32) -> Vec<String> {
         "7",
         "--steps",
         &steps.to_string(),
+        "--model",
+        "builtin:smoke",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -434,6 +436,8 @@ fn client_commands_reject_bad_input() {
         (
             &[
                 "submit",
+                "--model",
+                "builtin:smoke",
                 "--coordinator",
                 &addr,
                 "--prompt",
@@ -446,6 +450,8 @@ fn client_commands_reject_bad_input() {
         (
             &[
                 "submit",
+                "--model",
+                "builtin:smoke",
                 "--coordinator",
                 &addr,
                 "--prompt",
@@ -514,6 +520,8 @@ fn twenty_renders_share_three_workers_by_priority() {
         let o = longtake(
             &[
                 "submit",
+                "--model",
+                "builtin:smoke",
                 "--coordinator",
                 &addr,
                 "--prompt",
@@ -581,6 +589,8 @@ fn cancel_frees_the_workers() {
     let o = longtake(
         &[
             "submit",
+            "--model",
+            "builtin:smoke",
             "--coordinator",
             &addr,
             "--prompt",
@@ -769,6 +779,8 @@ fn list_pages_continue_across_a_failover() {
         let o = longtake(
             &[
                 "submit",
+                "--model",
+                "builtin:smoke",
                 "--coordinator",
                 &all,
                 "--prompt",
@@ -818,6 +830,8 @@ fn cancel_stops_the_decode() {
     let o = longtake(
         &[
             "submit",
+            "--model",
+            "builtin:smoke",
             "--coordinator",
             &addr,
             "--prompt",
@@ -862,6 +876,8 @@ fn cancel_stops_the_decode() {
     let o = longtake(
         &[
             "submit",
+            "--model",
+            "builtin:smoke",
             "--coordinator",
             &addr,
             "--prompt",
@@ -1026,6 +1042,8 @@ fn initial_noise_stays_out_of_etcd() {
     let o = longtake(
         &[
             "render",
+            "--model",
+            "builtin:smoke",
             "--prompt",
             "fog",
             "--duration",
@@ -1054,6 +1072,8 @@ fn initial_noise_stays_out_of_etcd() {
     let o = longtake(
         &[
             "submit",
+            "--model",
+            "builtin:smoke",
             "--coordinator",
             &addr,
             "--wait",

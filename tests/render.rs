@@ -23,8 +23,12 @@ fn longtake(args: &[&str], cwd: &Path) -> Output {
 }
 
 /// Run a render and return its output directory (the last line on stdout).
+/// Without `--model` in `args`, the fast random-weight model.
 fn render(args: &[&str], cwd: &Path) -> PathBuf {
     let mut all = vec!["render"];
+    if !args.contains(&"--model") {
+        all.extend(["--model", "builtin:smoke"]);
+    }
     all.extend_from_slice(args);
     let o = longtake(&all, cwd);
     assert!(
@@ -279,6 +283,8 @@ fn a_killed_render_is_never_presented_as_finished() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_longtake"))
         .args([
             "render",
+            "--model",
+            "builtin:smoke",
             "--prompt",
             "long",
             "--duration",
@@ -420,6 +426,8 @@ fn compare_renders_every_strategy() {
     let o = longtake(
         &[
             "compare",
+            "--model",
+            "builtin:smoke",
             "--prompt",
             "waves",
             "--num-frames",

@@ -16,6 +16,8 @@ fn render_to_s3_compatible_storage() {
     let o = Command::new(env!("CARGO_BIN_EXE_longtake"))
         .args([
             "render",
+            "--model",
+            "builtin:smoke",
             "--prompt",
             "a harbour",
             "--num-frames",

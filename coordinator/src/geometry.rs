@@ -8,6 +8,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The model a request without one gets: the demo model compiled into the binary.
+pub const DEFAULT_MODEL: &str = "builtin:demo";
+/// The random-weight smoke-test model compiled into the binary.
+pub const SMOKE_MODEL: &str = "builtin:smoke";
+
 /// A model's latent geometry: how pixels map to latents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatentGeometry {
@@ -103,8 +108,8 @@ pub trait ModelCatalog: Send + Sync + std::fmt::Debug {
     fn model_info(&self, model: &str) -> Result<ModelInfo, String>;
 }
 
-/// Wan2.1's geometry for every model name, and the built-in smoke model's small defaults for
-/// the empty name: for a coordinator embedded without model files, and for tests.
+/// Wan2.1's geometry for every model name, with the built-in models' small defaults for their
+/// names (and the empty name): for a coordinator embedded without model files, and for tests.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Wan21Catalog;
 
@@ -127,7 +132,7 @@ impl Wan21Catalog {
 
 impl ModelCatalog for Wan21Catalog {
     fn model_info(&self, model: &str) -> Result<ModelInfo, String> {
-        Ok(if model.is_empty() {
+        Ok(if model.is_empty() || model.starts_with("builtin:") {
             Self::SMOKE
         } else {
             ModelInfo::WAN21

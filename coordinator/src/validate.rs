@@ -7,7 +7,7 @@ use std::fmt;
 use longtake_proto::v1::{RenderSpec, Stitching, render_spec::Length};
 use serde::{Deserialize, Serialize};
 
-use crate::geometry::{LatentGeometry, ModelInfo};
+use crate::geometry::{DEFAULT_MODEL, LatentGeometry, ModelInfo, SMOKE_MODEL};
 
 pub const MAX_FPS: u32 = 120;
 pub const MAX_SIDE: u32 = 4096;
@@ -74,7 +74,8 @@ pub struct ValidSpec {
     pub guidance: f32,
     /// `None`: the model's scheduler config decides.
     pub flow_shift: Option<f32>,
-    /// Empty: the built-in smoke model.
+    /// A model directory (as the workers see it), or a built-in model's name
+    /// ([`DEFAULT_MODEL`] when the request names none, [`SMOKE_MODEL`]).
     pub model: String,
     pub stitching: StitchingMode,
     pub window: u32,
@@ -91,8 +92,14 @@ pub struct ValidSpec {
 }
 
 impl ValidSpec {
+    /// The random-weight smoke-test model (noise, not a picture).
     pub fn is_smoke(&self) -> bool {
-        self.model.is_empty()
+        self.model == SMOKE_MODEL
+    }
+
+    /// One of the models compiled into the binary (no directory path).
+    pub fn is_builtin(&self) -> bool {
+        self.model.is_empty() || self.model.starts_with("builtin:")
     }
 
     pub fn latent_frames(&self) -> u32 {
@@ -203,14 +210,15 @@ pub fn validate(
             ),
         ));
     }
-    let smoke = spec.model.trim().is_empty();
-    let model = if smoke {
-        String::new()
-    } else {
-        spec.model.clone()
+    let model = match spec.model.trim() {
+        "" => DEFAULT_MODEL.to_string(),
+        _ => spec.model.clone(),
     };
-    if !smoke && spec.model.contains('\0') {
-        return Err(invalid("model", "must be a directory path"));
+    if model.contains('\0') {
+        return Err(invalid(
+            "model",
+            format!("must be a directory path, {DEFAULT_MODEL} or {SMOKE_MODEL}"),
+        ));
     }
     let d = info.defaults;
     let (d_width, d_height, d_fps, d_steps, d_guidance, d_window, d_overlap) = (
@@ -548,7 +556,15 @@ mod tests {
 
     #[test]
     fn smoke_defaults_apply() {
+        // No model: the default built-in model, by name.
         let v = check(base()).unwrap();
+        assert_eq!(v.model, DEFAULT_MODEL);
+        assert!(!v.is_smoke() && v.is_builtin());
+        let v = check(RenderSpec {
+            model: SMOKE_MODEL.into(),
+            ..base()
+        })
+        .unwrap();
         assert!(v.is_smoke());
         assert_eq!(v.num_frames, 961);
         assert_eq!(v.latent_frames(), 241);

@@ -11,7 +11,8 @@
 //! - [`config`]: JSON config reading with errors that name the key.
 //! - [`wan`]: the Wan2.1 transformer (`WanTransformer3DModel`).
 //! - [`sched`]: the flow-matching samplers (UniPC, Euler).
-//! - [`smoke`]: the built-in random-weight model for smoke tests.
+//! - [`builtin`]: the models compiled into the binary (`builtin:demo`, the default, and the
+//!   random-weight `builtin:smoke` for tests).
 //! - [`tp`]: running a tensor-parallel group of CPU ranks on threads.
 //! - [`umt5`]: the UMT5 text encoder; [`text`]: prompt cleaning, tokenizing and encoding.
 //! - [`vae`]: the Wan2.1 video autoencoder (streaming causal decoder).
@@ -21,6 +22,7 @@
 //!   autoregressive).
 
 pub mod backend;
+pub mod builtin;
 pub mod comm;
 pub mod config;
 pub mod dtype;
@@ -29,7 +31,7 @@ pub mod io;
 pub mod noise;
 pub mod pipeline;
 pub mod sched;
-pub mod smoke;
+pub use builtin::smoke;
 pub mod text;
 pub mod tp;
 pub mod umt5;

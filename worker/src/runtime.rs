@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use longtake_model::backend::cpu::Cpu;
+use longtake_model::builtin::Builtin;
 use longtake_model::comm::ThreadComm;
 use longtake_model::io::read_f32_bytes;
 use longtake_model::noise::latent_noise;
@@ -207,7 +208,7 @@ struct Compute {
     rpc: Client,
     handle: Handle,
     worker_id: String,
-    /// Loaded pipelines by model directory ("" = the built-in smoke model).
+    /// Loaded pipelines by model name (a directory, or a built-in model's name).
     models: HashMap<String, Arc<WanPipeline<Cpu>>>,
     cancelled: Arc<CancelFlags>,
     cancel_all: Arc<AtomicBool>,
@@ -282,12 +283,8 @@ impl Compute {
     /// and a hash of each component's config file.
     fn identity(&self, spec: Option<&pb::RenderSpec>) -> String {
         let model = spec.map(|s| s.model.as_str()).unwrap_or("");
-        if model.is_empty() {
-            return format!(
-                "{} fingerprint {}",
-                longtake_model::smoke::NAME,
-                longtake_model::smoke::fingerprint()
-            );
+        if let Some(b) = Builtin::lookup(model) {
+            return format!("{} fingerprint {}", b.description(), b.fingerprint());
         }
         let hashes: Vec<String> = [
             "model_index.json",
@@ -309,10 +306,9 @@ impl Compute {
         if let Some(p) = self.models.get(model) {
             return Ok(Arc::clone(p));
         }
-        let dir = if model.is_empty() {
-            longtake_model::smoke::model_dir().map_err(|e| e.to_string())?
-        } else {
-            PathBuf::from(model)
+        let dir = match Builtin::lookup(model) {
+            Some(b) => b.model_dir().map_err(|e| e.to_string())?,
+            None => PathBuf::from(model),
         };
         let pipe = Arc::new(
             WanPipeline::load(&dir, &Cpu)

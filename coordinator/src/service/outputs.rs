@@ -271,7 +271,8 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
             "windows": windows,
         },
         "model": {
-            "path": if spec.is_smoke() { serde_json::Value::Null } else { spec.model.clone().into() },
+            "name": spec.model,
+            "path": if spec.is_builtin() { serde_json::Value::Null } else { spec.model.clone().into() },
             "identity": run.model_identity,
         },
         "outputs": run.outputs,

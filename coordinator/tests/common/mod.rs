@@ -90,6 +90,7 @@ pub fn two_window_spec() -> pb::RenderSpec {
         window: Some(3),
         overlap: Some(1),
         seed: Some(1234),
+        model: "builtin:smoke".into(),
         ..Default::default()
     }
 }

@@ -1,0 +1,179 @@
+//! The models compiled into the binary, unpacked to a cache directory on first use and then
+//! loaded like any diffusers directory:
+//!
+//! - `builtin:demo` (the default, also the empty name): a small Wan2.1 model trained on the
+//!   procedural scenes of `tools/scenes.py` (`model/assets/demo-model`), 64×64, whose renders
+//!   show what a prompt of its grammar says ("a yellow square moves right on a green
+//!   background").
+//! - `builtin:smoke`: a small random-weight Wan2.1 pipeline (`model/assets/smoke-model`). Its
+//!   output is noise-like video that exercises every part of a render in seconds; for tests.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The name requests use for the default model.
+pub const DEMO: &str = "builtin:demo";
+/// The name requests use for the smoke-test model.
+pub const SMOKE: &str = "builtin:smoke";
+
+macro_rules! assets {
+    ($dir:literal: $($p:literal),* $(,)?) => {
+        &[$(
+            (
+                $p,
+                include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/", $dir, "/", $p))
+                    .as_slice(),
+            ),
+        )*]
+    };
+}
+
+const SMOKE_FILES: &[(&str, &[u8])] = assets!("smoke-model":
+    "README.md",
+    "longtake.json",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+);
+
+const DEMO_FILES: &[(&str, &[u8])] = assets!("demo-model":
+    "README.md",
+    "longtake.json",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+);
+
+/// A model compiled into the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    Demo,
+    Smoke,
+}
+
+impl Builtin {
+    /// The built-in model a request's model name means: the empty name and `builtin:demo` are
+    /// the demo model, `builtin:smoke` the smoke model; anything else is a directory (`None`).
+    pub fn lookup(name: &str) -> Option<Builtin> {
+        match name.trim() {
+            "" | DEMO => Some(Builtin::Demo),
+            SMOKE => Some(Builtin::Smoke),
+            _ => None,
+        }
+    }
+
+    /// Its name in requests and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Demo => DEMO,
+            Builtin::Smoke => SMOKE,
+        }
+    }
+
+    /// What manifests and logs say about it.
+    pub fn description(self) -> &'static str {
+        match self {
+            Builtin::Demo => "builtin:demo (small model trained on the demo scenes)",
+            Builtin::Smoke => "builtin:smoke (random weights, not a real model)",
+        }
+    }
+
+    fn files(self) -> &'static [(&'static str, &'static [u8])] {
+        match self {
+            Builtin::Demo => DEMO_FILES,
+            Builtin::Smoke => SMOKE_FILES,
+        }
+    }
+
+    /// A short content hash of the model (FNV-1a over names and bytes).
+    pub fn fingerprint(self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, bytes) in self.files() {
+            for b in name.as_bytes().iter().chain(*bytes) {
+                h ^= *b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        format!("{h:016x}")
+    }
+
+    /// The model's directory, unpacking it if needed (atomically: a half-written directory is
+    /// never used).
+    pub fn model_dir(self) -> Result<PathBuf> {
+        let stem = match self {
+            Builtin::Demo => "demo-model",
+            Builtin::Smoke => "smoke-model",
+        };
+        let fingerprint = self.fingerprint();
+        let dir = cache_root().join(format!("{stem}-{fingerprint}"));
+        if dir.join("model_index.json").is_file() {
+            return Ok(dir);
+        }
+        let parent = dir.parent().expect("cache dir has a parent");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let tmp = parent.join(format!(".{stem}-{fingerprint}-{}", std::process::id()));
+        let write = |tmp: &Path| -> Result<()> {
+            for (name, bytes) in self.files() {
+                let p = tmp.join(name);
+                if let Some(d) = p.parent() {
+                    std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+                }
+                std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
+            }
+            Ok(())
+        };
+        let _ = std::fs::remove_dir_all(&tmp);
+        write(&tmp)?;
+        match std::fs::rename(&tmp, &dir) {
+            Ok(()) => Ok(dir),
+            // Another process unpacked it first.
+            Err(_) if dir.join("model_index.json").is_file() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(dir)
+            }
+            Err(e) => Err(Error::io(&dir, e)),
+        }
+    }
+}
+
+fn cache_root() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("longtake")
+}
+
+/// The smoke-test model (the old single built-in model), for code that only needs it.
+pub mod smoke {
+    use super::Builtin;
+    use crate::error::Result;
+    use std::path::PathBuf;
+
+    pub const NAME: &str = "builtin:smoke (random weights, not a real model)";
+
+    pub fn fingerprint() -> String {
+        Builtin::Smoke.fingerprint()
+    }
+
+    pub fn model_dir() -> Result<PathBuf> {
+        Builtin::Smoke.model_dir()
+    }
+}
