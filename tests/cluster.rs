@@ -681,8 +681,8 @@ fn s3_then_etcd_restart_mid_render() {
         .trim()
         .to_string();
     wait_denoising(&addr, &id, 3 * 3);
-    // Down for a second while checkpoints are being written, then back with its objects.
-    s3.restart(Duration::from_secs(1));
+    // Down for three seconds while checkpoints are being written, then back with its objects.
+    s3.restart(Duration::from_secs(3));
     let s3_log = s3.proc.as_ref().unwrap().log_text();
     assert!(
         s3_log.contains("requests replayed") && !s3_log.contains("(0 requests"),

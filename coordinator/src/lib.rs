@@ -33,7 +33,7 @@ pub mod errors;
 pub mod etcd;
 mod events;
 pub mod geometry;
-pub mod output;
+pub use longtake_objects as output;
 pub mod plan;
 pub mod service;
 pub mod store;

@@ -18,8 +18,8 @@ use longtake_model::pipeline::{ClipRequest, WanPipeline};
 use longtake_model::window::{self, Geometry, Part, Stitching, WindowSpec, WindowState};
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::worker_service_client::WorkerServiceClient;
+use object_store::ObjectStore;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::runtime::Handle;
 use tonic::transport::Channel;
 
@@ -570,7 +570,11 @@ impl Compute {
         for p in finals {
             let key = format!("windows/e{}/w{}.f32", t.epoch, p.window);
             self.handle
-                .block_on(store.put(&object_key(&prefix, &key), f32_le(&p.data).into()))
+                .block_on(longtake_objects::put(
+                    &*store,
+                    &object_key(&prefix, &key),
+                    f32_le(&p.data),
+                ))
                 .map_err(|e| format!("writing {key} to {}: {e}", t.output_uri))?;
             windows.push(pb::WindowLatents {
                 window: p.window as u32,
@@ -588,9 +592,7 @@ impl Compute {
         store: &dyn ObjectStore,
         key: &StorePath,
     ) -> Result<Vec<u8>, object_store::Error> {
-        self.handle
-            .block_on(async { store.get(key).await?.bytes().await })
-            .map(|b| b.to_vec())
+        self.handle.block_on(longtake_objects::read(store, key))
     }
 
     /// Create object `key` unless it exists (a retried or stale writer never replaces one; an
@@ -601,15 +603,8 @@ impl Compute {
         key: &StorePath,
         bytes: Vec<u8>,
     ) -> Result<(), object_store::Error> {
-        let put = self.handle.block_on(store.put_opts(
-            key,
-            bytes.into(),
-            object_store::PutMode::Create.into(),
-        ));
-        match put {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.handle
+            .block_on(longtake_objects::write_once(store, key, bytes))
     }
 
     /// Read the windows' final latents named by a decode task and fuse them into the whole
@@ -831,7 +826,7 @@ impl Compute {
         let put = |name: &str, bytes: Vec<u8>| -> TaskResult<String> {
             let key = object_key(&prefix, name);
             self.handle
-                .block_on(store.put(&key, bytes.into()))
+                .block_on(longtake_objects::put(&*store, &key, bytes))
                 .map_err(|e| format!("writing {name} to {}: {e}", t.output_uri))?;
             Ok(name.to_string())
         };
@@ -940,31 +935,10 @@ fn window_specs(plan: &pb::WindowPlan) -> Vec<WindowSpec> {
 
 /// `rel` under the key prefix `prefix`.
 fn object_key(prefix: &StorePath, rel: &str) -> StorePath {
-    if prefix.as_ref().is_empty() {
-        StorePath::from(rel)
-    } else {
-        StorePath::from(format!("{}/{rel}", prefix.as_ref()))
-    }
+    longtake_objects::object_path(prefix, rel)
 }
 
 /// A local directory or `s3://bucket[/prefix]`: the store and the key prefix.
 fn open_store(url: &str) -> TaskResult<(Arc<dyn ObjectStore>, StorePath)> {
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        if let Ok(endpoint) = std::env::var("LONGTAKE_S3_ENDPOINT")
-            && !endpoint.is_empty()
-        {
-            b = b
-                .with_allow_http(endpoint.starts_with("http://"))
-                .with_endpoint(endpoint);
-        }
-        let s = b.build().map_err(|e| format!("output {url}: {e}"))?;
-        return Ok((Arc::new(s), StorePath::from(prefix)));
-    }
-    std::fs::create_dir_all(url).map_err(|e| format!("output {url}: {e}"))?;
-    let s = object_store::local::LocalFileSystem::new_with_prefix(url)
-        .map_err(|e| format!("output {url}: {e}"))?;
-    Ok((Arc::new(s), StorePath::default()))
+    longtake_objects::open_store(url).map_err(|e| format!("output {url}: {e}"))
 }

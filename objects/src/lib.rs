@@ -1,11 +1,87 @@
-//! Output storage: opening a render's output location (a local directory or an S3 prefix) as an
-//! `object_store`, and writing `manifest.json`, the object that marks a render as finished.
+//! A render's output location (a local directory or an S3 prefix) as an `object_store`, shared by
+//! the coordinator and the workers: opening it, object keys under its prefix, write-once objects
+//! (conditional creates: a retried or stale writer never replaces what is there), and retries
+//! that wait out an outage of the store (an S3 server restarting) instead of failing the render.
+//!
+//! Two layers of retry: `object_store`'s own (configured in [`open_store`]: up to
+//! [`RETRY_TIMEOUT`] with backoff, for the requests it knows to be safe to repeat), and
+//! [`retry`], which repeats a whole operation on a transient error (a conditional create whose
+//! connection broke, for one) until [`RETRY_TIMEOUT`] has passed. Conditional creates make that
+//! safe: a create repeated after it landed finds the object there and changes nothing.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig};
+
+/// How long an operation on the store keeps being retried while the store is unreachable.
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 40,
+        retry_timeout: RETRY_TIMEOUT,
+    }
+}
+
+/// Whether an error can go away by itself (the store unreachable or overloaded), as opposed to an
+/// answer (not found, already exists, a precondition, a bad request).
+pub fn is_transient(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+    )
+}
+
+/// Run `op` until it succeeds, fails with a non-transient error, or [`RETRY_TIMEOUT`] has
+/// passed since the first try; `what` names the operation in the log.
+pub async fn retry<T, F, Fut>(what: &str, mut op: F) -> Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, object_store::Error>>,
+{
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match op().await {
+            Err(e) if is_transient(&e) && started.elapsed() < RETRY_TIMEOUT => {
+                tracing::warn!(operation = what, error = %e, "object store unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Read a whole object, retrying over outages.
+pub async fn read(store: &dyn ObjectStore, path: &Path) -> Result<Vec<u8>, object_store::Error> {
+    retry(&format!("read {path}"), || async {
+        Ok(store.get(path).await?.bytes().await?.to_vec())
+    })
+    .await
+}
+
+/// Write (or replace) an object, retrying over outages.
+pub async fn put(
+    store: &dyn ObjectStore,
+    path: &Path,
+    bytes: Vec<u8>,
+) -> Result<(), object_store::Error> {
+    let payload = PutPayload::from(bytes);
+    retry(&format!("write {path}"), || async {
+        store.put(path, payload.clone()).await.map(|_| ())
+    })
+    .await
+}
 
 /// The environment variable naming a non-AWS S3 endpoint (MinIO, Ceph, ...), for example
 /// `http://127.0.0.1:9000`. Credentials and region come from the standard `AWS_*` variables.
@@ -41,7 +117,9 @@ pub fn open_store(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), OutputError
         // reqwest is built without a default TLS crypto provider; install ring's once per process
         // (an error means another provider is already installed, which is fine).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut builder = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_retry(retry_config());
         if let Ok(endpoint) = std::env::var(S3_ENDPOINT_ENV)
             && !endpoint.is_empty()
         {
@@ -105,17 +183,7 @@ pub async fn write_manifest(
     body.push(b'\n');
     // Write-once: a finished render's manifest is never replaced (a retried or stale writer
     // finds it there and changes nothing).
-    match store
-        .put_opts(
-            &manifest_path(prefix),
-            PutPayload::from(body),
-            PutMode::Create.into(),
-        )
-        .await
-    {
-        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
+    write_once(store, &manifest_path(prefix), body).await
 }
 
 /// `rel` (a relative key such as `windows/e3/w0.f32`) under the key prefix `prefix`.
@@ -128,19 +196,23 @@ pub fn object_path(prefix: &Path, rel: &str) -> Path {
 }
 
 /// Create `path` with `bytes` unless it exists (then it is left as it is: a retried writer of
-/// the same render writes the same bytes).
+/// the same render writes the same bytes), retrying over outages.
 pub async fn write_once(
     store: &dyn ObjectStore,
     path: &Path,
     bytes: Vec<u8>,
 ) -> Result<(), object_store::Error> {
-    match store
-        .put_opts(path, PutPayload::from(bytes), PutMode::Create.into())
-        .await
-    {
-        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
+    let payload = PutPayload::from(bytes);
+    retry(&format!("create {path}"), || async {
+        match store
+            .put_opts(path, payload.clone(), PutMode::Create.into())
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
 }
 
 /// Delete every object under `prefix` (a finished render's checkpoints).
@@ -155,7 +227,7 @@ pub async fn delete_prefix(
         .try_collect()
         .await?;
     for k in &keys {
-        store.delete(k).await?;
+        retry(&format!("delete {k}"), || store.delete(k)).await?;
     }
     Ok(keys.len())
 }
