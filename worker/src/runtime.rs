@@ -823,10 +823,12 @@ impl Compute {
             read_f32_bytes(&latents_file, "latents").map_err(|e| e.to_string())?;
         let [_, c, tt, h, w] = <[usize; 5]>::try_from(shape.as_slice())
             .map_err(|_| format!("latents shape {shape:?}"))?;
+        // Every output is created once: a decode sent again (its first worker lost) or a stale
+        // decoder finds the same bytes there and leaves them; a finished render never changes.
         let put = |name: &str, bytes: Vec<u8>| -> TaskResult<String> {
             let key = object_key(&prefix, name);
             self.handle
-                .block_on(longtake_objects::put(&*store, &key, bytes))
+                .block_on(longtake_objects::write_once(&*store, &key, bytes))
                 .map_err(|e| format!("writing {name} to {}: {e}", t.output_uri))?;
             Ok(name.to_string())
         };
