@@ -18,15 +18,20 @@ fn longtake(args: &[&str]) -> Output {
         .expect("run longtake")
 }
 
-fn read(path: &Path, name: &str) -> Vec<f32> {
-    SafetensorsFile::open(path)
-        .unwrap()
-        .read_f32(name)
-        .unwrap()
-        .1
+/// A tensor and its shape.
+struct T(Vec<usize>, Vec<f32>);
+
+fn read(path: &Path, name: &str) -> T {
+    let (shape, data) = SafetensorsFile::open(path).unwrap().read_f32(name).unwrap();
+    T(shape, data)
 }
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+/// Relative L2 error of `got` against `want`; the shapes must match (a truncated or reshaped
+/// output is a failure, not a small error).
+fn rel_l2(got: &T, want: &T) -> f64 {
+    assert_eq!(got.0, want.0, "shapes differ");
+    assert_eq!(got.1.len(), want.1.len());
+    let (a, b) = (&got.1, &want.1);
     let num: f64 = a
         .iter()
         .zip(b)
