@@ -181,6 +181,45 @@ fn worker_count_does_not_change_the_latents() {
     assert!(latents(&one) == latents(&three), "autoregressive");
 }
 
+/// The CPU thread count and a pool larger than the plan change nothing: `--threads 1` and
+/// `--threads 2` give bit-identical latents, and so do 5 workers for a 3-window plan (two of
+/// them get no window).
+#[test]
+fn threads_and_idle_workers_do_not_change_the_latents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = |threads: &'static str, workers: &'static str| {
+        vec![
+            "--threads",
+            threads,
+            "--prompt",
+            "waves",
+            "--num-frames",
+            "41",
+            "--seed",
+            "5",
+            "--window",
+            "5",
+            "--overlap",
+            "2",
+            "--steps",
+            "3",
+            "--workers",
+            workers,
+        ]
+    };
+    let base = latents(&render(&args("1", "1"), tmp.path()));
+    assert!(
+        latents(&render(&args("2", "1"), tmp.path())) == base,
+        "--threads 2"
+    );
+    let five = render(&args("2", "5"), tmp.path());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(five.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["plan"]["windows"].as_array().unwrap().len(), 3);
+    assert!(latents(&five) == base, "5 workers for 3 windows");
+}
+
 #[test]
 fn one_window_and_codenoise_match_the_reference() {
     let tmp = tempfile::tempdir().unwrap();
