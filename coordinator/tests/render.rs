@@ -257,7 +257,8 @@ async fn two_workers_codenoise_render_succeeds() {
     assert_eq!(last.plan.as_ref().unwrap().windows.len(), 2);
     assert!(last.finished_at.is_some() && last.started_at.is_some());
 
-    // manifest.json exists, is complete, and was written after the outputs.
+    // manifest.json exists and is complete (that it is written only after the decode is
+    // reported was checked above, before the report).
     let manifest_path = out_dir.join("manifest.json");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
@@ -276,8 +277,6 @@ async fn two_workers_codenoise_render_succeeds() {
         assert!(manifest["timings_s"][phase].is_number(), "{phase}");
     }
     assert!(manifest["versions"]["longtake"].is_string());
-    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
-    assert!(mtime(&manifest_path) >= mtime(&out_dir.join("video.mp4")));
 
     // Late results for the finished render are refused.
     let late = a
