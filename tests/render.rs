@@ -340,6 +340,7 @@ fn bad_requests_fail_before_any_work() {
 
 #[test]
 fn a_killed_render_is_never_presented_as_finished() {
+    use std::io::BufRead;
     let tmp = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_longtake"))
         .args([
@@ -357,50 +358,78 @@ fn a_killed_render_is_never_presented_as_finished() {
         ])
         .current_dir(tmp.path())
         .env("XDG_CACHE_HOME", tmp.path().join("cache"))
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Kill it while it is decoding: once the render directory has objects in it.
-    let renders = tmp.path().join("renders");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let started = renders.exists()
-            && std::fs::read_dir(&renders).unwrap().flatten().any(|d| {
-                std::fs::read_dir(d.path())
-                    .map(|mut r| r.next().is_some())
-                    .unwrap_or(false)
-            });
-        if started || std::time::Instant::now() > deadline {
-            break;
+    // Kill it at a known phase: once it reports decoded frames (stderr is not a terminal, so
+    // progress comes as lines).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let decoding = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            // "render <id>: decoding N/961 frames" with N > 0: frames are being decoded.
+            Ok(line)
+                if line
+                    .split(": decoding ")
+                    .nth(1)
+                    .and_then(|r| r.split('/').next()?.parse::<u32>().ok())
+                    .is_some_and(|n| n > 0) =>
+            {
+                break true;
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
     child.kill().unwrap();
     child.wait().unwrap();
-    for d in std::fs::read_dir(&renders).unwrap().flatten() {
+    assert!(
+        decoding,
+        "the render never reported decoded frames: {seen:?}"
+    );
+    let dirs: Vec<_> = std::fs::read_dir(tmp.path().join("renders"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(dirs.len(), 1);
+    let d = dirs[0].path();
+    assert!(
+        !d.join("manifest.json").exists(),
+        "a killed render has a manifest: {}",
+        d.display()
+    );
+    // Decoding starts from the fused latents, written once before it.
+    assert!(d.join("latents.safetensors").is_file());
+    for f in std::fs::read_dir(&d).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
         assert!(
-            !d.path().join("manifest.json").exists(),
-            "a killed render has a manifest: {}",
-            d.path().display()
+            // Intermediate data (windows' latents, checkpoints) stays until the render
+            // finishes; nothing else is written.
+            [
+                "latents.safetensors",
+                "video.mp4",
+                "frames",
+                "windows",
+                "checkpoints",
+                "inputs",
+            ]
+            .contains(&name.as_str()),
+            "unexpected object {name}"
         );
-        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            assert!(
-                // Intermediate data (windows' latents, checkpoints) stays until the render
-                // finishes; nothing else is written.
-                [
-                    "latents.safetensors",
-                    "video.mp4",
-                    "frames",
-                    "windows",
-                    "checkpoints",
-                    "inputs",
-                ]
-                .contains(&name.as_str()),
-                "unexpected object {name}"
-            );
-        }
     }
 }
 
