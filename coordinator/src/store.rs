@@ -371,6 +371,68 @@ mod tests {
             .block_on(conformance(&MemoryStore::new()));
     }
 
+    /// A version-1 record written by hand (another writer's key order and layout, every optional
+    /// field present, a non-Wan latent geometry): every field reads as written.
+    #[test]
+    fn v1_record_written_independently() {
+        let text = r#"
+        {
+          "state": "decoding",
+          "version": "1",
+          "id": "r9",
+          "created_at_ms": 10, "started_at_ms": 11, "finished_at_ms": null,
+          "idempotency_key": "", "request_fingerprint": "abc", "error": "",
+          "output_uri": "s3://farm/renders/jobs/r9",
+          "plan": {"windows": [[0, 9]], "latent_frames": 9, "num_frames": 17},
+          "attempts": 2,
+          "checkpoint": {"epoch": 7, "dir": "checkpoints/e7/s4", "step": 4},
+          "denoised": {"workers": ["w0"], "keys": ["windows/e7/w0.f32"]},
+          "kernel_family": "cpu-x86_64-avx2-fma",
+          "spec": {
+            "model": "/models/m", "prompt": "p", "negative_prompt": "n", "duration_s": null,
+            "num_frames": 17, "fps": 8, "width": 96, "height": 72, "seed": 3, "steps": 7,
+            "guidance": 3.5, "flow_shift": 2.0, "stitching": "independent", "window": 9,
+            "overlap": 2, "output": "s3://farm/renders", "png_frames": true, "priority": -1,
+            "has_initial_noise": true,
+            "latent": {"channels": 8, "spatial_factor": 4, "temporal_factor": 2, "size_multiple": 8}
+          }
+        }"#;
+        let r = decode_job("jobs/r9", text.as_bytes()).unwrap();
+        assert_eq!((r.id.as_str(), r.state), ("r9", JobState::Decoding));
+        assert_eq!(
+            (r.created_at_ms, r.started_at_ms, r.finished_at_ms),
+            (10, Some(11), None)
+        );
+        assert_eq!(r.attempts, 2);
+        assert_eq!(
+            r.checkpoint,
+            Some(CheckpointRecord {
+                step: 4,
+                dir: "checkpoints/e7/s4".into(),
+                epoch: 7
+            })
+        );
+        assert_eq!(r.denoised.as_ref().unwrap().keys, ["windows/e7/w0.f32"]);
+        assert_eq!(r.kernel_family.as_deref(), Some("cpu-x86_64-avx2-fma"));
+        let p = r.plan.as_ref().unwrap();
+        assert_eq!(
+            (p.num_frames, p.latent_frames, p.windows.clone()),
+            (17, 9, vec![[0, 9]])
+        );
+        let s = &r.spec;
+        assert_eq!((s.num_frames, s.fps, s.width, s.height), (17, 8, 96, 72));
+        assert_eq!(
+            (s.seed, s.steps, s.guidance, s.flow_shift),
+            (3, 7, 3.5, Some(2.0))
+        );
+        assert_eq!(s.stitching, StitchingMode::Independent);
+        assert_eq!((s.window, s.overlap, s.priority), (9, 2, -1));
+        assert!(s.png_frames && s.has_initial_noise);
+        assert_eq!(s.latent_shape(), [8, 9, 18, 24]);
+        // Written back and read again: the same record.
+        assert_eq!(decode_job("jobs/r9", &encode_job(&r)).unwrap(), r);
+    }
+
     /// A version-1 record as written by this code: reading it must keep working.
     const V1_GOLDEN: &str = r#"{"version":"1","id":"r1","spec":{"prompt":"a lighthouse","negative_prompt":"","duration_s":60.0,"num_frames":961,"fps":16,"width":64,"height":64,"seed":7,"steps":4,"guidance":5.0,"flow_shift":null,"model":"","stitching":"codenoise","window":21,"overlap":4,"output":"renders","png_frames":false,"priority":0,"has_initial_noise":false},"idempotency_key":"k","request_fingerprint":"00ff","state":"denoising","error":"","output_uri":"/tmp/renders/jobs/r1","plan":{"num_frames":961,"latent_frames":241,"windows":[[0,21],[17,21]]},"created_at_ms":1,"started_at_ms":2,"finished_at_ms":null}"#;
 
