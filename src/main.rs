@@ -152,6 +152,10 @@ struct BenchTextArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = longtake_model::backend::check_cpu_kernels() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     if let Some(n) = cli.threads {
         if n == 0 {
             eprintln!("error: --threads must be at least 1");

@@ -19,11 +19,12 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma")]
                 fn v256($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 if has_avx512() {
-                    // SAFETY: the CPU reported every feature `v512` was compiled for.
+                    // SAFETY: the CPU reported every feature `v512` was compiled for (a forced
+                    // family only ever lowers the level below what was detected).
                     return unsafe { v512($($arg),*) };
                 }
                 if has_avx2() {
-                    // SAFETY: the CPU reported every feature `v256` was compiled for.
+                    // SAFETY: the CPU reported every feature `v256` was compiled for (as above).
                     return unsafe { v256($($arg),*) };
                 }
             }
@@ -32,18 +33,104 @@ macro_rules! multiversion {
     };
 }
 
-/// The kernel family this CPU runs (the row kernels' dispatch level): results are bit-identical
-/// only between machines of one family.
+/// The environment variable that forces a lower kernel family than the CPU's best
+/// (`avx512`, `avx2-fma` or `baseline`; the `cpu-x86_64-` prefix may be given), to run and check
+/// every family on one machine.
+pub const FORCE_ENV: &str = "LONGTAKE_CPU_KERNELS";
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+/// The level the CPU supports and the level forced by [`FORCE_ENV`] (if set and valid), or why
+/// the variable cannot be honoured.
+#[cfg(target_arch = "x86_64")]
+fn resolve() -> Result<Level, String> {
+    let detected = if detect_avx512() {
+        Level::Avx512
+    } else if detect_avx2() {
+        Level::Avx2
+    } else {
+        Level::Baseline
+    };
+    let Ok(wanted) = std::env::var(FORCE_ENV) else {
+        return Ok(detected);
+    };
+    let level = match wanted.trim().trim_start_matches("cpu-x86_64-") {
+        "" => return Ok(detected),
+        "avx512" => Level::Avx512,
+        "avx2-fma" | "avx2" => Level::Avx2,
+        "baseline" => Level::Baseline,
+        other => {
+            return Err(format!(
+                "{FORCE_ENV}={other:?} is not a kernel family; allowed: avx512, avx2-fma, baseline"
+            ));
+        }
+    };
+    if level > detected {
+        return Err(format!(
+            "{FORCE_ENV}={wanted:?}: this CPU does not support it (its best family is {})",
+            name(detected)
+        ));
+    }
+    Ok(level)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn name(level: Level) -> &'static str {
+    match level {
+        Level::Avx512 => "cpu-x86_64-avx512",
+        Level::Avx2 => "cpu-x86_64-avx2-fma",
+        Level::Baseline => "cpu-x86_64-baseline",
+    }
+}
+
+/// The dispatch level, decided once per process (an invalid [`FORCE_ENV`] falls back to the
+/// CPU's best; [`check_forced`] reports it first).
+#[cfg(target_arch = "x86_64")]
+fn level() -> Level {
+    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        resolve().unwrap_or_else(|_| {
+            if detect_avx512() {
+                Level::Avx512
+            } else if detect_avx2() {
+                Level::Avx2
+            } else {
+                Level::Baseline
+            }
+        })
+    })
+}
+
+/// Whether [`FORCE_ENV`] (if set) names a family this CPU can run.
+pub fn check_forced() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        resolve().map(|_| ())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        match std::env::var(FORCE_ENV) {
+            Ok(v) if !v.trim().is_empty() => Err(format!(
+                "{FORCE_ENV} is only supported on x86-64 (this machine: {})",
+                family()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The kernel family this process runs (the row kernels' dispatch level): results are
+/// bit-identical only between machines of one family.
 pub fn family() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512() {
-            return "cpu-x86_64-avx512";
-        }
-        if has_avx2() {
-            return "cpu-x86_64-avx2-fma";
-        }
-        "cpu-x86_64-baseline"
+        name(level())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -56,7 +143,7 @@ pub fn family() -> &'static str {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+fn detect_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512dq")
@@ -65,8 +152,21 @@ fn has_avx512() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+fn detect_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether the AVX-512 bodies run: the CPU has every feature they were compiled for (checked in
+/// [`resolve`]) and no lower family is forced.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    level() == Level::Avx512
+}
+
+/// Whether the AVX2+FMA bodies run (when the AVX-512 ones do not).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    level() >= Level::Avx2
 }
 
 /// e^x with a relative error below 2e-7 over the f32 range (inputs below −87 give ~1e-38, not 0).

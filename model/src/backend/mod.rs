@@ -13,9 +13,17 @@
 pub mod cpu;
 mod kernels;
 
-/// The CPU kernel family of this machine (see [`kernels::family`]).
+/// The CPU kernel family this process runs (see [`kernels::family`]).
 pub fn cpu_kernel_family() -> &'static str {
     kernels::family()
+}
+
+/// The variable that forces a lower CPU kernel family (see [`kernels::FORCE_ENV`]).
+pub use kernels::FORCE_ENV as CPU_KERNELS_ENV;
+
+/// Whether the forced kernel family, if any, is valid on this CPU; call before computing.
+pub fn check_cpu_kernels() -> std::result::Result<(), String> {
+    kernels::check_forced()
 }
 pub mod text_ops;
 pub mod video_ops;
