@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference co-denoising of overlapping temporal windows, the oracle for longtake's window stitching.
+"""Reference loops of longtake's three window-stitching strategies, the oracle for its window code.
 
 Uses the whole-pipeline fixture model/tests/fixtures/pipeline/tiny (read, not copied) and writes
   model/tests/fixtures/codenoise/tiny/{runs.json, run_<k>.safetensors}
@@ -9,6 +9,17 @@ uncond + g·(cond − uncond) when g > 1) is computed from the current latents X
 blended per latent frame with the plan's normalised weights (summed in window order, starting from
 zeros), and ONE scheduler step is taken over the whole sequence. A video that fits in one window
 reduces to plain WanPipeline; run 2 checks that against pipeline/tiny run 0.
+
+The same runs are also sampled with the two other strategies, written next to the co-denoised
+latents (`latents_independent`, `latents_autoregressive`):
+- independent: each window is sampled alone from its slice of the noise with a fresh scheduler;
+  the final latents are blended per frame with the same weights (summed in window order from
+  zeros).
+- autoregressive: windows in order, each with a fresh scheduler; the frames a window shares with
+  the previous one are held, before each of its steps, to the previous window's final latents
+  re-noised to that step's noise level, (1 - sigma_i) * clean + sigma_i * noise (its own slice of
+  the initial noise), and set to the clean latents after its last step; the sequence takes each
+  window's latents in order (later windows over earlier ones).
 
 Everything is seeded and computed in fp32 on the CPU; reruns are byte-identical with the pinned
 versions. See tools/README.md.
@@ -127,6 +138,80 @@ def codenoise(pipe, run: dict, noise: torch.Tensor) -> dict:
     return dict(latents=x, timesteps=timesteps, starts=starts, length=length, weights=weights, cfg=cfg)
 
 
+def _embeds(pipe, run: dict):
+    cfg = run["guidance_scale"] > 1.0
+    with torch.no_grad():
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            run["prompt"], run["negative_prompt"], do_classifier_free_guidance=cfg, max_sequence_length=512,
+            device=torch.device("cpu"), dtype=torch.float32)
+    return cfg, prompt_embeds, negative_embeds
+
+
+def _velocity(pipe, run: dict, embeds, xw: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    cfg, prompt_embeds, negative_embeds = embeds
+    timestep = t.expand(xw.shape[0])
+    v = pipe.transformer(hidden_states=xw, timestep=timestep, encoder_hidden_states=prompt_embeds,
+                         return_dict=False)[0]
+    if cfg:
+        u = pipe.transformer(hidden_states=xw, timestep=timestep, encoder_hidden_states=negative_embeds,
+                             return_dict=False)[0]
+        v = u + run["guidance_scale"] * (v - u)
+    return v
+
+
+def _fresh_scheduler(pipe, steps: int):
+    from diffusers import UniPCMultistepScheduler
+
+    sched = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    sched.set_begin_index(0)
+    return sched
+
+
+def independent(pipe, run: dict, noise: torch.Tensor) -> torch.Tensor:
+    embeds = _embeds(pipe, run)
+    starts, length, w64 = window_plan(noise.shape[2], run["window"], run["overlap"])
+    weights = torch.tensor(w64, dtype=torch.float64).to(torch.float32)
+    out = torch.zeros_like(noise)
+    with torch.no_grad():
+        for i, s in enumerate(starts):
+            sched = _fresh_scheduler(pipe, run["num_inference_steps"])
+            x = noise[:, :, s:s + length].clone()
+            for t in sched.timesteps:
+                x = sched.step(_velocity(pipe, run, embeds, x, t), t, x, return_dict=False)[0]
+            out[:, :, s:s + length] += weights[i].view(1, 1, length, 1, 1) * x
+    return out
+
+
+def autoregressive(pipe, run: dict, noise: torch.Tensor) -> torch.Tensor:
+    embeds = _embeds(pipe, run)
+    starts, length, _ = window_plan(noise.shape[2], run["window"], run["overlap"])
+    out = torch.zeros_like(noise)
+    prev = None  # (start, final latents of the previous window)
+    with torch.no_grad():
+        for s in starts:
+            sched = _fresh_scheduler(pipe, run["num_inference_steps"])
+            own_noise = noise[:, :, s:s + length].clone()
+            x = own_noise.clone()
+            held = None
+            if prev is not None:
+                ps, px = prev
+                a, b = max(s, ps), min(s + length, ps + length)
+                held = (a - s, b - s, px[:, :, a - ps:b - ps])
+            for i, t in enumerate(sched.timesteps):
+                if held is not None:
+                    lo, hi, clean = held
+                    sigma = sched.sigmas[i].to(torch.float32)
+                    x[:, :, lo:hi] = (1 - sigma) * clean + sigma * own_noise[:, :, lo:hi]
+                x = sched.step(_velocity(pipe, run, embeds, x, t), t, x, return_dict=False)[0]
+            if held is not None:
+                lo, hi, clean = held
+                x[:, :, lo:hi] = clean
+            out[:, :, s:s + length] = x
+            prev = (s, x)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
@@ -171,7 +256,9 @@ def main() -> None:
             check = {"against": f"{run['noise_from']}: latents", "rel_l2": rel,
                      "bit_exact": bool(torch.equal(latents, expected))}
 
-        tensors = {"noise": noise, "latents": latents, "weights": res["weights"],
+        others = {"latents_independent": independent(pipe, run, noise),
+                  "latents_autoregressive": autoregressive(pipe, run, noise)}
+        tensors = {"noise": noise, "latents": latents, **others, "weights": res["weights"],
                    "window_starts": torch.tensor(res["starts"], dtype=torch.float32),
                    "timesteps": res["timesteps"].to(torch.float32)}
         tensors = {kk: v.to(torch.float32).contiguous() for kk, v in tensors.items()}

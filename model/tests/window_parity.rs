@@ -1,5 +1,6 @@
-//! Window stitching: one window equals the single-clip pipeline; several co-denoised windows
-//! equal the straightforward reference loop of `tools/reference_codenoise.py`.
+//! Window stitching: one window equals the single-clip pipeline; several windows, co-denoised,
+//! independent or autoregressive, equal the straightforward reference loops of
+//! `tools/reference_codenoise.py`.
 
 mod common;
 
@@ -130,6 +131,37 @@ fn codenoise_matches_the_reference_loop() {
             plan.len()
         );
         assert!(err <= 1e-4, "run {k}: {err:.3e}");
+    }
+}
+
+/// Independent and autoregressive windows against their reference loops in
+/// `tools/reference_codenoise.py` (same runs, same plan).
+#[test]
+fn independent_and_autoregressive_match_their_reference_loops() {
+    let dir = fixture("codenoise/tiny");
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("runs.json")).unwrap()).unwrap();
+    let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
+    for (k, run) in runs.as_array().unwrap().iter().enumerate() {
+        let file = dir.join(format!("run_{k}.safetensors"));
+        let req = request(run, read(&file, "noise"));
+        let (_, starts) = read(&file, "window_starts");
+        let (ws, weights) = read(&file, "weights");
+        let starts: Vec<usize> = starts.iter().map(|s| *s as usize).collect();
+        let plan = windows(&starts, ws[1], &weights);
+        for (stitching, key) in [
+            (Stitching::Independent, "latents_independent"),
+            (Stitching::Autoregressive, "latents_autoregressive"),
+        ] {
+            let got = run_windows(&pipe, &req, &plan, stitching);
+            let (_, expected) = read(&file, key);
+            let err = rel_l2(&got, &expected);
+            eprintln!(
+                "{stitching:?} run {k} ({} windows): relative L2 {err:.3e}",
+                plan.len()
+            );
+            assert!(err <= 1e-4, "{stitching:?} run {k}: {err:.3e}");
+        }
     }
 }
 
