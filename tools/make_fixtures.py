@@ -71,6 +71,15 @@ DIT_CASES = {
         batch=2, frames=5, height=10, width=14, text_len=16, real_rows=[5, 16],
         timesteps=[999.0, 3.0], seed=1003, shard="40KB",
     ),
+    # Many heads, as real checkpoints shard them (Wan2.1-1.3B: 12 heads, 14B: 40): 24 heads of 8
+    # so that every tensor-parallel size up to 12 keeps several heads per rank (tp 12: 2 each)
+    # and the divisors 1..24 all run; small D (192) and bf16 keep it about 1 MB on disk.
+    "heads24": dict(
+        cfg=dict(num_attention_heads=24, attention_head_dim=8, ffn_dim=48, num_layers=1,
+                 text_dim=16, rope_max_seq_len=16),
+        batch=1, frames=2, height=4, width=6, text_len=16, real_rows=[11],
+        timesteps=[620.0], seed=1005, bf16_disk=True,
+    ),
     "bf16disk": dict(
         cfg=dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2,
                  text_dim=32, rope_max_seq_len=32),

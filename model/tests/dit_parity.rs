@@ -41,7 +41,7 @@ fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
     (got, expected)
 }
 
-fn check_all_tp(name: &str) {
+fn check_all_tp(name: &str) -> Vec<usize> {
     let cfg =
         WanConfig::from_file(&fixture(&format!("dit/{name}/transformer/config.json"))).unwrap();
     let heads = cfg.num_attention_heads;
@@ -60,6 +60,15 @@ fn check_all_tp(name: &str) {
         tested.len() > 1 || heads == 1,
         "{name}: only tp {tested:?} tested"
     );
+    tested
+}
+
+#[test]
+fn many_heads_every_tp_up_to_24() {
+    // 24 heads: tp 1, 2, 3, 4, 6, 8, 12 and 24, so realistic sizes (4, 6, 12) shard several
+    // heads per rank.
+    let tested = check_all_tp("heads24");
+    assert_eq!(tested, [1, 2, 3, 4, 6, 8, 12, 24]);
 }
 
 #[test]
