@@ -20,8 +20,9 @@ HELD_OUT (20) are never used for training: every scene of a blue object on a yel
 (HELD_OUT_PAIRS) plus the ten tuples of HELD_OUT_TUPLES.
 
 Geometry (at the default 64 x 64; everything scales with the frame size): the square's side is
-SIZE_FRAC x width (16 px), the circle's diameter the same; a moving object travels SPEED_FRAC x width
-per frame (1 px/frame, 16 px/s, one crossing every 4 s); "right" is +x, "down" is +y (image rows).
+SIZE_FRAC x width (24 px), the circle's diameter the same; a moving object travels SPEED_FRAC x width
+per frame (2 px/frame, 32 px/s, one crossing every 2 s, i.e. one 8-px latent cell per 4-frame latent
+frame of the Wan VAE); "right" is +x, "down" is +y (image rows).
 The object is drawn on a torus (a part that leaves one edge re-enters at the opposite one) with
 4 x 4 supersampled coverage, so its edges are anti-aliased and sub-pixel positions are exact. The
 initial position is drawn from the clip's seed; a clip of frames [t0, t0 + n) of the same scene is
@@ -61,8 +62,8 @@ SHAPES = ("circle", "square")
 MOTIONS = ("left", "right", "up", "down", "still")
 # unit velocity (dx, dy) per motion, in image coordinates (y grows downwards)
 VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
-SIZE_FRAC = 0.25  # side of the square / diameter of the circle, as a fraction of the width
-SPEED_FRAC = 1.0 / 64.0  # pixels per frame, as a fraction of the width
+SIZE_FRAC = 0.375  # side of the square / diameter of the circle, as a fraction of the width
+SPEED_FRAC = 2.0 / 64.0  # pixels per frame, as a fraction of the width
 
 # Scenes never used for training (object colour, shape, background colour, motion).
 HELD_OUT_PAIRS = [("blue", "yellow")]  # every shape and motion of these (object, background) pairs

@@ -3,43 +3,57 @@
 
 One command, seeded, on the CPU:
 
-    nice -n 19 .venv/bin/python tools/train_demo.py            # all phases, ~85 min + evaluation on 2 cores
+    nice -n 19 .venv/bin/python tools/train_demo.py            # all phases, <= 90 min + ~6 min evaluation on 2 cores
 
 Phases (each resumes from the work directory, default target/demo-train/, so a phase can be rerun alone
 with --phase):
   1. text     the tokenizer (a Unigram model whose pieces are the grammar's words, plus single characters
               so that other text does not become <unk>; written through transformers' T5Tokenizer, the
               same file layout as umt5-xxl's) and a freshly initialised UMT5EncoderModel.
-  2. vae      AutoencoderKLWan (base_dim 8, z_dim 16, dim_mult [1,2,4,4], 1 res block) trained to
-              reconstruct random 9-frame training clips (batch 3; L1 + MSE on [-1, 1] pixels without the
-              decoder's final clamp, a small KL term, and an anchor pulling latent channels 0-2 towards
-              the clip's colours averaged per latent cell).
-     vae2     the same VAE continued on 81-frame clips (batch 1). Trained on short clips only, it breaks
-              down on latent frames past the training length (the causal convolutions' caches then hold
-              features it never saw); the decoder's temporal receptive field spans about 18 latent frames.
+  2. vae      AutoencoderKLWan (base_dim 8, z_dim 16, dim_mult [1,2,4,4], 1 res block) trained through the
+              same cached chunk loops that diffusers' encode / decode run (first frame alone, then 4-frame
+              chunks; the decoder one latent frame at a time), batch 2, L1 + MSE on [-1, 1] pixels without
+              the decoder's final clamp, a small KL term, and an anchor pulling latent channels 0-2 towards
+              the clip's colours averaged per latent cell. Each step grades --vae-frames (17 = 1 + 4*4)
+              pixel frames: from the start of a video, or (probability --vae-warm-prob) right after a
+              warm-up prefix of 1..--vae-warm-max latent frames that is encoded and decoded without
+              gradients only to fill the causal convolutions' caches. So every cache state a long video
+              reaches is trained, including the steady state past the decoder's temporal receptive field
+              (~25 latent frames), at the cost of a forward pass over the prefix. (A VAE trained on
+              9-frame clips from the start only broke down after frame 9.)
+     vae2     (optional, not in the default phases) the same VAE continued on whole --vae2-frames clips.
   3. latents  every training scene is rendered as one long clip (161 frames at a random position) and
               encoded (posterior mean) to 41 latent frames; the per-channel mean / std over all of them
               become the VAE config's latents_mean / latents_std, and the cached latents are normalised
-              as WanPipeline expects: (z - mean) / std.
+              as WanPipeline expects: (z - mean) / std. Then 161-frame held-out clips are reconstructed
+              with diffusers' own encode / decode and the per-frame L1 is written to vae_recon.json.
+     vae3     decoder-only fine-tuning (encoder frozen, so the cached latents stay valid) on noisy posterior
+              means, streamed like phase vae, with the object's pixels weighted 4x; writes work/vae3/, which
+              export uses, and vae3_recon.json. It does not depend on the dit phase (the two can run at once).
   4. dit      WanTransformer3DModel and the text encoder trained together with Wan's flow matching on
-              21-frame latent windows (a window starting at latent frame 0 with probability 0.3, else at
-              a random offset, so that both the first window of a video and later windows are seen):
-              sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1), shift = flow_shift (3.0), timestep =
-              1000*sigma, x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0, MSE. 10% of the
-              captions are replaced by the empty prompt (classifier-free guidance). The text goes through
-              WanPipeline's path: tokens + </s>, encoder, real rows kept, zero rows up to 512.
-              An exponential moving average of the transformer's weights is what gets exported.
+              crops of the cached 41-frame latent sequences, as the render's windows are crops of one long
+              latent sequence: 21 latent frames (the render window) with probability --dit-full-prob, else
+              --dit-short frames with a proportionally larger batch (same latent frames per step, more
+              captions); a crop starts at latent frame 0 with probability 0.3, else at a random offset.
+              sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1), shift = flow_shift (3.0) - the same
+              shifted sigmas the UniPC sampler steps through - timestep = 1000*sigma,
+              x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0, MSE. 10% of the captions are
+              replaced by the empty prompt (classifier-free guidance). The text goes through WanPipeline's
+              path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
+              cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
+              An exponential moving average of the transformer's and text encoder's weights is exported.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32. Also written every --export-every DiT steps, so a usable
               model exists while training runs.
   6. eval     WanPipeline.from_pretrained(--out) generates 81 frames (64x64) for every held-out caption and
               some training captions; tools/scenes.py's checker scores them; eval.json + PNG strips go
               to the work directory.
-  7. long     a 961-frame (60 s) video of two captions with tools/reference_codenoise.py's window
-              co-denoising (21-frame windows, overlap 4), as longtake renders it, scored whole and per
-              81 frames.
+  7. long     961-frame (60 s) videos of LONG_CAPTIONS (the example prompt, three held-out captions, two
+              training captions) with tools/reference_codenoise.py's window co-denoising (21-frame
+              windows, overlap 4), as longtake renders them, scored whole and per 81 frames, and checked
+              for jumps at the windows' seams.
 
-Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --dit-minutes),
+Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes, --dit-minutes),
 whichever comes first; the learning-rate schedule follows the larger of the two fractions, so a run that
 hits the time budget still ends with a decayed learning rate. Runs that stop on the step count are
 reproducible; runs that stop on time depend on the machine's speed.
@@ -194,6 +208,64 @@ def decode_raw(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, 2)
 
 
+def encode_chunks(vae, x: torch.Tensor, first: bool) -> torch.Tensor:
+    """AutoencoderKLWan._encode's chunk loop (first frame alone, then 4-frame chunks) continuing from the
+    caches already in vae._enc_feat_map; `first`: x starts at frame 0 of the video. Returns quant_conv's
+    output [B, 2*z_dim, T, h, w] (mean, logvar)."""
+    outs = []
+    i = 0
+    if first:
+        vae._enc_conv_idx = [0]
+        outs.append(vae.encoder(x[:, :, :1], feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+        i = 1
+    while i < x.shape[2]:
+        vae._enc_conv_idx = [0]
+        outs.append(vae.encoder(x[:, :, i:i + 4], feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+        i += 4
+    return vae.quant_conv(torch.cat(outs, 2))
+
+
+def decode_chunks(vae, z: torch.Tensor, first: bool) -> torch.Tensor:
+    """AutoencoderKLWan._decode's frame-by-frame loop without the final clamp (whose zero gradient would trap
+    outputs that overshoot on the wrong side), continuing from the caches in vae._feat_map."""
+    x = vae.post_quant_conv(z)
+    outs = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                first_chunk=first and i == 0))
+    return torch.cat(outs, 2)
+
+
+def vae_stream_step(vae, x: torch.Tensor, warm: int):
+    """One training pass over a clip x [B,3,1+4(warm+G-1) or so,H,W] as the cached inference pass sees it: the
+    first `warm` latent frames (1 + 4(warm-1) pixel frames) are encoded and decoded without gradients, only to
+    fill the causal convolutions' caches, then the rest is encoded / decoded with gradients. With warm = 0 the
+    graded part starts at frame 0 (the single-frame first chunk). Returns (graded pixels, their
+    reconstruction, posterior mean, logvar, sampled latent)."""
+    vae.clear_cache()
+    if warm > 0:
+        nw = 1 + 4 * (warm - 1)
+        with torch.no_grad():
+            enc = encode_chunks(vae, x[:, :, :nw], True)
+            mu_w, lv_w = enc.chunk(2, dim=1)
+            zw = mu_w + torch.exp(0.5 * lv_w.clamp(-30, 20)) * torch.randn_like(mu_w)
+            decode_chunks(vae, zw, True)
+        vae._enc_feat_map = [None if f is None else (f.detach() if torch.is_tensor(f) else f)
+                             for f in vae._enc_feat_map]
+        vae._feat_map = [None if f is None else (f.detach() if torch.is_tensor(f) else f) for f in vae._feat_map]
+        xg = x[:, :, nw:]
+    else:
+        xg = x
+    enc = encode_chunks(vae, xg, warm == 0)
+    mu, logvar = enc.chunk(2, dim=1)
+    logvar = logvar.clamp(-30, 20)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    y = decode_chunks(vae, z, warm == 0)
+    vae.clear_cache()
+    return xg, y, mu, logvar
+
+
 def phase_vae(args, work: Path, stage: int = 1) -> None:
     """Stage 1: short clips (--vae-frames) from a fresh VAE. Stage 2 (phase vae2): continue on clips of
     --vae2-frames; a VAE trained on short clips only breaks down on latent frames past the training
@@ -236,21 +308,33 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(progress, base_lr, 0.03)
-        x = torch.stack([to_pixels(scenes.render(rng.choice(train), frames, SIZE, SIZE,
+        # The graded part: `frames` pixel frames (1 + 4k) from the start of the video for `batch` clips, or,
+        # with probability --vae-warm-prob once --vae-warm-start of the phase is done (stage 1),
+        # --vae-warm-frames frames (4k) of --vae-warm-batch clips that follow `warm` latent frames encoded /
+        # decoded without gradients, so that the caches of the causal convolutions are in every state a long
+        # video puts them in (the decoder's temporal receptive field spans ~25 latent frames). Many scenes
+        # per step matter more than long graded clips: consecutive frames of one scene are nearly redundant.
+        warm, bsz = 0, batch
+        if stage == 1 and progress >= args.vae_warm_start and rng.random() < args.vae_warm_prob:
+            warm, bsz = rng.randint(1, args.vae_warm_max), args.vae_warm_batch
+        n_pix = frames if warm == 0 else 1 + 4 * (warm - 1) + args.vae_warm_frames
+        x = torch.stack([to_pixels(scenes.render(rng.choice(train), n_pix, SIZE, SIZE,
                                                  seed=rng.getrandbits(32)))
-                         for _ in range(batch)])
-        post = vae.encode(x).latent_dist
-        y = decode_raw(vae, post.sample())
+                         for _ in range(bsz)])
+        x, y, mu, logvar = vae_stream_step(vae, x, warm)
         rec_l1 = (y - x).abs().mean()
         rec_mse = (y - x).pow(2).mean()
-        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         # Anchor: latent channels 0-2 are pulled towards the clip's colours averaged over each latent cell
         # (8x8 pixels, and the frames a latent frame covers), which gives the decoder an informative latent
         # from the first steps.
         b, _, t, h, w = x.shape
-        anchor = torch.cat([x[:, :, :1], x[:, :, 1:].reshape(b, 3, (t - 1) // 4, 4, h, w).mean(3)], 2)
+        if warm == 0:
+            anchor = torch.cat([x[:, :, :1], x[:, :, 1:].reshape(b, 3, (t - 1) // 4, 4, h, w).mean(3)], 2)
+        else:
+            anchor = x.reshape(b, 3, t // 4, 4, h, w).mean(3)
         anchor = torch.nn.functional.avg_pool3d(anchor, (1, 8, 8))
-        aux = (post.mean[:, :3] - anchor).pow(2).mean()
+        aux = (mu[:, :3] - anchor).pow(2).mean()
         loss = rec_l1 + rec_mse + args.vae_kl * kl + args.vae_anchor * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -262,7 +346,7 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
             a = np.mean(acc, axis=0)
             acc = []
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1=float(a[0]), mse=float(a[1]),
-                             kl=float(a[2]), anchor=float(a[3])))
+                             kl=float(a[2]), anchor=float(a[3]), lr=opt.param_groups[0]["lr"]))
             log(f"vae{stage} step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f} KL {a[2]:.3f} "
                 f"anchor {a[3]:.4f}")
         if step % 100 == 0:
@@ -274,9 +358,13 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
 
 
 def phase_vae3(args, work: Path) -> None:
-    """(Optional, not in the default phases.) Decoder-only fine-tuning on long clips after the latents are cached: the encoder (and so the
-    latent space the transformer learns) stays fixed; the decoder sees the posterior mean plus a little
-    noise (--vae3-noise x the latents' per-channel std), for robustness to imperfect generated latents."""
+    """Decoder-only fine-tuning after the latents are cached: the encoder (and so the latent space the
+    transformer learns) stays fixed; the decoder sees the posterior mean plus a little noise (--vae3-noise x
+    the latents' per-channel std), for robustness to imperfect generated latents, through the same streamed
+    steps as phase vae (warm-up prefixes included), with the pixels of the object (those that differ from the
+    clip's background colour) weighted --vae3-obj-weight times in the loss: the object is ~14% of a frame
+    and its colour is what the first stage learns last. Writes work/vae3/ (export prefers it to work/vae/)
+    and vae3_recon.json."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(args.seed + 22)
@@ -291,37 +379,89 @@ def phase_vae3(args, work: Path) -> None:
     t0 = time.time()
     budget = args.vae3_minutes * 60
     hist, acc, step = [], [], 0
+
+    def save():
+        tmp = work / "vae3.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        vae.save_pretrained(str(tmp), safe_serialization=True)
+        if (work / "vae3").exists():
+            shutil.rmtree(work / "vae3")
+        tmp.rename(work / "vae3")
+
     while step < args.vae3_steps:
         progress = max(step / args.vae3_steps, (time.time() - t0) / budget)
         if progress >= 1:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(progress, args.vae3_lr, 0.03)
-        x = torch.stack([to_pixels(scenes.render(rng.choice(train), args.vae3_frames, SIZE, SIZE,
-                                                 seed=rng.getrandbits(32)))
-                         for _ in range(args.vae3_batch)])
+        warm, bsz, n_pix = 0, args.vae_batch, args.vae_frames
+        if rng.random() < args.vae_warm_prob:
+            warm, bsz = rng.randint(1, args.vae_warm_max), args.vae_warm_batch
+            n_pix = 1 + 4 * (warm - 1) + args.vae_warm_frames
+        items = [rng.choice(train) for _ in range(bsz)]
+        x = torch.stack([to_pixels(scenes.render(sc, n_pix, SIZE, SIZE, seed=rng.getrandbits(32))) for sc in items])
+        bg = torch.stack([torch.tensor(scenes.COLOURS[sc.bg], dtype=torch.float32) / 127.5 - 1 for sc in items])
+        vae.clear_cache()
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
+            z = encode_chunks(vae, x, True)[:, :VAE_CFG["z_dim"]]
             z = z + args.vae3_noise * std * torch.randn_like(z)
-        y = decode_raw(vae, z)
-        l1, mse = (y - x).abs().mean(), (y - x).pow(2).mean()
+            nw = 0
+            if warm > 0:
+                nw = 1 + 4 * (warm - 1)
+                decode_chunks(vae, z[:, :, :warm], True)
+                vae._feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._feat_map]
+        y = decode_chunks(vae, z[:, :, warm:], warm == 0)
+        vae.clear_cache()
+        xg = x[:, :, nw:]
+        obj = ((xg - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.1).float()
+        wgt = 1 + (args.vae3_obj_weight - 1) * obj
+        wgt = wgt / wgt.mean()
+        l1 = ((y - xg).abs() * wgt).mean()
+        mse = ((y - xg).pow(2) * wgt).mean()
         opt.zero_grad(set_to_none=True)
         (l1 + mse).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        acc.append((l1.item(), mse.item()))
-        if step % 10 == 0:
+        acc.append((l1.item(), mse.item(), (y - xg).abs().mean().item()))
+        if step % 25 == 0:
             a = np.mean(acc, axis=0)
             acc = []
-            hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1=float(a[0]), mse=float(a[1])))
-            log(f"vae3 step {step} ({hist[-1]['minutes']} min): L1 {a[0]:.4f} MSE {a[1]:.5f}")
-        if step % 25 == 0:
-            vae.save_pretrained(str(work / "vae"), safe_serialization=True)
-    vae.save_pretrained(str(work / "vae"), safe_serialization=True)
+            hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1_weighted=float(a[0]),
+                             mse_weighted=float(a[1]), l1=float(a[2])))
+            log(f"vae3 step {step} ({hist[-1]['minutes']} min): weighted L1 {a[0]:.4f} MSE {a[1]:.5f}, L1 {a[2]:.4f}")
+        if step % 100 == 0:
+            save()
+    save()
     (work / "vae3_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
-                                                           frames=args.vae3_frames, history=hist), indent=1))
+                                                           history=hist), indent=1))
     log(f"vae3 done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+    vae.eval()
+    with torch.no_grad():
+        recon_check(args, work, vae, "vae3_recon.json")
+
+
+def recon_check(args, work: Path, vae, name: str) -> None:
+    """161-frame held-out clips through diffusers' own (cached, clamped) encode and decode: L1 per pixel frame
+    (pixels in [-1, 1]) and the scene checker's figures."""
+    recon = []
+    for k, sc in enumerate(scenes.held_out_scenes()[:args.recon_checks]):
+        clip = scenes.render(sc, args.latent_frames, SIZE, SIZE, seed=1000 + k)
+        x = to_pixels(clip)[None]
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        frames = (y[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
+        r = scenes.score(sc, frames)
+        per_frame = (y - x).abs().mean(dim=(0, 1, 3, 4))
+        recon.append(dict(caption=sc.caption, l1=float((y - x).abs().mean()), mse=float((y - x).pow(2).mean()),
+                          l1_max_frame=float(per_frame.max()), l1_argmax_frame=int(per_frame.argmax()),
+                          l1_frames_0_20=float(per_frame[:21].mean()), l1_frames_21_80=float(per_frame[21:81].mean()),
+                          l1_frames_81_end=float(per_frame[81:].mean()),
+                          bg_frac=r["bg_frac"], obj_frac=r["obj_frac"], motion_ok=r["motion_ok"],
+                          motion_agreement=r["motion_agreement"], shape_ok=r["shape_ok"],
+                          l1_per_frame=[round(float(v), 4) for v in per_frame]))
+        log(f"recon {sc.caption}: " + str({k: v for k, v in recon[-1].items() if k != "l1_per_frame"}))
+    (work / name).write_text(json.dumps(recon, indent=1))
 
 
 @torch.no_grad()
@@ -350,20 +490,46 @@ def phase_latents(args, work: Path) -> None:
     zn = (z - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     torch.save(dict(latents=zn.contiguous(), captions=caps, mean=mean, std=std), work / "latents.pt")
     # Reconstruction of held-out scenes through the pipeline's own (clamped) decode.
-    recon = []
-    for k, sc in enumerate(scenes.held_out_scenes()[:args.recon_checks]):
-        clip = scenes.render(sc, args.latent_frames, SIZE, SIZE, seed=1000 + k)
-        x = to_pixels(clip)[None]
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        frames = (y[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
-        r = scenes.score(sc, frames)
-        recon.append(dict(caption=sc.caption, l1=float((y - x).abs().mean()), mse=float((y - x).pow(2).mean()),
-                          bg_frac=r["bg_frac"], obj_frac=r["obj_frac"], motion_ok=r["motion_ok"],
-                          shape_ok=r["shape_ok"]))
-        log(f"recon {sc.caption}: {recon[-1]}")
-    (work / "vae_recon.json").write_text(json.dumps(recon, indent=1))
+    recon_check(args, work, vae, "vae_recon.json")
     log(f"latents: {tuple(z.shape)} in {(time.time() - t0) / 60:.1f} min; mean {mean.numpy().round(3).tolist()} "
         f"std {std.numpy().round(3).tolist()}")
+
+
+class CompactCrossAttn:
+    """Training-only cross-attention processor, exact for WanPipeline's padded text: the pipeline pads the
+    prompt embeddings with zero rows to 512, and every zero row gives the same key and value (norms and
+    projections act per row), so softmax attention over them equals attention over one of them with
+    log(count) added to its logit. The transformer gets [real rows, zero rows up to the batch's longest
+    prompt + 1] and self.bias [B,1,1,S] spreads the pad count over each item's zero rows. About 40% of a
+    training step's time at 512 rows; the exported model uses diffusers' own processor on 512 rows."""
+
+    bias: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def encode_text_compact(tok, te, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_text's rows in CompactCrossAttn's form: ([B, S, D] real rows then zero rows, bias [B,1,1,S])."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    enc = tok([prompt_clean(p) for p in prompts], padding="longest", truncation=True, max_length=TEXT_LEN,
+              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    hidden = te(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
+    hidden = hidden * enc.attention_mask[..., None].to(hidden.dtype)
+    b, s = enc.input_ids.shape
+    out = torch.cat([hidden, hidden.new_zeros(b, 1, hidden.shape[-1])], 1)
+    lens = enc.attention_mask.sum(1)
+    pad_rows = (s + 1 - lens).float()  # zero rows per item here
+    bias = torch.zeros(b, s + 1)
+    is_pad = torch.arange(s + 1)[None, :] >= lens[:, None]
+    bias = torch.where(is_pad, torch.log((TEXT_LEN - lens).float() / pad_rows)[:, None], bias)
+    return out, bias.view(b, 1, 1, s + 1)
 
 
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -388,6 +554,9 @@ def phase_dit(args, work: Path) -> None:
     ema_te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
     for m in (ema, ema_te):
         m.requires_grad_(False)
+    cross = CompactCrossAttn()
+    for blk in dit.blocks:
+        blk.attn2.set_processor(cross)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed + 5)
@@ -422,15 +591,21 @@ def phase_dit(args, work: Path) -> None:
         lr = lr_at(progress, args.dit_lr, 0.04)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = [rng.randrange(n) for _ in range(args.dit_batch)]
-        starts = [0 if rng.random() < 0.3 else rng.randrange(tlen - WINDOW + 1) for _ in idx]
-        x0 = torch.stack([lat[i, :, s:s + WINDOW] for i, s in zip(idx, starts)])
+        # A crop of the cached 41-frame latent sequences: the render window's 21 frames with probability
+        # --dit-full-prob, else --dit-short frames; the batch holds about --dit-batch x 21 latent frames
+        # either way. It starts at latent frame 0 (the video's single-frame first latent, as in a render's
+        # first window) with probability 0.3, else at a random offset.
+        win = WINDOW if rng.random() < args.dit_full_prob else args.dit_short
+        bsz = max(1, round(args.dit_batch * WINDOW / win))
+        idx = [rng.randrange(n) for _ in range(bsz)]
+        starts = [0 if rng.random() < 0.3 else rng.randrange(tlen - win + 1) for _ in idx]
+        x0 = torch.stack([lat[i, :, s:s + win] for i, s in zip(idx, starts)])
         prompts = ["" if rng.random() < args.text_dropout else caps[i] for i in idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(len(idx), gen)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x0 + s5 * noise
-        ctx = encode_text(tok, te, prompts)
+        ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
         loss = (v - (noise - x0)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -470,7 +645,8 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
         te.load_state_dict(ck["ema_te"])
         dit_step = ck["step"]
     data = torch.load(work / "latents.pt")
-    vae = AutoencoderKLWan.from_pretrained(str(work / "vae"), torch_dtype=torch.float32)
+    vae_dir = work / "vae3" if (work / "vae3").exists() else work / "vae"
+    vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
     vae.register_to_config(latents_mean=[round(float(v), 6) for v in data["mean"]],
                            latents_std=[round(float(v), 6) for v in data["std"]])
     # A fresh VAE object (no loader state in its config).
@@ -488,14 +664,14 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
     # The tokenizer was loaded from disk, which adds loader state to its config: use the built files.
     for f in (work / "tokenizer").iterdir():
         shutil.copyfile(f, tmp / "tokenizer" / f.name)
-    readme = out / "README.md"
-    if readme.exists():
-        shutil.copyfile(readme, tmp / "README.md")
+    for keep in ("README.md", "longtake.json"):  # files of the model directory that are not the pipeline's
+        if (out / keep).exists():
+            shutil.copyfile(out / keep, tmp / keep)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(f"exported to {out} (DiT step {dit_step}, {size / 1e6:.1f} MB)")
+    log(f"exported to {out} (DiT step {dit_step}, VAE {vae_dir.name}, {size / 1e6:.1f} MB)")
 
 
 def eval_captions(args) -> list[tuple[scenes.Scene, bool]]:
@@ -553,10 +729,52 @@ def phase_eval(args, work: Path) -> None:
     log(f"eval summary: held-out {s['held_out']}; train {s['train']}; {s['seconds_per_video']:.1f} s/video")
 
 
+LONG_CAPTIONS = [
+    "a yellow square moves right on a green background",  # the example prompt (training set)
+    "a red circle moves left on a blue background",  # held-out tuple
+    "a blue square moves down on a yellow background",  # held-out pair (blue on yellow)
+    "a black square moves right on a white background",  # held-out tuple
+    "a white circle moves up on a red background",  # training
+    "a green square stays still on a black background",  # training
+]
+
+
+def boundary_jumps(frames: np.ndarray, starts: list[int], length: int, a: dict) -> dict:
+    """Frame-to-frame change of a long video at the co-denoising windows' seams versus inside the windows.
+    A step (pixel frame i -> i+1) is a seam step when either frame belongs to a latent frame covered by two
+    windows (the overlaps, where the blend weights ramp) or to the first latent frame after a window's end;
+    the others are inside one window. Measured as the mean absolute pixel change (RGB in [0, 1]) and as the
+    object centroid's wrapped displacement in px (steps with no object found are skipped)."""
+    t_lat = max(s + length for s in starts)
+    cover = np.zeros(t_lat, int)
+    for s in starts:
+        cover[s:s + length] += 1
+    seam_lat = set(np.nonzero(cover > 1)[0].tolist())
+    for s in starts:
+        if s + length < t_lat:
+            seam_lat.add(s + length)
+    lat_of = lambda i: 0 if i == 0 else (i + 3) // 4  # latent frame of pixel frame i
+    n = len(frames)
+    pix = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+    h, w = frames.shape[1:3]
+    cx, cy = np.array(a["cx"]), np.array(a["cy"])
+    dc = np.hypot((np.diff(cx) + w / 2) % w - w / 2, (np.diff(cy) + h / 2) % h - h / 2)
+    seam = np.array([lat_of(i) in seam_lat or lat_of(i + 1) in seam_lat for i in range(n - 1)])
+
+    def mx(v, m):
+        v = v[m]
+        v = v[~np.isnan(v)]
+        return float(v.max()) if len(v) else float("nan")
+
+    return dict(pix_max_seam=mx(pix, seam), pix_max_inside=mx(pix, ~seam), centroid_max_seam=mx(dc, seam),
+                centroid_max_inside=mx(dc, ~seam), seam_steps=int(seam.sum()), inside_steps=int((~seam).sum()))
+
+
 @torch.no_grad()
 def phase_long(args, work: Path) -> None:
-    """A long video as longtake renders it: tools/reference_codenoise.py's window co-denoising (21-frame
-    windows, overlap 4, one scheduler step per timestep over the whole sequence), then one VAE decode."""
+    """Long videos as longtake renders them: tools/reference_codenoise.py's window co-denoising (21-frame
+    windows, overlap 4, one scheduler step per timestep over the whole sequence), then one VAE decode; scored
+    whole and per 81 frames, and checked for jumps at the windows' seams (boundary_jumps)."""
     from diffusers import WanPipeline
     from PIL import Image
     from reference_codenoise import codenoise
@@ -565,9 +783,8 @@ def phase_long(args, work: Path) -> None:
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    caps = ["a yellow square moves right on a green background", scenes.held_out_scenes()[0].caption]
     out = []
-    for k, cap in enumerate(caps):
+    for k, cap in enumerate(LONG_CAPTIONS[:args.long_captions]):
         scene = scenes.parse_caption(cap)
         t_lat = (args.long_frames - 1) // 4 + 1
         noise = torch.randn(1, 16, t_lat, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(args.seed + 200 + k))
@@ -580,9 +797,10 @@ def phase_long(args, work: Path) -> None:
         t_all = time.time() - t
         frames = (video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
         whole = scenes.score(scene, frames)
+        jumps = boundary_jumps(frames, res["starts"], res["length"], scenes.analyze_frames(frames))
         chunks = [scenes.score(scene, frames[i:i + 81]) for i in range(0, len(frames) - 80, 80)]
         r = dict(caption=cap, held_out=scenes.is_held_out(scene), frames=len(frames), windows=len(res["starts"]),
-                 seconds_denoise=t_dit, seconds_total=t_all, whole=whole,
+                 seconds_denoise=t_dit, seconds_total=t_all, whole=whole, jumps=jumps,
                  chunks_motion_ok=float(np.mean([c["motion_ok"] for c in chunks])),
                  chunks_bg=float(np.mean([c["bg_frac"] for c in chunks])),
                  chunks_obj=float(np.mean([c["obj_frac"] for c in chunks])))
@@ -590,8 +808,8 @@ def phase_long(args, work: Path) -> None:
         u8 = (frames * 255).round().astype(np.uint8)
         Image.fromarray(np.concatenate(list(u8[::40]), axis=1)).save(work / f"long_{k}.png")
         log(f"long {k}: {cap}: {len(frames)} frames, {len(res['starts'])} windows, {t_dit:.0f}s denoise, "
-            f"{t_all:.0f}s total; whole {whole}; per-81-frame chunks: motion ok {r['chunks_motion_ok']:.2f}, "
-            f"bg {r['chunks_bg']:.2f}, obj {r['chunks_obj']:.2f}")
+            f"{t_all:.0f}s total; whole {whole}; jumps {jumps}; per-81-frame chunks: motion ok "
+            f"{r['chunks_motion_ok']:.2f}, bg {r['chunks_bg']:.2f}, obj {r['chunks_obj']:.2f}")
     (work / f"long_s{args.eval_steps}_g{args.eval_guidance:g}.json").write_text(json.dumps(out, indent=1))
 
 
@@ -599,36 +817,43 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
-    ap.add_argument("--phase", nargs="*", default=["text", "vae", "vae2", "latents", "dit", "export", "eval", "long"],
+    ap.add_argument("--phase", nargs="*", default=["text", "vae", "latents", "vae3", "dit", "export", "eval", "long"],
                     choices=["text", "vae", "vae2", "latents", "vae3", "dit", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--vae-steps", type=int, default=4000)
-    ap.add_argument("--vae-minutes", type=float, default=30)
-    ap.add_argument("--vae-batch", type=int, default=3)
-    ap.add_argument("--vae-frames", type=int, default=9)
+    ap.add_argument("--vae-steps", type=int, default=1086)
+    ap.add_argument("--vae-minutes", type=float, default=24)
+    ap.add_argument("--vae-batch", type=int, default=4)
+    ap.add_argument("--vae-frames", type=int, default=9, help="vae: graded pixel frames per clip from frame 0 (1 + 4k)")
+    ap.add_argument("--vae-warm-prob", type=float, default=0.4,
+                    help="vae: probability that the graded frames follow a gradient-free warm-up prefix")
+    ap.add_argument("--vae-warm-start", type=float, default=0.2, help="vae: fraction of the phase before such steps")
+    ap.add_argument("--vae-warm-max", type=int, default=24, help="vae: longest warm-up prefix, in latent frames")
+    ap.add_argument("--vae-warm-batch", type=int, default=2, help="vae: clips per warm-up step")
+    ap.add_argument("--vae-warm-frames", type=int, default=8, help="vae: graded frames after the prefix (4k)")
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--vae2-steps", type=int, default=1000)
     ap.add_argument("--vae2-minutes", type=float, default=10)
     ap.add_argument("--vae2-batch", type=int, default=1)
     ap.add_argument("--vae2-frames", type=int, default=81)
     ap.add_argument("--vae2-lr", type=float, default=5e-4)
-    ap.add_argument("--vae3-steps", type=int, default=1000)
-    ap.add_argument("--vae3-minutes", type=float, default=15)
-    ap.add_argument("--vae3-batch", type=int, default=1)
-    ap.add_argument("--vae3-frames", type=int, default=81)
+    ap.add_argument("--vae3-steps", type=int, default=506)
+    ap.add_argument("--vae3-minutes", type=float, default=11)
     ap.add_argument("--vae3-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-noise", type=float, default=0.1)
+    ap.add_argument("--vae3-obj-weight", type=float, default=4.0)
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
     ap.add_argument("--clips-per-scene", type=int, default=1)
     ap.add_argument("--latent-frames", type=int, default=161)
-    ap.add_argument("--recon-checks", type=int, default=6, help="held-out clips reconstructed to check the VAE")
+    ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=6000)
-    ap.add_argument("--dit-minutes", type=float, default=30)
-    ap.add_argument("--dit-batch", type=int, default=8)
-    ap.add_argument("--dit-lr", type=float, default=5e-4)
+    ap.add_argument("--dit-steps", type=int, default=3678)
+    ap.add_argument("--dit-minutes", type=float, default=50)
+    ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
+    ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
+    ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
+    ap.add_argument("--dit-lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
@@ -638,6 +863,7 @@ def main() -> None:
     ap.add_argument("--eval-guidance", type=float, default=DEFAULT_GUIDANCE)
     ap.add_argument("--eval-frames", type=int, default=81)
     ap.add_argument("--long-frames", type=int, default=961, help="long: frames of the co-denoised video")
+    ap.add_argument("--long-captions", type=int, default=len(LONG_CAPTIONS), help="long: how many of LONG_CAPTIONS")
     ap.add_argument("--eval-train", type=int, default=10, help="training captions evaluated besides the held-out")
     args = ap.parse_args()
 
