@@ -20,15 +20,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::render::{ProgressDisplay, RequestArgs};
 
-/// `println!` for command output that a closed pipe (`| head`) ends quietly instead of with a
-/// panic.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
-}
-
 #[derive(Args)]
 pub struct CoordinatorArgs {
     /// Address to serve the public and worker APIs on (`host:port`; port 0 picks a free one,

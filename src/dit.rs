@@ -153,7 +153,7 @@ pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Resul
         "gflops counts the reference's work ({:.2} GFLOP per forward)",
         flops / 1e9
     );
-    println!(
+    out!(
         "dit_forward_ms={median:.2} gflops={:.1}",
         flops / median / 1e6
     );

@@ -8,6 +8,15 @@
 //! (single model components on files, for checking them against the reference) and `bench`
 //! (time them).
 
+/// `println!` for command output that a closed pipe (`| head`) ends quietly instead of with a
+/// panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod analyze;
 mod cluster;
 mod compare;

@@ -80,6 +80,6 @@ pub fn bench(model: &Path, prompt: &str, iters: usize) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("text_ms={median:.3}");
+    out!("text_ms={median:.3}");
     Ok(())
 }

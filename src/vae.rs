@@ -109,6 +109,6 @@ pub fn bench(a: &BenchVaeArgs) -> Result<()> {
             .join(" ")
     );
     times.sort_by(f64::total_cmp);
-    println!("vae_ms={:.2}", times[times.len() / 2]);
+    out!("vae_ms={:.2}", times[times.len() / 2]);
     Ok(())
 }
