@@ -29,37 +29,29 @@ macro_rules! assets {
     };
 }
 
-const SMOKE_FILES: &[(&str, &[u8])] = assets!("smoke-model":
-    "README.md",
-    "longtake.json",
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "transformer/config.json",
-    "transformer/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-);
+/// Every file of a built-in model directory (both have the same layout).
+macro_rules! model_files {
+    ($dir:literal) => {
+        assets!($dir:
+            "README.md",
+            "longtake.json",
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+            "transformer/config.json",
+            "transformer/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        )
+    };
+}
 
-const DEMO_FILES: &[(&str, &[u8])] = assets!("demo-model":
-    "README.md",
-    "longtake.json",
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "transformer/config.json",
-    "transformer/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-);
+const SMOKE_FILES: &[(&str, &[u8])] = model_files!("smoke-model");
+const DEMO_FILES: &[(&str, &[u8])] = model_files!("demo-model");
 
 /// A model compiled into the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
