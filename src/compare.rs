@@ -6,11 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use longtake_coordinator::CoordinatorConfig;
 use longtake_proto::v1 as pb;
 
 use crate::analyze;
-use crate::render::{RequestArgs, output_of, render};
+use crate::render::{RequestArgs, local_config, render};
 
 #[derive(Args)]
 pub struct CompareArgs {
@@ -46,22 +45,13 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     if spec.seed.is_none() {
         spec.seed = Some(rand_seed());
     }
-    let (output, jobs_prefix) = output_of(a.out.as_ref(), None)?;
-    spec.output = output.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let (output, config) = local_config(a.out.as_ref(), None)?;
+    spec.output = output;
+    let rt = crate::cluster::runtime()?;
     let mut reports = Vec::new();
     for (name, mode) in STRATEGIES {
         eprintln!("rendering with {name} stitching");
-        let config = CoordinatorConfig {
-            jobs_prefix: jobs_prefix.clone(),
-            default_output: output.clone(),
-            models: std::sync::Arc::new(crate::models::LocalModels),
-            ..CoordinatorConfig::default()
-        };
+        let config = config.clone();
         let spec = pb::RenderSpec {
             stitching: mode as i32,
             ..spec.clone()

@@ -170,9 +170,13 @@ impl RequestArgs {
     }
 }
 
-/// The render's store settings: (output, jobs prefix).
-pub fn output_of(out: Option<&PathBuf>, store: Option<&String>) -> Result<(String, String)> {
-    Ok(match (out, store) {
+/// The in-process coordinator's configuration for renders written to `--out` or `--store`
+/// (local models; jobs under `jobs/` in an object store), and the output location.
+pub fn local_config(
+    out: Option<&PathBuf>,
+    store: Option<&String>,
+) -> Result<(String, CoordinatorConfig)> {
+    let (output, jobs_prefix) = match (out, store) {
         (_, Some(url)) => {
             if !url.starts_with("s3://") || url.len() <= 5 {
                 bail!("store: {url:?} must be s3://bucket[/prefix]");
@@ -181,7 +185,14 @@ pub fn output_of(out: Option<&PathBuf>, store: Option<&String>) -> Result<(Strin
         }
         (Some(dir), None) => (dir.to_string_lossy().into_owned(), String::new()),
         (None, None) => ("renders".to_string(), String::new()),
-    })
+    };
+    let config = CoordinatorConfig {
+        jobs_prefix,
+        default_output: output.clone(),
+        models: std::sync::Arc::new(crate::models::LocalModels),
+        ..CoordinatorConfig::default()
+    };
+    Ok((output, config))
 }
 
 pub fn run(a: &RenderArgs) -> Result<()> {
@@ -190,20 +201,9 @@ pub fn run(a: &RenderArgs) -> Result<()> {
         bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
     }
     let mut spec = a.request.spec(true)?;
-    let (output, jobs_prefix) = output_of(a.out.as_ref(), a.store.as_ref())?;
-    spec.output = output.clone();
-    let config = CoordinatorConfig {
-        jobs_prefix,
-        default_output: output,
-        models: std::sync::Arc::new(crate::models::LocalModels),
-        ..CoordinatorConfig::default()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let location = rt.block_on(render(spec, config, a.workers))?;
+    let (output, config) = local_config(a.out.as_ref(), a.store.as_ref())?;
+    spec.output = output;
+    let location = crate::cluster::runtime()?.block_on(render(spec, config, a.workers))?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     match writeln!(out, "{location}") {

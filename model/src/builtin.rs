@@ -152,20 +152,3 @@ fn cache_root() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
         .join("longtake")
 }
-
-/// The smoke-test model (the old single built-in model), for code that only needs it.
-pub mod smoke {
-    use super::Builtin;
-    use crate::error::Result;
-    use std::path::PathBuf;
-
-    pub const NAME: &str = "builtin:smoke (random weights, not a real model)";
-
-    pub fn fingerprint() -> String {
-        Builtin::Smoke.fingerprint()
-    }
-
-    pub fn model_dir() -> Result<PathBuf> {
-        Builtin::Smoke.model_dir()
-    }
-}

@@ -31,7 +31,6 @@ pub mod io;
 pub mod noise;
 pub mod pipeline;
 pub mod sched;
-pub use builtin::smoke;
 pub mod text;
 pub mod tp;
 pub mod umt5;

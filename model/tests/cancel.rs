@@ -25,7 +25,7 @@ fn request() -> ClipRequest {
 
 #[test]
 fn text_encoding_stops_between_layers() {
-    let dir = longtake_model::smoke::model_dir().unwrap();
+    let dir = longtake_model::builtin::Builtin::Smoke.model_dir().unwrap();
     let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
     let layers = pipe.dir.text_encoder.num_layers;
     assert!(layers >= 2, "the smoke encoder has {layers} layer(s)");

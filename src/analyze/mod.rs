@@ -446,7 +446,7 @@ pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The report as JSON without the per-frame arrays (they go to `--json` in full).
+/// The report as JSON, per-frame series included.
 pub fn json(r: &Report) -> serde_json::Value {
     serde_json::to_value(r).unwrap_or(serde_json::Value::Null)
 }

@@ -50,13 +50,7 @@ enum Level {
 /// the variable cannot be honoured.
 #[cfg(target_arch = "x86_64")]
 fn resolve() -> Result<Level, String> {
-    let detected = if detect_avx512() {
-        Level::Avx512
-    } else if detect_avx2() {
-        Level::Avx2
-    } else {
-        Level::Baseline
-    };
+    let detected = detected();
     let Ok(wanted) = std::env::var(FORCE_ENV) else {
         return Ok(detected);
     };
@@ -94,17 +88,19 @@ fn name(level: Level) -> &'static str {
 #[cfg(target_arch = "x86_64")]
 fn level() -> Level {
     static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        resolve().unwrap_or_else(|_| {
-            if detect_avx512() {
-                Level::Avx512
-            } else if detect_avx2() {
-                Level::Avx2
-            } else {
-                Level::Baseline
-            }
-        })
-    })
+    *LEVEL.get_or_init(|| resolve().unwrap_or_else(|_| detected()))
+}
+
+/// The best level this CPU supports.
+#[cfg(target_arch = "x86_64")]
+fn detected() -> Level {
+    if detect_avx512() {
+        Level::Avx512
+    } else if detect_avx2() {
+        Level::Avx2
+    } else {
+        Level::Baseline
+    }
 }
 
 /// Whether [`FORCE_ENV`] (if set) names a family this CPU can run.
