@@ -217,6 +217,9 @@ struct Compute {
 /// A task failure: the message sent to the coordinator.
 type TaskResult<T> = Result<T, String>;
 
+/// The failure of a task stopped by a cancel (its render cancelled or rolled back).
+const CANCELLED: &str = "cancelled";
+
 impl Compute {
     fn serve(mut self, rx: std::sync::mpsc::Receiver<pb::Task>) {
         while let Ok(task) = rx.recv() {
@@ -253,7 +256,7 @@ impl Compute {
                 Ok(_) => {
                     tracing::info!(task = %task.task_id, seconds = started.elapsed().as_secs_f64(), "task done")
                 }
-                Err(e) if e == "cancelled" => {
+                Err(e) if e == CANCELLED => {
                     tracing::info!(task = %task.task_id, seconds = started.elapsed().as_secs_f64(), "task cancelled")
                 }
                 Err(e) => tracing::warn!(task = %task.task_id, error = %e, "task failed"),
@@ -405,7 +408,7 @@ impl Compute {
         let guided = pipe
             .guided_until(&req, &mut Vec::new(), &stop)
             .map_err(|e| match e {
-                longtake_model::Error::Cancelled(_) => "cancelled".to_string(),
+                longtake_model::Error::Cancelled(_) => CANCELLED.to_string(),
                 e => e.to_string(),
             })?;
         timings.insert("text_encode".into(), clock.elapsed().as_secs_f64());
@@ -499,7 +502,7 @@ impl Compute {
             let mut halo_s = 0.0;
             for step in first..steps {
                 if cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst) {
-                    return Err("cancelled".into());
+                    return Err(CANCELLED.into());
                 }
                 let preds: Vec<Part> = states
                     .iter()
@@ -756,7 +759,7 @@ impl Compute {
                 .map_err(|s| {
                     // The render was cancelled while this window waited for its neighbours.
                     if s.code() == tonic::Code::Cancelled {
-                        return "cancelled".to_string();
+                        return CANCELLED.to_string();
                     }
                     format!(
                         "halo exchange for window {w} at step {step}: {}",
@@ -879,7 +882,7 @@ impl Compute {
                 Ok(())
             })
             .map_err(|e| match e {
-                longtake_model::Error::Cancelled(_) => "cancelled".to_string(),
+                longtake_model::Error::Cancelled(_) => CANCELLED.to_string(),
                 e => e.to_string(),
             })?;
         let video = mp4.finish().map_err(|e| e.to_string())?;
