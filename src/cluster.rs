@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,17 +16,59 @@ use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
+use longtake_proto::{AuthedChannel, Bearer};
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::render::{ProgressDisplay, RequestArgs};
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
-    /// Address to serve the public and worker APIs on (`host:port`; port 0 picks a free one,
-    /// printed as `listening on ADDR` on the first line of stdout).
+    /// Address to serve the public API on (`host:port`; port 0 picks a free one, printed as
+    /// `listening on ADDR` on the first line of stdout). Without --worker-listen the worker API
+    /// is served here too.
     #[arg(long)]
     listen: String,
+    /// Address to serve the worker API on, apart from the public one (printed as `workers
+    /// listening on ADDR` on the second line of stdout). The public listener then exposes only
+    /// the public service (and health and reflection).
+    #[arg(long)]
+    worker_listen: Option<String>,
+    /// PEM certificate (chain) for TLS on every listener; needs --tls-key. Clients then connect
+    /// with https:// (or --ca-cert).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate: the worker listener accepts only workers with a client certificate
+    /// signed by it (mutual TLS). Needs --worker-listen and --tls-cert.
+    #[arg(long, requires_all = ["worker_listen", "tls_cert"])]
+    worker_client_ca: Option<PathBuf>,
+    /// Tenants file (JSON: names, bearer tokens, limits; reloaded when it changes). With it
+    /// every public call needs a tenant's token and sees only that tenant's renders, and each
+    /// tenant's outputs go under `<store>/tenants/<name>/`. Format: README, "Tenants".
+    #[arg(long)]
+    tenants: Option<PathBuf>,
+    /// File holding the token every worker must present (`authorization: Bearer`), at least 16
+    /// characters; or set LONGTAKE_CLUSTER_TOKEN.
+    #[arg(long)]
+    cluster_token_file: Option<PathBuf>,
+    /// A model of the catalogue: `NAME=DIR` (repeatable). Requests name models by NAME (or
+    /// builtin:demo, builtin:smoke); DIR must be readable here and on the workers.
+    #[arg(long = "model", value_name = "NAME=DIR")]
+    models: Vec<String>,
+    /// Let requests name a model directory and an output location of their own (a trusted,
+    /// single-user setup). Default: models only from the catalogue, outputs only under --store.
+    #[arg(long)]
+    allow_client_paths: bool,
+    /// The largest public request accepted, in MiB (initial noise included).
+    #[arg(long, default_value_t = 256)]
+    max_request_mib: usize,
+    /// Delete finished renders (outputs and state) this many hours after they finished.
+    /// Default: keep them until `longtake delete`.
+    #[arg(long)]
+    retention_hours: Option<f64>,
     /// etcd endpoints, comma-separated (`127.0.0.1:2379,...`). With them the state lives in etcd
     /// and several replicas may run: one leads, the others stand by. Without: the state is in
     /// this process's memory (a single coordinator).
@@ -73,6 +116,29 @@ pub struct WorkerArgs {
     /// Compute device: `cpu` (the only backend in this build).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The coordinator's cluster token (or set LONGTAKE_CLUSTER_TOKEN; the environment keeps it
+    /// out of process listings).
+    #[arg(long, env = "LONGTAKE_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
+    #[command(flatten)]
+    tls: ClientTls,
+    /// PEM client certificate for a worker listener that requires one (--worker-client-ca on
+    /// the coordinator); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// How a client trusts the coordinator's TLS certificate.
+#[derive(Args, Clone)]
+pub struct ClientTls {
+    /// PEM CA certificate that signed the coordinator's certificate. With it, addresses without
+    /// a scheme are https://; without it, https:// addresses are checked against the system's
+    /// roots.
+    #[arg(long, env = "LONGTAKE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// Coordinator addresses and how long a client keeps trying them.
@@ -90,6 +156,12 @@ pub struct Target {
     /// Seconds to keep trying when no listed coordinator leads (a failover in progress).
     #[arg(long, default_value_t = 60.0)]
     timeout: f64,
+    /// The tenant's bearer token, when the coordinator has tenants (or set LONGTAKE_TOKEN; the
+    /// environment keeps it out of process listings).
+    #[arg(long, env = "LONGTAKE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    tls: ClientTls,
 }
 
 #[derive(Args)]
@@ -186,12 +258,75 @@ async fn terminated() {
     }
 }
 
-fn url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("{what}: {}", path.display()))?;
+    if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+        bail!("{what}: {} is not a PEM file", path.display());
     }
+    Ok(pem)
+}
+
+/// How a client reaches the coordinators: TLS settings (when any) and the scheme of bare
+/// addresses.
+#[derive(Clone, Default)]
+struct Connect {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Connect {
+    fn new(tls: &ClientTls, identity: Option<(&Path, &Path)>) -> Result<Connect> {
+        let mut config = None;
+        if let Some(ca) = &tls.ca_cert {
+            config = Some(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read_pem("ca-cert", ca)?)),
+            );
+        }
+        if let Some((cert, key)) = identity {
+            let id = Identity::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?);
+            config = Some(
+                config
+                    .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots())
+                    .identity(id),
+            );
+        }
+        Ok(Connect { tls: config })
+    }
+
+    /// `addr` as a URL: as given when it has a scheme, else https:// with TLS settings and
+    /// http:// without.
+    fn url(&self, addr: &str) -> String {
+        if addr.contains("://") {
+            addr.to_string()
+        } else if self.tls.is_some() {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
+        }
+    }
+
+    fn endpoint(&self, url: &str) -> Result<Endpoint> {
+        let e = Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("coordinator: {url:?}"))?;
+        let tls = match (&self.tls, url.starts_with("https://")) {
+            (Some(t), true) => Some(t.clone()),
+            (None, true) => Some(ClientTlsConfig::new().with_native_roots()),
+            (_, false) => None,
+        };
+        Ok(match tls {
+            Some(t) => e
+                .tls_config(t)
+                .with_context(|| format!("coordinator: {url:?}: TLS"))?,
+            None => e,
+        })
+    }
+}
+
+fn bearer(what: &str, token: Option<&str>) -> Result<Bearer> {
+    if let Some(t) = token {
+        longtake_coordinator::access::check_token(t).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    }
+    Bearer::new(token).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
@@ -216,6 +351,53 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
     if a.store.starts_with("s3://") && a.store.len() <= 5 {
         bail!("store: {:?} must be s3://bucket[/prefix]", a.store);
     }
+    let retention = match a.retention_hours {
+        None => None,
+        Some(h) if h.is_finite() && h > 0.0 && h <= 100_000.0 => {
+            Some(Duration::from_secs_f64(h * 3600.0))
+        }
+        Some(h) => bail!("retention-hours: {h} is out of range; allowed: 0 < hours <= 100000"),
+    };
+    if !(1..=1024).contains(&a.max_request_mib) {
+        bail!(
+            "max-request-mib: {} is out of range; allowed: 1..=1024",
+            a.max_request_mib
+        );
+    }
+    let cluster_token = match &a.cluster_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cluster-token-file: {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("LONGTAKE_CLUSTER_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    if let Some(t) = &cluster_token {
+        longtake_coordinator::access::check_token(t)
+            .map_err(|e| anyhow::anyhow!("cluster token: {e}"))?;
+    }
+    let tenants = match &a.tenants {
+        Some(path) => Some(
+            longtake_coordinator::access::Tenants::load(path)
+                .map_err(|e| anyhow::anyhow!("tenants: {e}"))?,
+        ),
+        None => None,
+    };
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(longtake_coordinator::TlsSettings {
+            cert_pem: read_pem("tls-cert", cert)?,
+            key_pem: read_pem("tls-key", key)?,
+            worker_client_ca_pem: match &a.worker_client_ca {
+                Some(ca) => Some(read_pem("worker-client-ca", ca)?),
+                None => None,
+            },
+        }),
+        _ => None,
+    };
+    let models = crate::models::LocalModels::with_catalogue(&a.models)?;
     let config = CoordinatorConfig {
         lease_ttl: Duration::from_secs_f64(a.lease_ttl),
         halo_timeout: Duration::from_secs_f64(a.halo_timeout),
@@ -223,7 +405,12 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         default_output: a.store.clone(),
         jobs_prefix: "jobs".to_string(),
-        models: std::sync::Arc::new(crate::models::LocalModels),
+        models: std::sync::Arc::new(models),
+        tenants: tenants.clone(),
+        cluster_token: cluster_token.map(Into::into),
+        client_paths: a.allow_client_paths,
+        max_request_bytes: a.max_request_mib << 20,
+        retention,
         ..CoordinatorConfig::default()
     };
     let rt = runtime()?;
@@ -233,8 +420,27 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
             .with_context(|| format!("listen: cannot bind {}", a.listen))?;
         let addr: SocketAddr = listener.local_addr()?;
         out!("listening on {addr}");
+        let worker_listener = match &a.worker_listen {
+            Some(w) => {
+                let l = tokio::net::TcpListener::bind(w)
+                    .await
+                    .with_context(|| format!("worker-listen: cannot bind {w}"))?;
+                out!("workers listening on {}", l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        if let Some(t) = &tenants {
+            tracing::info!(tenants = t.table().len(), "tenants loaded");
+            t.watch(Duration::from_secs(2));
+        }
+        let listener = longtake_coordinator::Listeners {
+            public: listener,
+            worker: worker_listener,
+            tls,
+        };
         if a.etcd.is_empty() {
             tracing::info!(%addr, "coordinator leading (state in memory)");
             longtake_coordinator::run(listener, terminated(), config).await?;
@@ -266,10 +472,13 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             .unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
-    let urls: Vec<String> = a.coordinator.iter().map(|c| url(c)).collect();
-    for u in &urls {
-        Endpoint::from_shared(u.clone()).with_context(|| format!("coordinator: {u:?}"))?;
-    }
+    let connect = Connect::new(&a.tls, a.tls_cert.as_deref().zip(a.tls_key.as_deref()))?;
+    let auth = bearer("cluster-token", a.cluster_token.as_deref())?;
+    let urls: Vec<String> = a.coordinator.iter().map(|c| connect.url(c)).collect();
+    let endpoints = urls
+        .iter()
+        .map(|u| connect.endpoint(u))
+        .collect::<Result<Vec<_>>>()?;
     let rt = runtime()?;
     rt.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -285,7 +494,8 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         let mut backoff = Duration::from_millis(100);
         while !*stop_rx.borrow() {
             let u = &urls[i % urls.len()];
-            let channel = match Endpoint::from_shared(u.clone())?
+            let channel = match endpoints[i % urls.len()]
+                .clone()
                 .connect_timeout(Duration::from_secs(2))
                 .connect()
                 .await
@@ -307,6 +517,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
                 devices: vec!["cpu".into()],
                 capacity: 1,
                 registered: None,
+                auth: auth.clone(),
             };
             match longtake_worker::run(channel, opts, stopped(stop_rx.clone())).await {
                 Ok(longtake_worker::Exit::Shutdown) => break,
@@ -333,6 +544,8 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
 /// The coordinators a client calls, in turn, until one leads.
 struct Coordinators {
     urls: Vec<String>,
+    endpoints: Vec<Endpoint>,
+    auth: Bearer,
     channels: Vec<Option<Channel>>,
     current: usize,
     patience: Duration,
@@ -351,29 +564,33 @@ impl Coordinators {
                 t.timeout
             );
         }
-        let urls: Vec<String> = t.coordinator.iter().map(|c| url(c)).collect();
-        for u in &urls {
-            Endpoint::from_shared(u.clone()).with_context(|| format!("coordinator: {u:?}"))?;
-        }
+        let connect = Connect::new(&t.tls, None)?;
+        let urls: Vec<String> = t.coordinator.iter().map(|c| connect.url(c)).collect();
+        let endpoints = urls
+            .iter()
+            .map(|u| connect.endpoint(u))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Coordinators {
             channels: vec![None; urls.len()],
+            auth: bearer("token", t.token.as_deref())?,
+            endpoints,
             urls,
             current: 0,
             patience: Duration::from_secs_f64(t.timeout),
         })
     }
 
-    fn client(&mut self) -> RenderServiceClient<Channel> {
+    fn client(&mut self) -> RenderServiceClient<AuthedChannel> {
         let i = self.current;
         let channel = self.channels[i]
             .get_or_insert_with(|| {
-                Endpoint::from_shared(self.urls[i].clone())
-                    .expect("checked in new")
+                self.endpoints[i]
+                    .clone()
                     .connect_timeout(Duration::from_secs(2))
                     .connect_lazy()
             })
             .clone();
-        RenderServiceClient::new(channel)
+        RenderServiceClient::with_interceptor(channel, self.auth.clone())
             .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
     }
@@ -382,7 +599,7 @@ impl Coordinators {
     /// UNAVAILABLE, or the patience runs out.
     async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, tonic::Status>
     where
-        F: FnMut(RenderServiceClient<Channel>) -> Fut,
+        F: FnMut(RenderServiceClient<AuthedChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = Instant::now() + self.patience;
@@ -709,6 +926,31 @@ pub fn cancel(a: &IdArgs) -> Result<()> {
             .await
             .map_err(status_error)?;
         print_render(&r, a.json);
+        Ok(())
+    })
+}
+
+pub fn delete(a: &IdArgs) -> Result<()> {
+    let mut coords = Coordinators::new(&a.target)?;
+    runtime()?.block_on(async {
+        let r = coords
+            .call(|mut c| {
+                let id = a.render_id.clone();
+                async move {
+                    c.delete_render(pb::DeleteRenderRequest { render_id: id })
+                        .await
+                }
+            })
+            .await
+            .map_err(status_error)?;
+        if a.json {
+            out!(
+                "{}",
+                json!({"render_id": a.render_id, "objects_deleted": r.objects_deleted})
+            );
+        } else {
+            out!("deleted {} ({} objects)", a.render_id, r.objects_deleted);
+        }
         Ok(())
     })
 }

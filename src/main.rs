@@ -3,7 +3,7 @@
 //!
 //! Subcommands: `render` (a whole render on this machine: coordinator, workers and storage in
 //! one process over loopback gRPC); the farm as separate processes: `coordinator`, `worker`,
-//! and the clients `submit`, `get`, `watch`, `cancel`, `list`; `analyze` (coherence measures of a finished render), `compare` (the measures of
+//! and the clients `submit`, `get`, `watch`, `cancel`, `delete`, `list`; `analyze` (coherence measures of a finished render), `compare` (the measures of
 //! each stitching strategy side by side), `model`
 //! (single model components on files, for checking them against the reference) and `bench`
 //! (time them).
@@ -59,6 +59,8 @@ enum Command {
     Watch(cluster::IdArgs),
     /// Cancel a render.
     Cancel(cluster::IdArgs),
+    /// Delete a finished render: its outputs and its state.
+    Delete(cluster::IdArgs),
     /// List renders, newest first.
     List(cluster::ListArgs),
     /// Measure a finished render's coherence: window seams (ratio and z-score), colour per
@@ -186,6 +188,7 @@ fn main() -> ExitCode {
         Command::Get(a) => cluster::get(&a),
         Command::Watch(a) => cluster::watch(&a),
         Command::Cancel(a) => cluster::cancel(&a),
+        Command::Delete(a) => cluster::delete(&a),
         Command::List(a) => cluster::list(&a),
         Command::Analyze(a) => analyze::run(&a),
         Command::Compare(a) => compare::run(&a),

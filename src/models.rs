@@ -2,6 +2,7 @@
 //! clip, request defaults) is read from its directory with the same code that loads it, so the
 //! coordinator never assumes a model's shape.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use longtake_coordinator::geometry::{LatentGeometry, ModelCatalog, ModelDefaults, ModelInfo};
@@ -9,13 +10,69 @@ use longtake_model::builtin::Builtin;
 use longtake_model::pipeline::ModelDir;
 
 /// Reads `vae/config.json`, `transformer/config.json` and `longtake.json` of the model named by a
-/// request: a directory path, or a built-in model's name (the empty name: `builtin:demo`). In a farm the model
-/// directory must be readable at the same path on the coordinator as on the workers (the
-/// coordinator reads only these small JSON files).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LocalModels;
+/// request: a built-in model's name (the empty name: `builtin:demo`), a name of the catalogue
+/// (`--model NAME=DIR`), or, where the coordinator allows client paths, a directory path. In a
+/// farm the model directory must be readable at the same path on the coordinator as on the
+/// workers (the coordinator reads only these small JSON files).
+#[derive(Debug, Default, Clone)]
+pub struct LocalModels {
+    catalogue: BTreeMap<String, PathBuf>,
+}
+
+impl LocalModels {
+    /// A catalogue from `NAME=DIR` entries; every directory is opened now, so that a bad entry
+    /// stops the coordinator at start with its name.
+    pub fn with_catalogue(entries: &[String]) -> anyhow::Result<LocalModels> {
+        let mut catalogue = BTreeMap::new();
+        for e in entries {
+            let Some((name, dir)) = e.split_once('=') else {
+                anyhow::bail!("model: {e:?} is not NAME=DIR");
+            };
+            let name = name.trim();
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && !name.starts_with("builtin:")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            if !ok {
+                anyhow::bail!(
+                    "model: {name:?} is not a model name; allowed: 1 to 128 characters of a-z, \
+                     A-Z, 0-9, '-', '_', '.', ':', not starting with builtin:"
+                );
+            }
+            ModelDir::open(std::path::Path::new(dir))
+                .map_err(|err| anyhow::anyhow!("model {name}: {dir}: {err}"))?;
+            if catalogue
+                .insert(name.to_string(), PathBuf::from(dir))
+                .is_some()
+            {
+                anyhow::bail!("model: {name:?} is given twice");
+            }
+        }
+        Ok(LocalModels { catalogue })
+    }
+}
 
 impl ModelCatalog for LocalModels {
+    fn location(&self, model: &str, allow_paths: bool) -> Result<String, String> {
+        if model.is_empty() || Builtin::lookup(model).is_some() {
+            return Ok(model.to_string());
+        }
+        if let Some(dir) = self.catalogue.get(model) {
+            return Ok(dir.display().to_string());
+        }
+        if allow_paths {
+            return Ok(model.to_string());
+        }
+        let mut names = vec!["builtin:demo".to_string(), "builtin:smoke".to_string()];
+        names.extend(self.catalogue.keys().cloned());
+        Err(format!(
+            "{model:?} is not a model of this coordinator's catalogue; allowed: {}",
+            names.join(", ")
+        ))
+    }
+
     fn model_info(&self, model: &str) -> Result<ModelInfo, String> {
         let root = match Builtin::lookup(model) {
             Some(b) => b.model_dir().map_err(|e| e.to_string())?,
@@ -63,20 +120,47 @@ mod tests {
 
     #[test]
     fn builtin_model_geometry_comes_from_its_files() {
-        let info = LocalModels.model_info("builtin:smoke").unwrap();
+        let info = LocalModels::default().model_info("builtin:smoke").unwrap();
         assert_eq!(info.latent, LatentGeometry::WAN21);
         assert_eq!(info.native_window, 21);
         assert_eq!((info.defaults.width, info.defaults.height), (64, 64));
         assert_eq!(info.defaults.steps, 4);
         // The default is the demo model, at its own size.
-        let demo = LocalModels.model_info("").unwrap();
-        assert_eq!(demo, LocalModels.model_info("builtin:demo").unwrap());
+        let demo = LocalModels::default().model_info("").unwrap();
+        assert_eq!(
+            demo,
+            LocalModels::default().model_info("builtin:demo").unwrap()
+        );
         assert_eq!((demo.defaults.width, demo.defaults.height), (64, 64));
     }
 
     #[test]
+    fn the_catalogue_names_models_and_refuses_paths() {
+        let dir = Builtin::Smoke.model_dir().unwrap();
+        let m = LocalModels::with_catalogue(&[format!("tiny={}", dir.display())]).unwrap();
+        assert_eq!(
+            m.location("tiny", false).unwrap(),
+            dir.display().to_string()
+        );
+        assert_eq!(m.location("builtin:smoke", false).unwrap(), "builtin:smoke");
+        let e = m.location("/models/x", false).unwrap_err();
+        assert!(
+            e.contains("allowed: builtin:demo, builtin:smoke, tiny"),
+            "{e}"
+        );
+        assert_eq!(m.location("/models/x", true).unwrap(), "/models/x");
+        for bad in ["tiny", "a b=/x", "builtin:x=/x"] {
+            assert!(LocalModels::with_catalogue(&[bad.into()]).is_err(), "{bad}");
+        }
+        let e = LocalModels::with_catalogue(&["m=/nonexistent/model".into()]).unwrap_err();
+        assert!(e.to_string().contains("model m: /nonexistent/model"), "{e}");
+    }
+
+    #[test]
     fn an_unreadable_model_is_named() {
-        let e = LocalModels.model_info("/nonexistent/model").unwrap_err();
+        let e = LocalModels::default()
+            .model_info("/nonexistent/model")
+            .unwrap_err();
         assert!(e.contains("/nonexistent/model"), "{e}");
     }
 }

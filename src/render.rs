@@ -189,7 +189,7 @@ pub fn local_config(
     let config = CoordinatorConfig {
         jobs_prefix,
         default_output: output.clone(),
-        models: std::sync::Arc::new(crate::models::LocalModels),
+        models: std::sync::Arc::new(crate::models::LocalModels::default()),
         ..CoordinatorConfig::default()
     };
     Ok((output, config))
@@ -252,6 +252,7 @@ pub async fn render(
             devices: vec!["cpu".into()],
             capacity: 1,
             registered: Some(std::sync::Arc::clone(&registered)),
+            auth: Default::default(),
         };
         worker_tasks.push(tokio::spawn(longtake_worker::run(
             ch,

@@ -20,6 +20,10 @@
 //! | [`Kind::StaleEpoch`] | FAILED_PRECONDITION | `STALE_EPOCH` | no |
 //! | [`Kind::NotRunning`] | FAILED_PRECONDITION | `NOT_RUNNING` | no |
 //! | [`Kind::NotYourTask`] | PERMISSION_DENIED | `NOT_YOUR_TASK` | no |
+//! | [`Kind::Unauthenticated`] | UNAUTHENTICATED | `UNAUTHENTICATED` (no or malformed credentials) | no |
+//! | [`Kind::PermissionDenied`] | PERMISSION_DENIED | `PERMISSION_DENIED` (credentials not known) | no |
+//! | [`Kind::LimitReached`] | RESOURCE_EXHAUSTED | `LIMIT_REACHED` (a tenant limit; the field names it) | no |
+//! | [`Kind::NotFinished`] | FAILED_PRECONDITION | `NOT_FINISHED` (delete before the render ended) | no |
 //! | [`Kind::Cancelled`] | CANCELLED | `CANCELLED` | no |
 //! | [`Kind::NotLeader`] | UNAVAILABLE | `NOT_LEADER` (a standby or deposed replica) | yes |
 //! | [`Kind::Unavailable`] | UNAVAILABLE | `UNAVAILABLE` | yes |
@@ -52,6 +56,14 @@ pub enum Kind {
     NotRunning,
     /// A worker call about a task held by another worker.
     NotYourTask,
+    /// No credentials, or not in the expected form.
+    Unauthenticated,
+    /// Credentials this coordinator does not accept.
+    PermissionDenied,
+    /// A tenant limit would be exceeded; the field names the limit.
+    LimitReached,
+    /// The render has not finished (it cannot be deleted yet).
+    NotFinished,
     /// The render was cancelled.
     Cancelled,
     /// This replica does not lead (a standby, or deposed).
@@ -68,8 +80,10 @@ impl Kind {
             Kind::InvalidField => Code::InvalidArgument,
             Kind::NotFound => Code::NotFound,
             Kind::IdempotencyKeyReused => Code::AlreadyExists,
-            Kind::StaleEpoch | Kind::NotRunning => Code::FailedPrecondition,
-            Kind::NotYourTask => Code::PermissionDenied,
+            Kind::StaleEpoch | Kind::NotRunning | Kind::NotFinished => Code::FailedPrecondition,
+            Kind::NotYourTask | Kind::PermissionDenied => Code::PermissionDenied,
+            Kind::Unauthenticated => Code::Unauthenticated,
+            Kind::LimitReached => Code::ResourceExhausted,
             Kind::Cancelled => Code::Cancelled,
             Kind::NotLeader | Kind::Unavailable => Code::Unavailable,
             Kind::DeadlineExceeded => Code::DeadlineExceeded,
@@ -84,6 +98,10 @@ impl Kind {
             Kind::StaleEpoch => "STALE_EPOCH",
             Kind::NotRunning => "NOT_RUNNING",
             Kind::NotYourTask => "NOT_YOUR_TASK",
+            Kind::Unauthenticated => "UNAUTHENTICATED",
+            Kind::PermissionDenied => "PERMISSION_DENIED",
+            Kind::LimitReached => "LIMIT_REACHED",
+            Kind::NotFinished => "NOT_FINISHED",
             Kind::Cancelled => "CANCELLED",
             Kind::NotLeader => "NOT_LEADER",
             Kind::Unavailable => "UNAVAILABLE",
@@ -174,8 +192,14 @@ impl From<Error> for Status {
         let mut details = ErrorDetails::new();
         if let Some(field) = &e.field {
             metadata.insert("field".to_string(), field.clone());
-            if code != Code::Unavailable {
-                details.add_bad_request_violation(field.clone(), e.message.clone());
+            match code {
+                Code::Unavailable => {}
+                Code::ResourceExhausted => {
+                    details.add_quota_failure_violation(field.clone(), e.message.clone());
+                }
+                _ => {
+                    details.add_bad_request_violation(field.clone(), e.message.clone());
+                }
             }
         }
         details.set_error_info(e.kind.reason(), DOMAIN, metadata);

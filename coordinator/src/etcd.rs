@@ -67,6 +67,17 @@ fn put_op(key: Vec<u8>, value: Vec<u8>, lease: i64) -> ep::RequestOp {
     }
 }
 
+fn delete_op(key: Vec<u8>) -> ep::RequestOp {
+    ep::RequestOp {
+        request: Some(ep::request_op::Request::RequestDeleteRange(
+            ep::DeleteRangeRequest {
+                key,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
 fn range_op(key: Vec<u8>) -> ep::RequestOp {
     ep::RequestOp {
         request: Some(ep::request_op::Request::RequestRange(ep::RangeRequest {
@@ -202,11 +213,13 @@ impl EtcdStore {
         });
     }
 
+    /// Put `value` (or delete the key when `None`), fenced, and compared with `expected` when
+    /// given.
     async fn write(
         &self,
         key: &str,
         expected: Option<Option<u64>>,
-        value: Vec<u8>,
+        value: Option<Vec<u8>>,
     ) -> Result<u64, StoreError> {
         let k = self.etcd.key(key);
         let fence = self.fence.get();
@@ -234,7 +247,10 @@ impl EtcdStore {
                 "write",
                 ep::TxnRequest {
                     compare: compares,
-                    success: vec![put_op(k, value, 0)],
+                    success: vec![match value {
+                        Some(v) => put_op(k, v, 0),
+                        None => delete_op(k),
+                    }],
                     failure,
                 },
             )
@@ -281,7 +297,7 @@ impl JobStore for EtcdStore {
     }
 
     fn put<'a>(&'a self, key: &'a str, value: Vec<u8>) -> StoreFuture<'a, u64> {
-        Box::pin(self.write(key, None, value))
+        Box::pin(self.write(key, None, Some(value)))
     }
 
     fn compare_and_set<'a>(
@@ -290,7 +306,11 @@ impl JobStore for EtcdStore {
         expected: Option<u64>,
         value: Vec<u8>,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(self.write(key, Some(expected), value))
+        Box::pin(self.write(key, Some(expected), Some(value)))
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move { self.write(key, None, None).await.map(|_| ()) })
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>> {

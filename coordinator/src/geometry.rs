@@ -106,6 +106,20 @@ pub trait ModelCatalog: Send + Sync + std::fmt::Debug {
     /// The model's geometry and defaults, or why it cannot be used (shown to the user under the
     /// `model` field).
     fn model_info(&self, model: &str) -> Result<ModelInfo, String>;
+
+    /// What the workers load for the model a request names: a built-in model's name as it is,
+    /// a catalogue name as its directory, and a directory path as it is when `allow_paths`
+    /// (else refused: clients do not choose server paths). The error is shown under `model`.
+    fn location(&self, model: &str, allow_paths: bool) -> Result<String, String> {
+        if model.is_empty() || model.starts_with("builtin:") || allow_paths {
+            Ok(model.to_string())
+        } else {
+            Err(format!(
+                "{model:?} is not a model of this coordinator's catalogue; allowed: \
+                 builtin:demo, builtin:smoke"
+            ))
+        }
+    }
 }
 
 /// Wan2.1's geometry for every model name, with the built-in models' small defaults for their

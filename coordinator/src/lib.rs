@@ -18,16 +18,19 @@
 //!
 //! # Serving
 //!
-//! [`run`] serves both services plus gRPC health checking and server reflection on one
-//! listener until `shutdown` resolves (mini-redis shape: the caller binds, tests use port 0).
-//! [`serve`] does the same over any incoming connection stream (an in-process duplex transport,
-//! a simulated network), with a [`Coordinator`] built by the caller.
+//! [`run`] serves the public RenderService and the WorkerService, each with gRPC health
+//! checking and server reflection, until `shutdown` resolves (mini-redis shape: the caller
+//! binds, tests use port 0): on one listener, or on two ([`Listeners::worker`]) so that the
+//! public one exposes only public services; with TLS when [`Listeners::tls`] is set. Access
+//! (tenant tokens, the cluster token) is checked by [`access`]. [`serve`] does the same for a
+//! [`Coordinator`] built by the caller.
 //!
 //! Clients are the generated ones in `longtake_proto::v1`:
 //! `render_service_client::RenderServiceClient` (studios, the CLI) and
 //! `worker_service_client::WorkerServiceClient` (workers). Both must raise their message size
 //! limits to [`longtake_proto::MAX_MESSAGE_BYTES`].
 
+pub mod access;
 pub mod assemble;
 pub mod errors;
 pub mod etcd;
@@ -45,10 +48,10 @@ use std::time::Duration;
 
 use longtake_proto::v1::render_service_server::RenderServiceServer;
 use longtake_proto::v1::worker_service_server::WorkerServiceServer;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use service::Coordinator;
 pub use validate::Limits;
@@ -77,6 +80,20 @@ pub struct CoordinatorConfig {
     /// Renders write under `<output>/<jobs_prefix>/<render id>/`. Empty: directly under
     /// `<output>/<render id>/`.
     pub jobs_prefix: String,
+    /// Tenants and their tokens: the public API then needs a tenant's token, and each tenant
+    /// sees only its own renders. `None`: an open API.
+    pub tenants: Option<Arc<access::Tenants>>,
+    /// The token every worker call must carry. `None`: none needed (workers on a trusted
+    /// network, or checked by client certificates).
+    pub cluster_token: Option<Arc<str>>,
+    /// Whether a request may name a model directory and an output location. Otherwise models
+    /// come from the catalogue by name and outputs go under `default_output` (per tenant).
+    pub client_paths: bool,
+    /// The largest public request accepted, in bytes (initial noise included).
+    pub max_request_bytes: usize,
+    /// Finished renders (their outputs and records) are deleted this long after they finished.
+    /// `None`: kept until DeleteRender.
+    pub retention: Option<Duration>,
 }
 
 impl Default for CoordinatorConfig {
@@ -90,6 +107,11 @@ impl Default for CoordinatorConfig {
             halo_timeout: Duration::from_secs(600),
             default_output: "renders".to_string(),
             jobs_prefix: "jobs".to_string(),
+            tenants: None,
+            cluster_token: None,
+            client_paths: true,
+            max_request_bytes: longtake_proto::MAX_MESSAGE_BYTES,
+            retention: None,
         }
     }
 }
@@ -128,7 +150,7 @@ pub struct ReplicaOptions {
 /// process should exit and be restarted as a standby); on `shutdown` it resigns, so a standby
 /// takes over at once.
 pub async fn run_replica(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()>,
     config: CoordinatorConfig,
     opts: ReplicaOptions,
@@ -137,13 +159,9 @@ pub async fn run_replica(
     let store = etcd::EtcdStore::new(client.clone());
     let coordinator = Coordinator::standby(config, Arc::new(store.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(
-        coordinator.clone(),
-        TcpIncoming::from(listener),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(serve(coordinator.clone(), listeners.into(), async {
+        let _ = stop_rx.await;
+    }));
     tokio::pin!(shutdown);
     let hint = coordinator.clone();
     let elected = tokio::select! {
@@ -207,58 +225,159 @@ pub async fn run_replica(
 /// resolves: `RenderService`, `WorkerService`, `grpc.health.v1.Health` and
 /// `grpc.reflection.v1.ServerReflection`.
 pub async fn run(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()>,
     config: CoordinatorConfig,
 ) -> Result<(), CoordinatorError> {
     let coordinator = Coordinator::new(config, Arc::new(store::MemoryStore::new()));
-    serve(coordinator, TcpIncoming::from(listener), shutdown).await
+    serve(coordinator, listeners.into(), shutdown).await
 }
 
-/// Serve `coordinator` over `incoming` connections until `shutdown` resolves. On shutdown, open
-/// task and watch streams are ended and halo waits fail with UNAVAILABLE, so that in-flight calls
-/// finish and the server stops.
-pub async fn serve<I, IO, IE>(
-    coordinator: Coordinator,
-    incoming: I,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), CoordinatorError>
-where
-    I: Stream<Item = Result<IO, IE>>,
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let max = longtake_proto::MAX_MESSAGE_BYTES;
+/// Where a coordinator serves: the public API's listener, the worker API's (`None`: the public
+/// one serves both), and TLS.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub worker: Option<TcpListener>,
+    pub tls: Option<TlsSettings>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(public: TcpListener) -> Self {
+        Listeners {
+            public,
+            worker: None,
+            tls: None,
+        }
+    }
+}
+
+/// The server's certificate and key (PEM), and optionally the CA whose client certificates the
+/// worker listener requires.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub worker_client_ca_pem: Option<Vec<u8>>,
+}
+
+impl TlsSettings {
+    fn server_config(&self, client_ca: bool) -> ServerTlsConfig {
+        let mut c =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        if client_ca && let Some(ca) = &self.worker_client_ca_pem {
+            c = c.client_ca_root(Certificate::from_pem(ca));
+        }
+        c
+    }
+}
+
+/// gRPC health and reflection naming only `services`.
+async fn health_and_reflection(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+    ),
+    CoordinatorError,
+> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<RenderServiceServer<Coordinator>>()
-        .await;
-    health
-        .set_serving::<WorkerServiceServer<Coordinator>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(longtake_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .with_service_name("grpc.health.v1.Health");
+    for s in services {
+        health
+            .set_service_status(*s, tonic_health::ServingStatus::Serving)
+            .await;
+        reflection = reflection.with_service_name(*s);
+    }
+    Ok((health_service, reflection.build_v1()?))
+}
+
+const RENDER_SERVICE: &str = "longtake.v1.RenderService";
+const WORKER_SERVICE: &str = "longtake.v1.WorkerService";
+
+/// Serve the coordinator until `shutdown` resolves: the public RenderService (checked by
+/// [`access::PublicAuth`]) and the WorkerService (checked by [`access::WorkerAuth`]), on one
+/// listener or two, each with health and reflection naming only what it serves.
+pub async fn serve(
+    coordinator: Coordinator,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let config = coordinator.config().clone();
+    let max = longtake_proto::MAX_MESSAGE_BYTES;
+    let public_auth = access::PublicAuth {
+        tenants: config.tenants.clone(),
+    };
+    let worker_auth = access::WorkerAuth {
+        cluster_token: config.cluster_token.clone(),
+    };
+    let render = InterceptedService::new(
+        RenderServiceServer::new(coordinator.clone())
+            .max_decoding_message_size(config.max_request_bytes)
+            .max_encoding_message_size(max),
+        public_auth,
+    );
+    let worker = InterceptedService::new(
+        WorkerServiceServer::new(coordinator.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        worker_auth,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
     let closing = coordinator.clone();
     let signal = async move {
         shutdown.await;
         closing.close();
+        let _ = stop_tx.send(true);
     };
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(
-            RenderServiceServer::new(coordinator.clone())
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(
-            WorkerServiceServer::new(coordinator)
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await?;
+    let builder = |tls: Option<ServerTlsConfig>| -> Result<Server, CoordinatorError> {
+        let b = Server::builder();
+        Ok(match tls {
+            Some(t) => b.tls_config(t)?,
+            None => b,
+        })
+    };
+    let tls = listeners.tls.as_ref();
+    match listeners.worker {
+        None => {
+            let (health, reflection) =
+                health_and_reflection(&[RENDER_SERVICE, WORKER_SERVICE]).await?;
+            let public = builder(tls.map(|t| t.server_config(false)))?
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(render)
+                .add_service(worker)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listeners.public), stopped());
+            tokio::join!(signal, public).1?;
+        }
+        Some(worker_listener) => {
+            let (health, reflection) = health_and_reflection(&[RENDER_SERVICE]).await?;
+            let public = builder(tls.map(|t| t.server_config(false)))?
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(render)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listeners.public), stopped());
+            let (health, reflection) = health_and_reflection(&[WORKER_SERVICE]).await?;
+            let workers = builder(tls.map(|t| t.server_config(true)))?
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(worker)
+                .serve_with_incoming_shutdown(TcpIncoming::from(worker_listener), stopped());
+            let (_, p, w) = tokio::join!(signal, public, workers);
+            p?;
+            w?;
+        }
+    }
     Ok(())
 }

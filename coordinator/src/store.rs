@@ -58,6 +58,8 @@ pub trait JobStore: Send + Sync + 'static {
     ) -> StoreFuture<'a, u64>;
     /// Every key starting with `prefix`, in key order.
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>>;
+    /// Remove the key (nothing happens when it does not exist).
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
 }
 
 /// The embedded store: a map in memory, for a single machine and for tests.
@@ -142,6 +144,14 @@ impl JobStore for MemoryStore {
             .collect();
         Box::pin(async move { Ok(found) })
     }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.entries.remove(key).is_some() {
+            inner.revision += 1;
+        }
+        Box::pin(async move { Ok(()) })
+    }
 }
 
 /// The conformance suite every [`JobStore`] implementation must pass, on an empty store (keys
@@ -193,6 +203,24 @@ pub async fn conformance(store: &dyn JobStore) {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(listed, ["jobs/a", "jobs/b"]);
+
+    // Delete removes one key; deleting a missing key is not an error; a deleted key can be
+    // created again.
+    store.delete("jobs/a").await.unwrap();
+    store.delete("jobs/a").await.unwrap();
+    assert_eq!(store.get("jobs/a").await.unwrap(), None);
+    let listed: Vec<String> = store
+        .list("jobs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(listed, ["jobs/b"]);
+    store
+        .compare_and_set("jobs/a", None, b"5".to_vec())
+        .await
+        .unwrap();
 }
 
 /// The life of a render (the proto `RenderState` without `UNSPECIFIED`).
@@ -274,6 +302,10 @@ pub struct PlanRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
+    /// The tenant that submitted the render; empty on an open API (and in records written
+    /// before tenants existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
     pub spec: ValidSpec,
     /// Empty when the client gave none.
     pub idempotency_key: String,

@@ -102,6 +102,12 @@ impl ValidSpec {
         self.model.is_empty() || self.model.starts_with("builtin:")
     }
 
+    /// Seconds of video: the requested duration, else frames / fps.
+    pub fn duration(&self) -> f64 {
+        self.duration_s
+            .unwrap_or(self.num_frames as f64 / self.fps.max(1) as f64)
+    }
+
     pub fn latent_frames(&self) -> u32 {
         self.latent.latent_frames(self.num_frames)
     }

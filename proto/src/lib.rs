@@ -32,3 +32,37 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// should set (`max_decoding_message_size` / `max_encoding_message_size`): window latents, fused
 /// latents and initial noise travel as `bytes` and exceed tonic's 4 MiB default.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// Adds `authorization: Bearer <token>` to every call of a client built with it
+/// (`XClient::with_interceptor(channel, Bearer::new(..)?)`); without a token, calls go out as
+/// they are.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    /// `None`: no header. A token that cannot be a header value is an error.
+    pub fn new(
+        token: Option<&str>,
+    ) -> Result<Bearer, tonic::metadata::errors::InvalidMetadataValue> {
+        Ok(Bearer(match token {
+            Some(t) => Some(format!("Bearer {t}").parse()?),
+            None => None,
+        }))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry a [`Bearer`] token.
+pub type AuthedChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;

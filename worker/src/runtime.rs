@@ -46,15 +46,17 @@ pub struct WorkerOptions {
     /// Gains one permit once the coordinator has accepted the registration (lets an in-process
     /// launcher wait for all its workers before submitting work).
     pub registered: Option<Arc<tokio::sync::Semaphore>>,
+    /// The cluster token every call carries (none: calls carry no credentials).
+    pub auth: longtake_proto::Bearer,
 }
 
-type Client = WorkerServiceClient<Channel>;
+type Client = WorkerServiceClient<longtake_proto::AuthedChannel>;
 
 /// Cancellation flags by assignment (render id, epoch).
 type CancelFlags = std::sync::Mutex<HashMap<(String, u64), Arc<AtomicBool>>>;
 
-fn client(channel: Channel) -> Client {
-    WorkerServiceClient::new(channel)
+fn client(channel: Channel, auth: longtake_proto::Bearer) -> Client {
+    WorkerServiceClient::with_interceptor(channel, auth)
         .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
 }
@@ -77,7 +79,7 @@ pub async fn run(
     opts: WorkerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, WorkerError> {
-    let mut rpc = client(channel);
+    let mut rpc = client(channel, opts.auth.clone());
     let reg = rpc
         .register(pb::RegisterRequest {
             worker_name: opts.name.clone(),

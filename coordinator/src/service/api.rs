@@ -1,6 +1,7 @@
 //! The public RenderService: submit, get, list, watch and cancel.
 
 use super::*;
+use crate::access::{Caller, Tenant};
 
 /// The RenderService handlers; [`RenderService`] wraps each to attach the rich error details.
 impl Coordinator {
@@ -9,8 +10,10 @@ impl Coordinator {
         request: Request<pb::SubmitRenderRequest>,
     ) -> Result<Response<pb::SubmitRenderResponse>, Error> {
         let inner = &self.inner;
+        let caller = Caller::of(&request);
+        let tenant = caller.tenant().to_string();
         let req = request.into_inner();
-        let Some(spec) = req.spec else {
+        let Some(mut spec) = req.spec else {
             return Err(Error::invalid("spec", "is missing"));
         };
         let key = req.idempotency_key;
@@ -25,21 +28,46 @@ impl Coordinator {
             ));
         }
         let fingerprint = fingerprint(&spec);
-        let model = inner
-            .config
+        let config = &inner.config;
+        if !config.client_paths && !spec.output.trim().is_empty() {
+            return Err(Error::invalid(
+                "spec.output",
+                "must be empty: this coordinator writes every render under its own store",
+            ));
+        }
+        spec.model = config
             .models
-            .model_info(spec.model.trim())
+            .location(spec.model.trim(), config.client_paths)
             .map_err(|e| Error::invalid("model", e))?;
-        let valid = validate::validate(
-            &spec,
-            &inner.config.limits,
-            &model,
-            &inner.config.default_output,
-            random_u64(),
-        )?;
+        let model = config
+            .models
+            .model_info(&spec.model)
+            .map_err(|e| Error::invalid("model", e))?;
+        // Each tenant's renders go under its own prefix of the store.
+        let default_output = match &caller.0 {
+            Some(t) => output::join_uri(&config.default_output, &format!("tenants/{}", t.name)),
+            None => config.default_output.clone(),
+        };
+        let valid =
+            validate::validate(&spec, &config.limits, &model, &default_output, random_u64())?;
+        if let Some(t) = &caller.0
+            && let Some(max) = t.limits.max_request_seconds
+            && valid.duration() > max
+        {
+            return Err(Error::field(
+                Kind::LimitReached,
+                "max_request_seconds",
+                format!(
+                    "the request is {:.2} s of video; tenant {:?} may request at most {max} s",
+                    valid.duration(),
+                    t.name
+                ),
+            ));
+        }
+        let idem = (tenant.clone(), key.clone());
         // A repeat with the same idempotency key returns the render created the first time.
         let repeat = |st: &State| -> Option<Result<Response<pb::SubmitRenderResponse>, Error>> {
-            let id = st.idempotency.get(&key).filter(|_| !key.is_empty())?;
+            let id = st.idempotency.get(&idem).filter(|_| !key.is_empty())?;
             let job = &st.jobs[id];
             if job.record.request_fingerprint == fingerprint {
                 return Some(Ok(Response::new(pb::SubmitRenderResponse {
@@ -92,8 +120,12 @@ impl Coordinator {
             if let Some(r) = repeat(&st) {
                 return r;
             }
+            if let Some(t) = &caller.0 {
+                check_tenant_limits(&st, t, valid.duration())?;
+            }
             let record = JobRecord {
                 id: id.clone(),
+                tenant: tenant.clone(),
                 spec: valid,
                 idempotency_key: key.clone(),
                 request_fingerprint: fingerprint,
@@ -124,7 +156,7 @@ impl Coordinator {
             inner.save(&job, Some(done));
             st.jobs.insert(id.clone(), job);
             if !key.is_empty() {
-                st.idempotency.insert(key, id.clone());
+                st.idempotency.insert(idem, id.clone());
             }
             tracing::info!(render = %id, "render queued");
             inner.schedule(&mut st);
@@ -158,19 +190,17 @@ impl Coordinator {
         &self,
         request: Request<pb::GetRenderRequest>,
     ) -> Result<Response<pb::Render>, Error> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().render_id;
         let st = self.inner.lead()?;
-        let job = st
-            .jobs
-            .get(&id)
-            .ok_or_else(|| Error::not_found("render_id", format!("no render {id:?}")))?;
-        Ok(Response::new(job.snapshot()))
+        Ok(Response::new(visible(&st, &caller, &id)?.snapshot()))
     }
 
     async fn handle_list_renders(
         &self,
         request: Request<pb::ListRendersRequest>,
     ) -> Result<Response<pb::ListRendersResponse>, Error> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let page_size = match req.page_size {
             0 => 100,
@@ -212,6 +242,7 @@ impl Coordinator {
         let mut jobs: Vec<&Job> = st
             .jobs
             .values()
+            .filter(|j| caller.0.is_none() || j.record.tenant == caller.tenant())
             .filter(|j| states.is_empty() || states.contains(&(j.record.state.to_proto() as i32)))
             .filter(|j| match &after {
                 None => true,
@@ -237,16 +268,12 @@ impl Coordinator {
         &self,
         request: Request<pb::WatchRenderRequest>,
     ) -> Result<Response<WatchStream>, Error> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let id = req.render_id;
         let log = {
             let st = self.inner.lead()?;
-            Arc::clone(
-                &st.jobs
-                    .get(&id)
-                    .ok_or_else(|| Error::not_found("render_id", format!("no render {id:?}")))?
-                    .events,
-            )
+            Arc::clone(&visible(&st, &caller, &id)?.events)
         };
         let mut changed = log.changed.subscribe();
         let mut closing = self.inner.closing.subscribe();
@@ -286,12 +313,10 @@ impl Coordinator {
         &self,
         request: Request<pb::CancelRenderRequest>,
     ) -> Result<Response<pb::Render>, Error> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().render_id;
         let mut st = self.inner.lead()?;
-        let job = st
-            .jobs
-            .get(&id)
-            .ok_or_else(|| Error::not_found("render_id", format!("no render {id:?}")))?;
+        let job = visible(&st, &caller, &id)?;
         if !job.record.state.is_terminal() && !job.finalizing {
             self.inner.end_render(
                 &mut st,
@@ -302,6 +327,79 @@ impl Coordinator {
         }
         Ok(Response::new(st.jobs[&id].snapshot()))
     }
+
+    async fn handle_delete_render(
+        &self,
+        request: Request<pb::DeleteRenderRequest>,
+    ) -> Result<Response<pb::DeleteRenderResponse>, Error> {
+        let caller = Caller::of(&request);
+        let id = request.into_inner().render_id;
+        let output_uri = {
+            let st = self.inner.lead()?;
+            let job = visible(&st, &caller, &id)?;
+            if !job.record.state.is_terminal() {
+                return Err(Error::field(
+                    Kind::NotFinished,
+                    "render_id",
+                    format!(
+                        "render {id} is {}; only a finished render can be deleted (cancel it \
+                         first)",
+                        job.record.state.name()
+                    ),
+                ));
+            }
+            job.record.output_uri.clone()
+        };
+        let objects_deleted = self.inner.delete_render(&id, &output_uri).await?;
+        Ok(Response::new(pb::DeleteRenderResponse { objects_deleted }))
+    }
+}
+
+/// The render `id` if the caller may see it: on an open API every render, with tenants only the
+/// caller's own (another tenant's render is NOT_FOUND, as if it did not exist).
+fn visible<'a>(st: &'a State, caller: &Caller, id: &str) -> Result<&'a Job, Error> {
+    st.jobs
+        .get(id)
+        .filter(|j| caller.0.is_none() || j.record.tenant == caller.tenant())
+        .ok_or_else(|| Error::not_found("render_id", format!("no render {id:?}")))
+}
+
+/// The tenant's limits on renders not yet finished, for a new render of `seconds`.
+fn check_tenant_limits(st: &State, t: &Tenant, seconds: f64) -> Result<(), Error> {
+    let open: Vec<&Job> = st
+        .jobs
+        .values()
+        .filter(|j| j.record.tenant == t.name && !j.record.state.is_terminal())
+        .collect();
+    if let Some(max) = t.limits.concurrent_renders
+        && open.len() >= max as usize
+    {
+        return Err(Error::field(
+            Kind::LimitReached,
+            "concurrent_renders",
+            format!(
+                "tenant {:?} has {} renders queued or running; its limit is {max} (wait for one \
+                 to finish, or cancel one)",
+                t.name,
+                open.len()
+            ),
+        ));
+    }
+    if let Some(max) = t.limits.queued_video_seconds {
+        let queued: f64 = open.iter().map(|j| j.record.spec.duration()).sum();
+        if queued + seconds > max {
+            return Err(Error::field(
+                Kind::LimitReached,
+                "queued_video_seconds",
+                format!(
+                    "tenant {:?} has {queued:.2} s of video queued or running; this render's \
+                     {seconds:.2} s would exceed its limit of {max} s",
+                    t.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 type WatchStream = ReceiverStream<Result<pb::RenderEvent, Status>>;
@@ -349,6 +447,15 @@ impl RenderService for Coordinator {
         request: Request<pb::CancelRenderRequest>,
     ) -> Result<Response<pb::Render>, Status> {
         self.handle_cancel_render(request)
+            .await
+            .map_err(Status::from)
+    }
+
+    async fn delete_render(
+        &self,
+        request: Request<pb::DeleteRenderRequest>,
+    ) -> Result<Response<pb::DeleteRenderResponse>, Status> {
+        self.handle_delete_render(request)
             .await
             .map_err(Status::from)
     }

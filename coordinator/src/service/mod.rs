@@ -105,7 +105,8 @@ struct Inner {
 
 struct PersistOp {
     key: String,
-    value: Vec<u8>,
+    /// The record; `None` deletes the key.
+    value: Option<Vec<u8>>,
     /// Told when the write is done (SubmitRender waits for its record to be stored).
     done: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
@@ -117,8 +118,8 @@ struct State {
     /// Where the leader is, as far as a standby knows (its advertised address).
     leader_hint: String,
     jobs: HashMap<String, Job>,
-    /// Idempotency key → render id.
-    idempotency: HashMap<String, String>,
+    /// (Tenant, idempotency key) → render id.
+    idempotency: HashMap<(String, String), String>,
     /// Registered workers by id; ids sort in registration order.
     workers: BTreeMap<String, Worker>,
     worker_seq: u64,
@@ -383,7 +384,11 @@ impl Coordinator {
                 // must not overtake this one.
                 let mut backoff = Duration::from_millis(100);
                 let result = loop {
-                    match store.put(&op.key, op.value.clone()).await {
+                    let written = match &op.value {
+                        Some(v) => store.put(&op.key, v.clone()).await.map(|_| ()),
+                        None => store.delete(&op.key).await,
+                    };
+                    match written {
                         Err(StoreError::Unavailable(e)) => {
                             tracing::warn!(key = %op.key, error = %e, "job store unreachable; retrying");
                             tokio::time::sleep(backoff).await;
@@ -392,7 +397,7 @@ impl Coordinator {
                                 break Err(StoreError::Unavailable(e));
                             }
                         }
-                        other => break other.map(|_| ()),
+                        other => break other,
                     }
                 };
                 if let Err(e) = &result {
@@ -408,6 +413,17 @@ impl Coordinator {
                 }
             }
         });
+        if let Some(keep) = inner.config.retention {
+            let weak: Weak<Inner> = Arc::downgrade(&inner);
+            let tick = (keep / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    inner.expire_renders(keep).await;
+                }
+            });
+        }
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let tick = (inner.config.lease_ttl / 4).max(Duration::from_millis(10));
         tokio::spawn(async move {
@@ -437,6 +453,10 @@ impl Coordinator {
 
     /// Becomes true once this coordinator has been deposed (a store write was fenced off by a
     /// newer leader). It then refuses every call; the process should exit.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.inner.config
+    }
+
     pub fn deposed(&self) -> watch::Receiver<bool> {
         self.inner.deposed.subscribe()
     }
@@ -465,8 +485,10 @@ impl Coordinator {
         for record in loaded {
             let id = record.id.clone();
             if !record.idempotency_key.is_empty() {
-                st.idempotency
-                    .insert(record.idempotency_key.clone(), id.clone());
+                st.idempotency.insert(
+                    (record.tenant.clone(), record.idempotency_key.clone()),
+                    id.clone(),
+                );
             }
             let mut job = Job {
                 progress: pb::Progress {
@@ -567,11 +589,76 @@ impl Inner {
         *self.closing.borrow()
     }
 
+    /// Retention: delete the renders that finished more than `keep` ago (on the leader).
+    async fn expire_renders(&self, keep: Duration) {
+        let cutoff = now_ms().saturating_sub(keep.as_millis() as u64);
+        let expired: Vec<(String, String)> = match self.lead() {
+            Ok(st) => st
+                .jobs
+                .values()
+                .filter(|j| j.record.state.is_terminal())
+                .filter(|j| j.record.finished_at_ms.is_some_and(|t| t < cutoff))
+                .map(|j| (j.record.id.clone(), j.record.output_uri.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        for (id, uri) in expired {
+            if let Err(e) = self.delete_render(&id, &uri).await {
+                tracing::warn!(render = %id, error = %e, "retention: deleting an expired render failed; retrying later");
+            }
+        }
+    }
+
+    /// Delete a finished render: every object under its output, then its record (so that a
+    /// failure part-way leaves the record, and the delete can be repeated). Returns the number
+    /// of objects removed.
+    async fn delete_render(&self, id: &str, output_uri: &str) -> Result<u64, Error> {
+        let removed = async {
+            let (store, prefix) = output::open_store(output_uri).map_err(|e| e.to_string())?;
+            output::delete_prefix(&*store, &prefix)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await
+        .map_err(|e| {
+            Error::unavailable(format!(
+                "render {id}: its outputs under {output_uri} could not be deleted: {e}"
+            ))
+        })?;
+        let (done, stored) = oneshot::channel();
+        {
+            let mut st = self.lead()?;
+            let Some(job) = st.jobs.remove(id) else {
+                // Deleted meanwhile by another call.
+                return Ok(removed as u64);
+            };
+            st.idempotency.remove(&(
+                job.record.tenant.clone(),
+                job.record.idempotency_key.clone(),
+            ));
+            let _ = self.persist.send(PersistOp {
+                key: store::job_key(id),
+                value: None,
+                done: Some(done),
+            });
+        }
+        match stored.await {
+            Ok(Ok(())) => {
+                tracing::info!(render = %id, objects = removed, "render deleted");
+                Ok(removed as u64)
+            }
+            Ok(Err(e)) => Err(Error::unavailable(format!(
+                "render {id}: its record could not be deleted: {e}"
+            ))),
+            Err(_) => Err(Error::unavailable("the store writer stopped")),
+        }
+    }
+
     /// Queue the job's record for the store and publish its snapshot to watchers.
     fn save(&self, job: &Job, done: Option<oneshot::Sender<Result<(), StoreError>>>) {
         let _ = self.persist.send(PersistOp {
             key: store::job_key(&job.record.id),
-            value: store::encode_job(&job.record),
+            value: Some(store::encode_job(&job.record)),
             done,
         });
         self.publish(job);
