@@ -323,6 +323,7 @@ impl Connect {
 }
 
 fn bearer(what: &str, token: Option<&str>) -> Result<Bearer> {
+    let token = token.filter(|t| !t.is_empty());
     if let Some(t) = token {
         longtake_coordinator::access::check_token(t).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
     }
@@ -526,7 +527,12 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    tracing::warn!(coordinator = %u, error = %e, "not accepted; trying the next coordinator");
+                    let longtake_worker::WorkerError::Rpc { status, .. } = &e;
+                    if status.code() == tonic::Code::Unimplemented {
+                        tracing::warn!(coordinator = %u, "this address serves no worker API: point workers at the coordinator's --worker-listen address; trying the next coordinator");
+                    } else {
+                        tracing::warn!(coordinator = %u, error = %e, "not accepted; trying the next coordinator");
+                    }
                     i += 1;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
