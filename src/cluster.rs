@@ -65,6 +65,9 @@ pub struct CoordinatorArgs {
     /// The largest public request accepted, in MiB (initial noise included).
     #[arg(long, default_value_t = 256)]
     max_request_mib: usize,
+    /// Address for plain-HTTP `GET /metrics` (Prometheus text format) and `/healthz`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Delete finished renders (outputs and state) this many hours after they finished.
     /// Default: keep them until `longtake delete`.
     #[arg(long)]
@@ -129,6 +132,9 @@ pub struct WorkerArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Address for plain-HTTP `GET /metrics` (Prometheus text format) and `/healthz`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 /// How a client trusts the coordinator's TLS certificate.
@@ -419,6 +425,14 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", a.listen))?;
+        let metrics = match &a.metrics_listen {
+            Some(m) => Some(
+                tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("metrics-listen: cannot bind {m}"))?,
+            ),
+            None => None,
+        };
         let addr: SocketAddr = listener.local_addr()?;
         out!("listening on {addr}");
         let worker_listener = match &a.worker_listen {
@@ -441,6 +455,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
             public: listener,
             worker: worker_listener,
             tls,
+            metrics,
         };
         if a.etcd.is_empty() {
             tracing::info!(%addr, "coordinator leading (state in memory)");
@@ -480,8 +495,15 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         .iter()
         .map(|u| connect.endpoint(u))
         .collect::<Result<Vec<_>>>()?;
+    let metrics = std::sync::Arc::new(longtake_worker::WorkerMetrics::default());
     let rt = runtime()?;
     rt.block_on(async {
+        if let Some(m) = &a.metrics_listen {
+            let l = tokio::net::TcpListener::bind(m)
+                .await
+                .with_context(|| format!("metrics-listen: cannot bind {m}"))?;
+            tokio::spawn(longtake_telemetry::serve(l, std::sync::Arc::clone(&metrics.registry)));
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             terminated().await;
@@ -519,6 +541,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
                 capacity: 1,
                 registered: None,
                 auth: auth.clone(),
+                metrics: std::sync::Arc::clone(&metrics),
             };
             match longtake_worker::run(channel, opts, stopped(stop_rx.clone())).await {
                 Ok(longtake_worker::Exit::Shutdown) => break,

@@ -253,6 +253,7 @@ pub async fn render(
             capacity: 1,
             registered: Some(std::sync::Arc::clone(&registered)),
             auth: Default::default(),
+            metrics: Default::default(),
         };
         worker_tasks.push(tokio::spawn(longtake_worker::run(
             ch,

@@ -239,6 +239,8 @@ pub struct Listeners {
     pub public: TcpListener,
     pub worker: Option<TcpListener>,
     pub tls: Option<TlsSettings>,
+    /// Plain HTTP `GET /metrics` (Prometheus text format) and `/healthz`.
+    pub metrics: Option<TcpListener>,
 }
 
 impl From<TcpListener> for Listeners {
@@ -247,6 +249,7 @@ impl From<TcpListener> for Listeners {
             public,
             worker: None,
             tls: None,
+            metrics: None,
         }
     }
 }
@@ -310,6 +313,9 @@ pub async fn serve(
 ) -> Result<(), CoordinatorError> {
     let config = coordinator.config().clone();
     let max = longtake_proto::MAX_MESSAGE_BYTES;
+    let metrics = listeners
+        .metrics
+        .map(|l| tokio::spawn(longtake_telemetry::serve(l, coordinator.metrics())));
     let public_auth = access::PublicAuth {
         tenants: config.tenants.clone(),
     };
@@ -378,6 +384,9 @@ pub async fn serve(
             p?;
             w?;
         }
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     Ok(())
 }

@@ -420,3 +420,34 @@ fn http_ok(port: u16, path: &str) -> bool {
     let _ = s.read_to_string(&mut out);
     out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
+
+/// A Python with prometheus_client (the reference parser of the Prometheus text format),
+/// installed with pip into a venv under target/ when missing.
+pub fn prometheus_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/prometheus-venv");
+    let python = venv.join("bin/python");
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let ready = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import prometheus_client.parser"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "prometheus_client==0.26.0"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok && ready(&python),
+            "could not install prometheus_client 0.26.0 into {} (needs python3 and PyPI)",
+            venv.display()
+        );
+    }
+    python
+}

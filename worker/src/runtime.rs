@@ -18,6 +18,7 @@ use longtake_model::pipeline::{ClipRequest, WanPipeline};
 use longtake_model::window::{self, Geometry, Part, Stitching, WindowSpec, WindowState};
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::worker_service_client::WorkerServiceClient;
+use longtake_telemetry::{Counter, Family, Histogram, Registry, SECONDS};
 use object_store::ObjectStore;
 use object_store::path::Path as StorePath;
 use tokio::runtime::Handle;
@@ -48,6 +49,61 @@ pub struct WorkerOptions {
     pub registered: Option<Arc<tokio::sync::Semaphore>>,
     /// The cluster token every call carries (none: calls carry no credentials).
     pub auth: longtake_proto::Bearer,
+    /// Where the worker counts its work (shared across re-registrations).
+    pub metrics: Arc<WorkerMetrics>,
+}
+
+/// A worker's Prometheus metrics.
+pub struct WorkerMetrics {
+    pub registry: Arc<Registry>,
+    window_steps: Arc<Counter>,
+    step_seconds: Arc<Histogram>,
+    checkpoint_bytes: Arc<Counter>,
+    checkpoint_seconds: Arc<Histogram>,
+    halo_seconds: Arc<Histogram>,
+    tasks: Arc<Family<Counter>>,
+}
+
+impl std::fmt::Debug for WorkerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let r = Registry::new();
+        WorkerMetrics {
+            window_steps: r.counter(
+                "longtake_worker_window_steps_total",
+                "Window-steps this worker computed.",
+            ),
+            step_seconds: r.histogram(
+                "longtake_worker_step_seconds",
+                "Time of one sampler step over this worker's windows (model passes, halo exchange, fusion).",
+                SECONDS,
+            ),
+            checkpoint_bytes: r.counter(
+                "longtake_worker_checkpoint_bytes_total",
+                "Bytes of window checkpoints written.",
+            ),
+            checkpoint_seconds: r.histogram(
+                "longtake_worker_checkpoint_seconds",
+                "Time to write one step's checkpoints of this worker's windows.",
+                SECONDS,
+            ),
+            halo_seconds: r.histogram(
+                "longtake_worker_halo_exchange_seconds",
+                "Time of one halo exchange (relay plus waiting for the neighbours' step).",
+                SECONDS,
+            ),
+            tasks: r.counters(
+                "longtake_worker_tasks_total",
+                "Tasks ended, by kind (denoise, decode) and outcome (done, cancelled, failed).",
+            ),
+            registry: r,
+        }
+    }
 }
 
 type Client = WorkerServiceClient<longtake_proto::AuthedChannel>;
@@ -148,6 +204,7 @@ pub async fn run(
             models: HashMap::new(),
             cancelled: Arc::clone(&cancelled),
             cancel_all: Arc::clone(&cancel_all),
+            metrics: Arc::clone(&opts.metrics),
         };
         std::thread::Builder::new()
             .name(format!("longtake-worker-{}", opts.name))
@@ -214,6 +271,7 @@ struct Compute {
     models: HashMap<String, Arc<WanPipeline<Cpu>>>,
     cancelled: Arc<CancelFlags>,
     cancel_all: Arc<AtomicBool>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// A task failure: the message sent to the coordinator.
@@ -254,6 +312,19 @@ impl Compute {
                 }
                 _ => continue,
             };
+            let kind = match &task.kind {
+                Some(pb::task::Kind::Denoise(_)) => "denoise",
+                _ => "decode",
+            };
+            let ended = match &outcome {
+                Ok(_) => "done",
+                Err(e) if e == CANCELLED => "cancelled",
+                Err(_) => "failed",
+            };
+            self.metrics
+                .tasks
+                .with(&[("kind", kind), ("outcome", ended)])
+                .inc();
             match &outcome {
                 Ok(_) => {
                     tracing::info!(task = %task.task_id, seconds = started.elapsed().as_secs_f64(), "task done")
@@ -506,6 +577,7 @@ impl Compute {
                 if cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst) {
                     return Err(CANCELLED.into());
                 }
+                let step_clock = Instant::now();
                 let preds: Vec<Part> = states
                     .iter()
                     .map(|w| w.predict(&guided, &comm, &geo))
@@ -515,6 +587,9 @@ impl Compute {
                     let clock = Instant::now();
                     let r = self.exchange(t, step as u32, &plan, &owned, &preds, &geo)?;
                     halo_s += clock.elapsed().as_secs_f64();
+                    self.metrics
+                        .halo_seconds
+                        .observe(clock.elapsed().as_secs_f64());
                     r
                 } else {
                     HashMap::new()
@@ -536,12 +611,19 @@ impl Compute {
                     w.step(&fused).map_err(|e| e.to_string())?;
                     done += 1;
                 }
+                self.metrics.window_steps.add(states.len() as f64);
+                self.metrics
+                    .step_seconds
+                    .observe(step_clock.elapsed().as_secs_f64());
                 let k = step + 1;
                 match store.as_ref() {
                     Some((store, prefix)) if every > 0 && k.is_multiple_of(every) && k < steps => {
                         let clock = Instant::now();
                         self.write_checkpoints(t, &**store, prefix, k, &states)?;
                         checkpoint_s += clock.elapsed().as_secs_f64();
+                        self.metrics
+                            .checkpoint_seconds
+                            .observe(clock.elapsed().as_secs_f64());
                         self.report_checkpoint(task_id, t, done, k, &owned);
                     }
                     _ => report(done),
@@ -674,6 +756,7 @@ impl Compute {
     ) -> TaskResult<()> {
         for w in states {
             let bytes = w.checkpoint().map_err(|e| e.to_string())?;
+            self.metrics.checkpoint_bytes.add(bytes.len() as f64);
             let key = object_key(
                 prefix,
                 &format!("{}/s{k}/w{}.safetensors", t.checkpoint_dir, w.index),

@@ -163,10 +163,13 @@ impl Coordinator {
             (id, stored)
         };
         match stored.await {
-            Ok(Ok(())) => Ok(Response::new(pb::SubmitRenderResponse {
-                render_id: id,
-                created: true,
-            })),
+            Ok(Ok(())) => {
+                inner.metrics.submitted.with(&[("tenant", &tenant)]).inc();
+                Ok(Response::new(pb::SubmitRenderResponse {
+                    render_id: id,
+                    created: true,
+                }))
+            }
             failure => {
                 let why = match failure {
                     Ok(Err(e)) => e.to_string(),
@@ -412,9 +415,14 @@ impl RenderService for Coordinator {
         &self,
         request: Request<pb::SubmitRenderRequest>,
     ) -> Result<Response<pb::SubmitRenderResponse>, Status> {
-        self.handle_submit_render(request)
-            .await
-            .map_err(Status::from)
+        self.handle_submit_render(request).await.map_err(|e| {
+            self.inner
+                .metrics
+                .rejected
+                .with(&[("reason", e.kind.reason())])
+                .inc();
+            Status::from(e)
+        })
     }
 
     async fn get_render(

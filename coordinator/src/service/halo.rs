@@ -104,6 +104,8 @@ impl Coordinator {
                     to_window: me,
                 });
             }
+            let bytes: usize = req.parts.iter().map(|p| p.data.len()).sum();
+            inner.metrics.halo_bytes.add(bytes as f64);
             for part in req.parts {
                 let key = HaloKey {
                     render: req.render_id.clone(),
@@ -132,6 +134,7 @@ impl Coordinator {
             step: req.step,
             to_window: me,
         };
+        let waiting = Instant::now();
         loop {
             let notify = {
                 let mut st = inner.lead()?;
@@ -148,6 +151,10 @@ impl Coordinator {
                     .all(|w| slot.parts.contains_key(&(*w as u32)))
                 {
                     // Kept until this window's next step: a retry gets the same parts.
+                    inner
+                        .metrics
+                        .halo_wait
+                        .observe(waiting.elapsed().as_secs_f64());
                     return Ok(Response::new(pb::HaloResponse {
                         parts: slot.parts.values().cloned().collect(),
                     }));

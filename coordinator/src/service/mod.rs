@@ -67,6 +67,7 @@ use tonic::{Request, Response, Status};
 
 mod api;
 mod halo;
+mod metrics;
 mod outputs;
 mod scheduler;
 mod workers;
@@ -101,6 +102,7 @@ struct Inner {
     /// Flipped to true when a store write is refused because another coordinator leads now:
     /// this one must stop acting (the process exits).
     deposed: watch::Sender<bool>,
+    metrics: metrics::Metrics,
 }
 
 struct PersistOp {
@@ -376,7 +378,9 @@ impl Coordinator {
             persist,
             closing,
             deposed,
+            metrics: metrics::Metrics::new(),
         });
+        inner.metrics.register_state(Arc::downgrade(&inner));
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Some(op) = persist_rx.recv().await {
@@ -457,6 +461,11 @@ impl Coordinator {
         &self.inner.config
     }
 
+    /// This coordinator's metrics, for a `/metrics` endpoint.
+    pub fn metrics(&self) -> Arc<longtake_telemetry::Registry> {
+        Arc::clone(&self.inner.metrics.registry)
+    }
+
     pub fn deposed(&self) -> watch::Receiver<bool> {
         self.inner.deposed.subscribe()
     }
@@ -508,6 +517,7 @@ impl Coordinator {
                 job.progress.message = if was == JobState::Queued {
                     "waiting for workers".to_string()
                 } else {
+                    inner.metrics.rollbacks.inc();
                     format!(
                         "rolled back to step {}: a new coordinator leads (the render was {})",
                         job.record.checkpoint.as_ref().map_or(0, |c| c.step),
@@ -521,6 +531,7 @@ impl Coordinator {
         st.epoch = st.epoch.max(epoch_base);
         st.epoch_base = epoch_base;
         st.leading = true;
+        inner.metrics.leader_changes.inc();
         tracing::info!(jobs = count, epoch_base, "leading");
         inner.schedule(&mut st);
         Ok(count)
@@ -673,6 +684,7 @@ impl Inner {
         job.progress.phase = state.to_proto() as i32;
         if state.is_terminal() {
             job.record.finished_at_ms = Some(now_ms());
+            self.metrics.finished.with(&[("state", state.name())]).inc();
         }
         self.save(job, None);
     }

@@ -267,6 +267,7 @@ impl Inner {
         let Some(job) = st.jobs.get_mut(id) else {
             return;
         };
+        self.metrics.rollbacks.inc();
         job.record.attempts += 1;
         if job.record.attempts >= max {
             job.record.error = format!("{reason}; given up after {} attempts", job.record.attempts);
@@ -355,6 +356,7 @@ impl Inner {
                 continue;
             };
             let silent = worker.last_heartbeat.elapsed();
+            self.metrics.expired_leases.inc();
             tracing::warn!(worker = %worker.name, id = %worker_id, "worker lease lapsed");
             let held = st.runs.values().find_map(|run| {
                 let held = run

@@ -155,7 +155,14 @@ impl Coordinator {
         }
         match &task.kind {
             TaskKind::Denoise { windows } => {
-                task.window_steps_done = req.window_steps_done.min(windows.len() as u64 * steps);
+                let done = req.window_steps_done.min(windows.len() as u64 * steps);
+                if done > task.window_steps_done {
+                    inner
+                        .metrics
+                        .window_steps
+                        .add((done - task.window_steps_done) as f64);
+                }
+                task.window_steps_done = done;
             }
             TaskKind::Decode => task.frames_done = req.frames_done,
         }
@@ -198,6 +205,7 @@ impl Coordinator {
                     epoch: run.epoch,
                 });
                 run.checkpoints.retain(|s, _| *s > k);
+                inner.metrics.checkpoints.inc();
                 tracing::info!(render = %req.render_id, step = k, epoch = run.epoch, "checkpoint committed");
                 inner.save(job, None);
             }
