@@ -165,7 +165,7 @@ pub struct Target {
     /// The tenant's bearer token, when the coordinator has tenants (or set LONGTAKE_TOKEN; the
     /// environment keeps it out of process listings).
     #[arg(long, env = "LONGTAKE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
     #[command(flatten)]
     tls: ClientTls,
 }
@@ -571,7 +571,8 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
 }
 
 /// The coordinators a client calls, in turn, until one leads.
-struct Coordinators {
+#[derive(Clone)]
+pub(crate) struct Coordinators {
     urls: Vec<String>,
     endpoints: Vec<Endpoint>,
     auth: Bearer,
@@ -586,7 +587,7 @@ fn retryable(s: &tonic::Status) -> bool {
 }
 
 impl Coordinators {
-    fn new(t: &Target) -> Result<Self> {
+    pub(crate) fn new(t: &Target) -> Result<Self> {
         if !(t.timeout.is_finite() && t.timeout > 0.0) {
             bail!(
                 "timeout: {} must be a positive number of seconds",
@@ -626,7 +627,7 @@ impl Coordinators {
 
     /// Call `f` on the coordinators in turn until one answers with something other than
     /// UNAVAILABLE, or the patience runs out.
-    async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, tonic::Status>
+    pub(crate) async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, tonic::Status>
     where
         F: FnMut(RenderServiceClient<AuthedChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -667,7 +668,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     }
 }
 
-fn state_name(state: i32) -> String {
+pub(crate) fn state_name(state: i32) -> String {
     pb::RenderState::try_from(state)
         .unwrap_or(pb::RenderState::Unspecified)
         .as_str_name()
@@ -779,7 +780,7 @@ fn print_render(r: &pb::Render, as_json: bool) {
     out!("output:   {}", r.output_uri);
 }
 
-fn terminal(state: i32) -> bool {
+pub(crate) fn terminal(state: i32) -> bool {
     matches!(
         pb::RenderState::try_from(state),
         Ok(pb::RenderState::Succeeded | pb::RenderState::Failed | pb::RenderState::Cancelled)

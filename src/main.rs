@@ -22,6 +22,7 @@ mod cluster;
 mod compare;
 mod dit;
 mod generate;
+mod loadgen;
 mod models;
 mod render;
 mod text;
@@ -63,6 +64,9 @@ enum Command {
     Delete(cluster::IdArgs),
     /// List renders, newest first.
     List(cluster::ListArgs),
+    /// Load-test a farm: seeded synthetic prompts at a Poisson rate, then latency, queue,
+    /// throughput and goodput figures.
+    Loadgen(Box<loadgen::LoadgenArgs>),
     /// Measure a finished render's coherence: window seams (ratio and z-score), colour per
     /// second and drift, and for demo-world prompts the object's colours, track and motion.
     Analyze(analyze::AnalyzeArgs),
@@ -190,6 +194,7 @@ fn main() -> ExitCode {
         Command::Cancel(a) => cluster::cancel(&a),
         Command::Delete(a) => cluster::delete(&a),
         Command::List(a) => cluster::list(&a),
+        Command::Loadgen(a) => loadgen::run(&a),
         Command::Analyze(a) => analyze::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {

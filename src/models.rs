@@ -17,6 +17,9 @@ use longtake_model::pipeline::ModelDir;
 #[derive(Debug, Default, Clone)]
 pub struct LocalModels {
     catalogue: BTreeMap<String, PathBuf>,
+    /// What the built-in and catalogue models are, read once (a directory named by a request
+    /// is read every time: it may change).
+    known: std::sync::Arc<std::sync::Mutex<BTreeMap<String, ModelInfo>>>,
 }
 
 impl LocalModels {
@@ -50,7 +53,10 @@ impl LocalModels {
                 anyhow::bail!("model: {name:?} is given twice");
             }
         }
-        Ok(LocalModels { catalogue })
+        Ok(LocalModels {
+            catalogue,
+            ..LocalModels::default()
+        })
     }
 }
 
@@ -74,19 +80,37 @@ impl ModelCatalog for LocalModels {
     }
 
     fn model_info(&self, model: &str) -> Result<ModelInfo, String> {
-        let root = match Builtin::lookup(model) {
-            Some(b) => b.model_dir().map_err(|e| e.to_string())?,
-            None => PathBuf::from(model),
-        };
-        let dir = ModelDir::open(&root).map_err(|e| {
-            format!(
-                "{e} (the coordinator reads the model's configuration from {}; in a farm the \
-                 model directory must be readable at the same path there as on the workers)",
-                root.display()
-            )
-        })?;
-        Ok(info(&dir))
+        let fixed = Builtin::lookup(model).is_some()
+            || self.catalogue.values().any(|d| d.as_os_str() == model);
+        let known = |m: &BTreeMap<String, ModelInfo>| m.get(model).copied();
+        if fixed && let Some(info) = known(&self.known.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(info);
+        }
+        let info = read_info(model)?;
+        if fixed {
+            self.known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(model.to_string(), info);
+        }
+        Ok(info)
     }
+}
+
+/// Opens the model's directory (a built-in model's name, or a path) and reads what it is.
+fn read_info(model: &str) -> Result<ModelInfo, String> {
+    let root = match Builtin::lookup(model) {
+        Some(b) => b.model_dir().map_err(|e| e.to_string())?,
+        None => PathBuf::from(model),
+    };
+    let dir = ModelDir::open(&root).map_err(|e| {
+        format!(
+            "{e} (the coordinator reads the model's configuration from {}; in a farm the \
+             model directory must be readable at the same path there as on the workers)",
+            root.display()
+        )
+    })?;
+    Ok(info(&dir))
 }
 
 /// The coordinator's view of an opened model directory.

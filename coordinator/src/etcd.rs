@@ -313,6 +313,51 @@ impl JobStore for EtcdStore {
         Box::pin(async move { self.write(key, None, None).await.map(|_| ()) })
     }
 
+    fn write_batch<'a>(&'a self, ops: &'a [(String, Option<Vec<u8>>)]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let fence = self.fence.get();
+            let compares = fence
+                .map(|f| {
+                    vec![compare(
+                        f.key.clone(),
+                        ep::compare::CompareTarget::Create,
+                        f.term,
+                    )]
+                })
+                .unwrap_or_default();
+            let success = ops
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => put_op(self.etcd.key(k), v.clone(), 0),
+                    None => delete_op(self.etcd.key(k)),
+                })
+                .collect();
+            let failure = fence
+                .map(|f| vec![range_op(f.key.clone())])
+                .unwrap_or_default();
+            let resp = self
+                .etcd
+                .txn(
+                    "write",
+                    ep::TxnRequest {
+                        compare: compares,
+                        success,
+                        failure,
+                    },
+                )
+                .await?;
+            if resp.succeeded {
+                return Ok(());
+            }
+            let f = fence.expect("an unconditional transaction succeeds");
+            let holder = ranged(&resp, 0).map(|kv| kv.create_revision);
+            Err(StoreError::Fenced(format!(
+                "the leader key is at term {holder:?}, this coordinator led at term {}",
+                f.term
+            )))
+        })
+    }
+
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>> {
         Box::pin(async move {
             let k = self.etcd.key(prefix);

@@ -364,7 +364,10 @@ pub async fn serve(
                 .add_service(reflection)
                 .add_service(render)
                 .add_service(worker)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listeners.public), stopped());
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listeners.public).with_nodelay(Some(true)),
+                    stopped(),
+                );
             tokio::join!(signal, public).1?;
         }
         Some(worker_listener) => {
@@ -373,13 +376,19 @@ pub async fn serve(
                 .add_service(health)
                 .add_service(reflection)
                 .add_service(render)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listeners.public), stopped());
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listeners.public).with_nodelay(Some(true)),
+                    stopped(),
+                );
             let (health, reflection) = health_and_reflection(&[WORKER_SERVICE]).await?;
             let workers = builder(tls.map(|t| t.server_config(true)))?
                 .add_service(health)
                 .add_service(reflection)
                 .add_service(worker)
-                .serve_with_incoming_shutdown(TcpIncoming::from(worker_listener), stopped());
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(worker_listener).with_nodelay(Some(true)),
+                    stopped(),
+                );
             let (_, p, w) = tokio::join!(signal, public, workers);
             p?;
             w?;

@@ -21,7 +21,7 @@ pub struct Versioned {
     pub value: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("revision conflict on {key}: expected {expected:?}, found {found:?} (None: no value)")]
     Conflict {
@@ -60,7 +60,27 @@ pub trait JobStore: Send + Sync + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>>;
     /// Remove the key (nothing happens when it does not exist).
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Apply several unconditional writes (`None`: delete) to distinct keys; all or none where
+    /// the store can (etcd: one transaction, fenced like every write). At most [`MAX_BATCH`].
+    fn write_batch<'a>(&'a self, ops: &'a [(String, Option<Vec<u8>>)]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            for (key, value) in ops {
+                match value {
+                    Some(v) => {
+                        self.put(key, v.clone()).await?;
+                    }
+                    None => self.delete(key).await?,
+                }
+            }
+            Ok(())
+        })
+    }
 }
+
+/// The most writes [`JobStore::write_batch`] takes at once (etcd refuses transactions of more
+/// than 128 operations by default).
+pub const MAX_BATCH: usize = 100;
 
 /// The embedded store: a map in memory, for a single machine and for tests.
 #[derive(Debug, Default)]
@@ -221,6 +241,31 @@ pub async fn conformance(store: &dyn JobStore) {
         .compare_and_set("jobs/a", None, b"5".to_vec())
         .await
         .unwrap();
+
+    // A batch puts and deletes together.
+    store
+        .write_batch(&[
+            ("jobs/c".to_string(), Some(b"6".to_vec())),
+            ("jobs/b".to_string(), None),
+            ("jobs/d".to_string(), Some(b"7".to_vec())),
+        ])
+        .await
+        .unwrap();
+    let listed: Vec<(String, Vec<u8>)> = store
+        .list("jobs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.value))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("jobs/a".to_string(), b"5".to_vec()),
+            ("jobs/c".to_string(), b"6".to_vec()),
+            ("jobs/d".to_string(), b"7".to_vec())
+        ]
+    );
 }
 
 /// The life of a render (the proto `RenderState` without `UNSPECIFIED`).

@@ -96,14 +96,24 @@ impl Builtin {
 
     /// A short content hash of the model (FNV-1a over names and bytes).
     pub fn fingerprint(self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for (name, bytes) in self.files() {
-            for b in name.as_bytes().iter().chain(*bytes) {
-                h ^= *b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        // Hashed once per process (the demo model is megabytes).
+        static DONE: [std::sync::OnceLock<String>; 2] =
+            [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+        let slot = match self {
+            Builtin::Demo => &DONE[0],
+            Builtin::Smoke => &DONE[1],
+        };
+        slot.get_or_init(|| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for (name, bytes) in self.files() {
+                for b in name.as_bytes().iter().chain(*bytes) {
+                    h ^= *b as u64;
+                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                }
             }
-        }
-        format!("{h:016x}")
+            format!("{h:016x}")
+        })
+        .clone()
     }
 
     /// The model's directory, unpacking it if needed (atomically: a half-written directory is

@@ -383,18 +383,32 @@ impl Coordinator {
         inner.metrics.register_state(Arc::downgrade(&inner));
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         tokio::spawn(async move {
-            while let Some(op) = persist_rx.recv().await {
+            while let Some(first) = persist_rx.recv().await {
+                // Everything queued meanwhile goes in the same write (one etcd transaction), the
+                // last value of a key winning; order within a key is kept.
+                let mut batch = vec![first];
+                while batch.len() < store::MAX_BATCH {
+                    match persist_rx.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                let mut ops: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(batch.len());
+                let mut dones = Vec::new();
+                for op in batch {
+                    match ops.iter_mut().find(|(k, _)| *k == op.key) {
+                        Some(slot) => slot.1 = op.value,
+                        None => ops.push((op.key, op.value)),
+                    }
+                    dones.extend(op.done);
+                }
                 // An unreachable store (etcd restarting) is waited out, in order: later records
-                // must not overtake this one.
+                // must not overtake these.
                 let mut backoff = Duration::from_millis(100);
                 let result = loop {
-                    let written = match &op.value {
-                        Some(v) => store.put(&op.key, v.clone()).await.map(|_| ()),
-                        None => store.delete(&op.key).await,
-                    };
-                    match written {
+                    match store.write_batch(&ops).await {
                         Err(StoreError::Unavailable(e)) => {
-                            tracing::warn!(key = %op.key, error = %e, "job store unreachable; retrying");
+                            tracing::warn!(writes = ops.len(), error = %e, "job store unreachable; retrying");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(2));
                             if weak.strong_count() == 0 {
@@ -405,15 +419,15 @@ impl Coordinator {
                     }
                 };
                 if let Err(e) = &result {
-                    tracing::error!(key = %op.key, error = %e, "job store write failed");
+                    tracing::error!(writes = ops.len(), first = %ops[0].0, error = %e, "job store write failed");
                     if matches!(e, StoreError::Fenced(_))
                         && let Some(inner) = weak.upgrade()
                     {
                         inner.step_down();
                     }
                 }
-                if let Some(done) = op.done {
-                    let _ = done.send(result);
+                for done in dones {
+                    let _ = done.send(result.clone());
                 }
             }
         });
