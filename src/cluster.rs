@@ -502,7 +502,11 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             let l = tokio::net::TcpListener::bind(m)
                 .await
                 .with_context(|| format!("metrics-listen: cannot bind {m}"))?;
-            tokio::spawn(longtake_telemetry::serve(l, std::sync::Arc::clone(&metrics.registry)));
+            tokio::spawn(longtake_telemetry::serve(
+                l,
+                std::sync::Arc::clone(&metrics.registry),
+                std::sync::Arc::new(|| true),
+            ));
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -196,6 +196,10 @@ fn metrics_parse_and_move_with_a_render() {
     // Not found and bad requests.
     assert!(http("GET", cm, "/nope").0.contains("404"));
     assert!(http("GET", cm, "/healthz").0.contains("200"));
+    assert!(
+        http("GET", cm, "/readyz").0.contains("200"),
+        "the only replica leads"
+    );
     assert!(coord.child.try_wait().unwrap().is_none());
 }
 

@@ -313,9 +313,14 @@ pub async fn serve(
 ) -> Result<(), CoordinatorError> {
     let config = coordinator.config().clone();
     let max = longtake_proto::MAX_MESSAGE_BYTES;
-    let metrics = listeners
-        .metrics
-        .map(|l| tokio::spawn(longtake_telemetry::serve(l, coordinator.metrics())));
+    let metrics = listeners.metrics.map(|l| {
+        let c = coordinator.clone();
+        tokio::spawn(longtake_telemetry::serve(
+            l,
+            coordinator.metrics(),
+            Arc::new(move || c.is_leading()),
+        ))
+    });
     let public_auth = access::PublicAuth {
         tenants: config.tenants.clone(),
     };

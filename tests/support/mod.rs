@@ -451,3 +451,40 @@ pub fn prometheus_python() -> PathBuf {
     }
     python
 }
+
+/// A Python with helm-python-sdk (Helm's Go SDK as a library) and kubernetes-validate (the
+/// Kubernetes JSON schemas), installed with pip into a venv under target/ when missing.
+pub fn helm_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/helm-venv");
+    let python = venv.join("bin/python");
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let ready = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import helm_python, kubernetes_validate, yaml"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ready(&python) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "helm-python-sdk==0.2.2",
+                    "kubernetes-validate==1.37.0",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok && ready(&python),
+            "could not install helm-python-sdk 0.2.2 and kubernetes-validate 1.37.0 into {} \
+             (needs python3 and PyPI)",
+            venv.display()
+        );
+    }
+    python
+}

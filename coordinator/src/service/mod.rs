@@ -464,15 +464,13 @@ impl Coordinator {
         self.inner.step_down();
     }
 
-    /// Whether this coordinator leads now.
-    pub fn is_leading(&self) -> bool {
-        self.inner.lock().leading
-    }
-
-    /// Becomes true once this coordinator has been deposed (a store write was fenced off by a
-    /// newer leader). It then refuses every call; the process should exit.
     pub fn config(&self) -> &CoordinatorConfig {
         &self.inner.config
+    }
+
+    /// Whether this replica leads now and is not shutting down (what its readiness reports).
+    pub fn is_leading(&self) -> bool {
+        self.inner.lock().leading && !self.inner.is_closing()
     }
 
     /// This coordinator's metrics, for a `/metrics` endpoint.
@@ -480,6 +478,8 @@ impl Coordinator {
         Arc::clone(&self.inner.metrics.registry)
     }
 
+    /// Becomes true once this coordinator has been deposed (a store write was fenced off by a
+    /// newer leader). It then refuses every call; the process should exit.
     pub fn deposed(&self) -> watch::Receiver<bool> {
         self.inner.deposed.subscribe()
     }

@@ -344,9 +344,14 @@ pub fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Answer `GET /metrics` (the registry) and `GET /healthz` (`ok`) on `listener` until the
-/// runtime stops; anything else is 404, a malformed request 400. One request per connection.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+/// Whether a process should get traffic now (`/readyz`).
+pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Answer `GET /metrics` (the registry), `GET /healthz` (`ok` while the process runs) and
+/// `GET /readyz` (200 while `ready` holds, else 503: for a coordinator, while it leads) on
+/// `listener` until the runtime stops; anything else is 404, a malformed request 400. One
+/// request per connection.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Ready) {
     loop {
         let (mut conn, _) = match listener.accept().await {
             Ok(c) => c,
@@ -357,6 +362,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             }
         };
         let registry = Arc::clone(&registry);
+        let ready = Arc::clone(&ready);
         tokio::spawn(async move {
             let mut buf = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
@@ -380,6 +386,12 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
                         registry.render(),
                     ),
                     Some("/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Some("/readyz") if ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+                    Some("/readyz") => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not ready\n".to_string(),
+                    ),
                     _ => (
                         "404 Not Found",
                         "text/plain",
