@@ -232,13 +232,19 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LONGTAKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Runs `body` with the process's telemetry installed (logs on stderr; spans over OTLP when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set), then flushes the spans still buffered.
+fn with_telemetry(
+    rt: &tokio::runtime::Runtime,
+    service: &str,
+    body: impl Future<Output = Result<()>>,
+) -> Result<()> {
+    rt.block_on(async {
+        let guard = longtake_telemetry::traces::init(service);
+        let result = body.await;
+        let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+        result
+    })
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -337,7 +343,6 @@ fn bearer(what: &str, token: Option<&str>) -> Result<Bearer> {
 }
 
 pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
-    init_logs();
     for (name, v) in [("lease-ttl", a.lease_ttl), ("halo-timeout", a.halo_timeout)] {
         if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
             bail!("{name}: {v} is out of range; allowed: 0 < seconds <= 86400");
@@ -421,7 +426,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         ..CoordinatorConfig::default()
     };
     let rt = runtime()?;
-    rt.block_on(async {
+    with_telemetry(&rt, "longtake-coordinator", async {
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
             .with_context(|| format!("listen: cannot bind {}", a.listen))?;
@@ -475,7 +480,6 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
-    init_logs();
     if a.device != "cpu" {
         bail!(
             "device: {:?} is not available; allowed: cpu (this build has only the CPU backend)",
@@ -497,7 +501,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let metrics = std::sync::Arc::new(longtake_worker::WorkerMetrics::default());
     let rt = runtime()?;
-    rt.block_on(async {
+    with_telemetry(&rt, "longtake-worker", async {
         if let Some(m) = &a.metrics_listen {
             let l = tokio::net::TcpListener::bind(m)
                 .await

@@ -383,6 +383,10 @@ pub struct JobRecord {
     /// started yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_family: Option<String>,
+    /// The render's trace: the W3C `traceparent` of the span that accepted it. Absent in
+    /// records written before traces were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The stored final latents of every window.

@@ -106,13 +106,28 @@ impl Default for WorkerMetrics {
     }
 }
 
-type Client = WorkerServiceClient<longtake_proto::AuthedChannel>;
+type Client = WorkerServiceClient<tonic::service::interceptor::InterceptedService<Channel, Calls>>;
+
+/// What every call to the coordinator carries: the cluster token, and the `traceparent` of
+/// the span it is made in (so the coordinator's span for it joins the render's trace).
+#[derive(Clone)]
+struct Calls {
+    auth: longtake_proto::Bearer,
+}
+
+impl tonic::service::Interceptor for Calls {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = self.auth.call(request)?;
+        longtake_telemetry::traces::inject(request.metadata_mut());
+        Ok(request)
+    }
+}
 
 /// Cancellation flags by assignment (render id, epoch).
 type CancelFlags = std::sync::Mutex<HashMap<(String, u64), Arc<AtomicBool>>>;
 
 fn client(channel: Channel, auth: longtake_proto::Bearer) -> Client {
-    WorkerServiceClient::with_interceptor(channel, auth)
+    WorkerServiceClient::with_interceptor(channel, Calls { auth })
         .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
 }
@@ -287,6 +302,21 @@ impl Compute {
                 return;
             }
             let started = Instant::now();
+            // The task's span, in the render's trace; calls made inside carry it.
+            let span = match &task.kind {
+                Some(pb::task::Kind::Denoise(d)) => tracing::info_span!(
+                    "denoise",
+                    render = %d.render_id,
+                    epoch = d.epoch,
+                    windows = ?d.owned_windows
+                ),
+                Some(pb::task::Kind::Decode(d)) => {
+                    tracing::info_span!("decode", render = %d.render_id, epoch = d.epoch)
+                }
+                _ => tracing::Span::none(),
+            };
+            longtake_telemetry::traces::set_parent(&span, &task.traceparent);
+            let _entered = span.enter();
             let (render_id, epoch, outcome, identity, timings) = match &task.kind {
                 Some(pb::task::Kind::Denoise(d)) => {
                     let mut timings = HashMap::new();
@@ -578,6 +608,7 @@ impl Compute {
                     return Err(CANCELLED.into());
                 }
                 let step_clock = Instant::now();
+                let _step = tracing::info_span!("step", step, windows = states.len()).entered();
                 let preds: Vec<Part> = states
                     .iter()
                     .map(|w| w.predict(&guided, &comm, &geo))

@@ -12,6 +12,10 @@ impl Coordinator {
         let inner = &self.inner;
         let caller = Caller::of(&request);
         let tenant = caller.tenant().to_string();
+        // The render's trace: this span, a child of the caller's when it sent a traceparent.
+        let span = tracing::info_span!("render", tenant = %tenant, render = tracing::field::Empty);
+        longtake_telemetry::traces::set_parent_from(&span, request.metadata());
+        let traceparent = longtake_telemetry::traces::traceparent(&span);
         let req = request.into_inner();
         let Some(mut spec) = req.spec else {
             return Err(Error::invalid("spec", "is missing"));
@@ -123,9 +127,11 @@ impl Coordinator {
             if let Some(t) = &caller.0 {
                 check_tenant_limits(&st, t, valid.duration())?;
             }
+            span.record("render", id.as_str());
             let record = JobRecord {
                 id: id.clone(),
                 tenant: tenant.clone(),
+                traceparent: traceparent.clone(),
                 spec: valid,
                 idempotency_key: key.clone(),
                 request_fingerprint: fingerprint,

@@ -100,6 +100,7 @@ impl Inner {
         let spec = &job.record.spec;
         let task = pb::Task {
             task_id: task_id.clone(),
+            traceparent: job.record.traceparent.clone().unwrap_or_default(),
             kind: Some(pb::task::Kind::Decode(pb::DecodeTask {
                 render_id: id.to_string(),
                 epoch,
@@ -255,6 +256,7 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
         "idempotency_key": r.idempotency_key,
         "seed": spec.seed,
         "kernel_family": r.kernel_family,
+        "trace_id": r.traceparent.as_deref().and_then(longtake_telemetry::traces::trace_id),
         "video": {
             "num_frames": spec.num_frames,
             "frames_written": run.frame_count,

@@ -162,6 +162,7 @@ impl Inner {
             let task_id = format!("{id}/{epoch}/denoise-{k}");
             let task = pb::Task {
                 task_id: task_id.clone(),
+                traceparent: job.record.traceparent.clone().unwrap_or_default(),
                 kind: Some(pb::task::Kind::Denoise(pb::DenoiseTask {
                     render_id: id.to_string(),
                     epoch,
@@ -321,6 +322,7 @@ impl Inner {
                 if let Some(w) = workers.get(worker_id) {
                     let _ = w.tasks.send(Ok(pb::Task {
                         task_id: format!("{id}/{}/cancel", run.epoch),
+                        traceparent: String::new(),
                         kind: Some(pb::task::Kind::Cancel(pb::CancelTask {
                             render_id: id.to_string(),
                             epoch: run.epoch,

@@ -2,6 +2,7 @@
 
 use super::outputs::manifest;
 use super::*;
+use tracing::Instrument;
 
 /// The WorkerService handlers, wrapped by [`WorkerService`] like the public ones.
 impl Coordinator {
@@ -427,7 +428,9 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::TaskProgress>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let span = remote_span("report_progress", &request);
         self.handle_report_progress(request)
+            .instrument(span)
             .await
             .map_err(Status::from)
     }
@@ -436,7 +439,9 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::HaloRequest>,
     ) -> Result<Response<pb::HaloResponse>, Status> {
+        let span = remote_span("exchange_halo", &request);
         self.handle_exchange_halo(request)
+            .instrument(span)
             .await
             .map_err(Status::from)
     }
@@ -445,8 +450,18 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::TaskResult>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let span = remote_span("complete_task", &request);
         self.handle_complete_task(request)
+            .instrument(span)
             .await
             .map_err(Status::from)
     }
+}
+
+/// A span for a worker's call about a task: a child of the worker's span when the call carries
+/// a `traceparent` (so it joins the render's trace).
+fn remote_span<T>(name: &'static str, request: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!("worker_call", call = name);
+    longtake_telemetry::traces::set_parent_from(&span, request.metadata());
+    span
 }

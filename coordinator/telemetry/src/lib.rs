@@ -1,4 +1,5 @@
-//! longtake-telemetry: the Prometheus metrics of longtake's processes.
+//! longtake-telemetry: the Prometheus metrics of longtake's processes, and (in [`traces`]) their
+//! tracing subscriber, OTLP export and W3C trace context.
 //!
 //! A [`Registry`] holds metric families (counters, gauges, histograms, each with label sets, and
 //! gauges computed when scraped), renders them in the Prometheus text exposition format
@@ -10,6 +11,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+pub mod traces;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
