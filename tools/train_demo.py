@@ -22,8 +22,8 @@ with --phase):
               (~25 latent frames), at the cost of a forward pass over the prefix. (A VAE trained on
               9-frame clips from the start only broke down after frame 9.)
      vae2     (optional, not in the default phases) the same VAE continued on whole --vae2-frames clips.
-  3. latents  every training scene is rendered as one long clip (161 frames at a random position) and
-              encoded (posterior mean) to 41 latent frames; the per-channel mean / std over all of them
+  3. latents  every training scene is rendered as --clips-per-scene (2) long clips (161 frames, each at
+              its own random position) and encoded (posterior mean) to 41 latent frames; the per-channel mean / std over all of them
               become the VAE config's latents_mean / latents_std, and the cached latents are normalised
               as WanPipeline expects: (z - mean) / std. Then 161-frame held-out clips are reconstructed
               with diffusers' own encode / decode and the per-frame L1 is written to vae_recon.json.
@@ -37,7 +37,10 @@ with --phase):
               captions); a crop starts at latent frame 0 with probability 0.3, else at a random offset.
               sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1), shift = flow_shift (3.0) - the same
               shifted sigmas the UniPC sampler steps through - timestep = 1000*sigma,
-              x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0, MSE. 10% of the captions are
+              x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0, MSE weighted per latent cell by
+              1 + --dit-obj-weight * min(1, d / OBJ_DEV) (d: the cell's mean absolute difference from
+              its frame's background, the per-channel spatial median; weights normalised to mean 1), so
+              that the object counts once the background is learnt. 10% of the captions are
               replaced by the empty prompt (classifier-free guidance). The text goes through WanPipeline's
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
@@ -86,6 +89,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SIZE = 64
 FLOW_SHIFT = 3.0
 WINDOW = 21  # latent frames per DiT training window (81 pixel frames)
+OBJ_DEV = 0.5  # dit: a latent cell this far (mean |z - background| over channels) from the background is object
 TEXT_LEN = 512
 VAE_CFG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
                temperal_downsample=[False, True, True], dropout=0.0)
@@ -607,9 +611,19 @@ def phase_dit(args, work: Path) -> None:
         xt = (1 - s5) * x0 + s5 * noise
         ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
-        loss = (v - (noise - x0)).pow(2).mean()
+        err = (v - (noise - x0)).pow(2)
+        loss = err.mean()
+        # The object covers about a seventh of a frame and the background is learnt first, so latent cells
+        # that differ from their frame's background (per-channel spatial median) weigh up to
+        # 1 + --dit-obj-weight; the loss logged is the plain flow loss.
+        with torch.no_grad():
+            med = x0.flatten(3).median(dim=-1).values[..., None, None]
+            obj = ((x0 - med).abs().mean(dim=1, keepdim=True) / OBJ_DEV).clamp(max=1.0)
+            weight = 1 + args.dit_obj_weight * obj
+            weight = weight / weight.mean()
+        train_loss = (err * weight).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        train_loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
@@ -838,22 +852,24 @@ def main() -> None:
     ap.add_argument("--vae2-frames", type=int, default=81)
     ap.add_argument("--vae2-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-steps", type=int, default=506)
-    ap.add_argument("--vae3-minutes", type=float, default=11)
+    ap.add_argument("--vae3-minutes", type=float, default=8)
     ap.add_argument("--vae3-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-noise", type=float, default=0.1)
     ap.add_argument("--vae3-obj-weight", type=float, default=4.0)
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
-    ap.add_argument("--clips-per-scene", type=int, default=1)
+    ap.add_argument("--clips-per-scene", type=int, default=2)
     ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=3678)
+    ap.add_argument("--dit-steps", type=int, default=8000)
     ap.add_argument("--dit-minutes", type=float, default=50)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
     ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
     ap.add_argument("--dit-lr", type=float, default=1e-3)
+    ap.add_argument("--dit-obj-weight", type=float, default=3.0,
+                    help="dit: extra loss weight of latent cells that differ from the frame's background")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
