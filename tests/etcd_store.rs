@@ -24,6 +24,25 @@ fn etcd_store_conforms() {
     runtime().block_on(async {
         let client = Etcd::connect(&[etcd.endpoint()], "conformance/").unwrap();
         conformance(&EtcdStore::new(client)).await;
+        // Listing goes page by page: 1000 records of 20 KiB (20 MB, five times gRPC's default
+        // message limit) come back whole and in order, in one batch write per 100.
+        let store = EtcdStore::new(Etcd::connect(&[etcd.endpoint()], "many/").unwrap());
+        let keys: Vec<String> = (0..1000).map(|i| format!("jobs/{i:04}")).collect();
+        for chunk in keys.chunks(100) {
+            let ops: Vec<(String, Option<Vec<u8>>)> = chunk
+                .iter()
+                .map(|k| (k.clone(), Some(vec![b'x'; 20 << 10])))
+                .collect();
+            store.write_batch(&ops).await.unwrap();
+        }
+        let listed: Vec<String> = store
+            .list("jobs/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(listed, keys);
     });
 }
 

@@ -132,7 +132,7 @@ impl Etcd {
         }
         let channel = Channel::balance_list(list.into_iter());
         Ok(Etcd {
-            kv: KvClient::new(channel.clone()),
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             lease: LeaseClient::new(channel),
             namespace: namespace.to_string(),
             endpoints: endpoints.join(","),
@@ -179,6 +179,9 @@ impl Etcd {
         Ok(resp.kvs.into_iter().next().map(|kv| kv.value))
     }
 }
+
+/// Keys per page when listing.
+const LIST_PAGE: i64 = 256;
 
 /// The fence of a leader: its leader key and the term (create revision) it holds it at.
 #[derive(Debug, Clone)]
@@ -315,6 +318,85 @@ impl JobStore for EtcdStore {
 
     fn write_batch<'a>(&'a self, ops: &'a [(String, Option<Vec<u8>>)]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            // etcd refuses requests over 1.5 MiB (its --max-request-bytes): transactions of at
+            // most TXN_BYTES each, in order.
+            let mut start = 0;
+            while start < ops.len() {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < ops.len() && (end == start || bytes + op_bytes(&ops[end]) <= TXN_BYTES)
+                {
+                    bytes += op_bytes(&ops[end]);
+                    end += 1;
+                }
+                self.write_txn(&ops[start..end]).await?;
+                start = end;
+            }
+            Ok(())
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>> {
+        Box::pin(async move {
+            // Pages of LIST_PAGE keys, all read at the revision of the first page: one answer
+            // for any number of jobs, never one message larger than gRPC allows.
+            let k = self.etcd.key(prefix);
+            let end = prefix_end(&k);
+            let ns = self.etcd.namespace.len();
+            let mut out = Vec::new();
+            let mut start = k;
+            let mut revision = 0;
+            loop {
+                let resp = self
+                    .etcd
+                    .range(
+                        "list",
+                        ep::RangeRequest {
+                            key: start.clone(),
+                            range_end: end.clone(),
+                            limit: LIST_PAGE,
+                            revision,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                if revision == 0 {
+                    revision = resp.header.as_ref().map_or(0, |h| h.revision);
+                }
+                let last = resp.kvs.last().map(|kv| kv.key.clone());
+                out.extend(resp.kvs.into_iter().map(|kv| {
+                    let key = String::from_utf8_lossy(&kv.key[ns.min(kv.key.len())..]).into_owned();
+                    (
+                        key,
+                        Versioned {
+                            revision: kv.mod_revision as u64,
+                            value: kv.value,
+                        },
+                    )
+                }));
+                match last {
+                    Some(mut key) if resp.more => {
+                        key.push(0);
+                        start = key;
+                    }
+                    _ => return Ok(out),
+                }
+            }
+        })
+    }
+}
+
+/// The most bytes of keys and values in one batch transaction.
+const TXN_BYTES: usize = 512 << 10;
+
+fn op_bytes(op: &(String, Option<Vec<u8>>)) -> usize {
+    op.0.len() + op.1.as_ref().map_or(0, Vec::len)
+}
+
+impl EtcdStore {
+    /// One fenced transaction of unconditional puts and deletes.
+    async fn write_txn(&self, ops: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        {
             let fence = self.fence.get();
             let compares = fence
                 .map(|f| {
@@ -355,39 +437,7 @@ impl JobStore for EtcdStore {
                 "the leader key is at term {holder:?}, this coordinator led at term {}",
                 f.term
             )))
-        })
-    }
-
-    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, Versioned)>> {
-        Box::pin(async move {
-            let k = self.etcd.key(prefix);
-            let resp = self
-                .etcd
-                .range(
-                    "list",
-                    ep::RangeRequest {
-                        range_end: prefix_end(&k),
-                        key: k,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            let ns = self.etcd.namespace.len();
-            Ok(resp
-                .kvs
-                .into_iter()
-                .map(|kv| {
-                    let key = String::from_utf8_lossy(&kv.key[ns.min(kv.key.len())..]).into_owned();
-                    (
-                        key,
-                        Versioned {
-                            revision: kv.mod_revision as u64,
-                            value: kv.value,
-                        },
-                    )
-                })
-                .collect())
-        })
+        }
     }
 }
 
