@@ -451,3 +451,64 @@ fn workers_with_client_certificates() {
     assert!(coord.log_text().contains("worker registered"));
     assert_alive(&mut coord);
 }
+
+#[test]
+fn finished_renders_expire_after_the_retention_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let store = dir.join("out").display().to_string();
+    // 0.0005 h = 1.8 s.
+    let mut coord = spawn(
+        dir,
+        "coordinator",
+        &exe(),
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--retention-hours",
+            "0.0005",
+        ],
+        &[],
+    );
+    let addr = first_line(&mut coord, Duration::from_secs(30))
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let _w = worker(dir, "w", &addr, &[], &[]);
+    let mut args = vec![
+        "submit",
+        "--wait",
+        "--duration",
+        "2",
+        "--coordinator",
+        &addr,
+    ];
+    args.extend_from_slice(REQUEST);
+    let done = longtake(&args);
+    assert!(done.status.success(), "{}", stderr(&done));
+    let out = stdout(&done);
+    let id = out.lines().next().unwrap().trim().to_string();
+    let output = PathBuf::from(out.lines().last().unwrap().trim());
+    assert!(
+        output.join("manifest.json").is_file(),
+        "{}",
+        output.display()
+    );
+    wait_until(Duration::from_secs(30), "the render to expire", || {
+        !longtake(&["get", &id, "--coordinator", &addr])
+            .status
+            .success()
+    });
+    refused(
+        &longtake(&["get", &id, "--coordinator", &addr]),
+        "NOT_FOUND",
+        &id,
+    );
+    assert!(!output.join("manifest.json").exists());
+    assert!(!output.join("video.mp4").exists());
+    assert_alive(&mut coord);
+}
