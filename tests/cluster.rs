@@ -962,7 +962,7 @@ fn a_lost_decode_keeps_the_denoising() {
 fn etcd_restart_and_a_worker_leaving() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let steps = 60;
+    let steps = 200;
     let expected = reference(dir, steps);
     let mut etcd = Etcd::start(dir);
     let out = dir.join("out");
