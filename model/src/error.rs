@@ -56,6 +56,11 @@ pub enum Error {
     #[error("tensor parallelism: {0}")]
     Parallel(String),
 
+    // === Devices ===
+    /// A compute device that is missing, unusable, or failed (named: `cuda`, `cuda:1`).
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+
     // === Control ===
     /// The caller asked to stop (named by what was stopped).
     #[error("{0}: cancelled")]
@@ -79,6 +84,13 @@ impl Error {
     pub(crate) fn input(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Input {
             name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn device(device: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Device {
+            device: device.into(),
             reason: reason.into(),
         }
     }

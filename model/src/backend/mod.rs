@@ -11,6 +11,7 @@
 //! implementation that any other backend is checked against.
 
 pub mod cpu;
+pub mod cuda;
 mod kernels;
 
 /// The CPU kernel family this process runs (see [`kernels::family`]).
