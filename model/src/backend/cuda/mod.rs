@@ -87,6 +87,27 @@ pub(crate) fn drv(device: &str, what: &str, e: DriverError) -> Error {
     Error::device(device, format!("{what}: {e}"))
 }
 
+/// How attention computes: `F32` keeps every product in f32 (SIMT kernels; parity with the CPU
+/// to ~1e-6), `Bf16` runs the score and value products on bf16 tensor cores with f32
+/// accumulation (the speed checkpoints stored in bf16 are meant for). Linear layers follow the
+/// weights' storage type either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// Parse `f32` / `bf16`.
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(Precision::F32),
+            "bf16" | "bfloat16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+}
+
 /// One GPU and its stream, kernels and cuBLASLt handle. Cheap to clone (shared state).
 #[derive(Clone)]
 pub struct Cuda {
@@ -99,6 +120,7 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     capability: (i32, i32),
+    precision: Precision,
     functions: HashMap<String, CudaFunction>,
     blas: Mutex<blas::Blas>,
 }
@@ -131,7 +153,7 @@ impl CudaBuffer {
 impl Cuda {
     /// Open GPU `ordinal`: a context, a stream, the kernels (compiled with NVRTC or taken from
     /// the cache) and a cuBLASLt handle.
-    pub fn new(ordinal: usize) -> Result<Cuda> {
+    pub fn new(ordinal: usize, precision: Precision) -> Result<Cuda> {
         let label = format!("cuda:{ordinal}");
         let count = devices()?.len();
         if ordinal >= count {
@@ -185,6 +207,7 @@ impl Cuda {
                 ctx,
                 stream,
                 capability,
+                precision,
                 functions,
                 blas: Mutex::new(blas),
             }),
@@ -204,6 +227,11 @@ impl Cuda {
     /// Compute capability (major, minor).
     pub fn capability(&self) -> (i32, i32) {
         self.inner.capability
+    }
+
+    /// How attention computes (see [`Precision`]).
+    pub fn precision(&self) -> Precision {
+        self.inner.precision
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
