@@ -67,6 +67,7 @@ pub fn forward(transformer: &Path, input: &Path, output: &Path, tp: usize) -> Re
     let sample = run_group(tp, |comm| {
         let model = agree(
             &comm,
+            &Cpu,
             WanTransformer::load(transformer, &Cpu, comm.rank(), tp),
         )?;
         let [b, s, dt] = inp.context_shape;
@@ -101,6 +102,7 @@ pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Resul
     let times = run_group(tp, |comm| {
         let model = agree(
             &comm,
+            &Cpu,
             WanTransformer::load(transformer, &Cpu, comm.rank(), tp),
         )?;
         let [b, s, dt] = inp.context_shape;

@@ -1,9 +1,12 @@
 //! Collectives for tensor parallelism.
 //!
 //! [`Comm`] is the one interface model code uses (all-reduce sum, all-gather, broadcast,
-//! barrier). [`ThreadComm`] implements it for the CPU backend across threads of one process; an
-//! NCCL implementation serves the CUDA backend. Every reduction adds the ranks' contributions in
-//! rank order on every rank, so all ranks hold bit-identical results and a run is reproducible.
+//! barrier). [`ThreadComm`] implements it for the CPU backend across threads of one process,
+//! [`SoloComm`] is the group of one rank for any backend, and
+//! [`NcclComm`](crate::backend::cuda::nccl::NcclComm) serves the CUDA backend. The thread
+//! communicator adds the ranks' contributions in rank order on every rank, so all ranks hold
+//! bit-identical results and a run is reproducible; NCCL chooses its own reduction order
+//! (ring or tree), which is deterministic for a fixed group and message size but not rank order.
 
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -23,6 +26,56 @@ pub trait Comm<B: Backend>: Send {
     fn broadcast(&self, t: &mut Tensor<B>, root: usize) -> Result<()>;
     /// Wait until every rank has arrived.
     fn barrier(&self) -> Result<()>;
+}
+
+/// The group of one rank, on any backend: every collective is the identity.
+pub struct SoloComm<B: Backend> {
+    backend: B,
+}
+
+impl<B: Backend> SoloComm<B> {
+    pub fn new(backend: &B) -> Self {
+        SoloComm {
+            backend: backend.clone(),
+        }
+    }
+}
+
+impl<B: Backend> Comm<B> for SoloComm<B> {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&self, _t: &mut Tensor<B>) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather(&self, t: &Tensor<B>) -> Result<Tensor<B>> {
+        match t.shape().first() {
+            Some(&rows) => self.backend.slice_rows(t, 0, rows),
+            None => {
+                let v = self.backend.download(t)?;
+                self.backend.upload_f32(&[1], v)
+            }
+        }
+    }
+
+    fn broadcast(&self, _t: &mut Tensor<B>, root: usize) -> Result<()> {
+        if root != 0 {
+            return Err(Error::Parallel(format!(
+                "broadcast root {root} is not a rank of a group of 1"
+            )));
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct Shared {

@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`backend`]: the [`Backend`](backend::Backend) seam (device-resident tensors and model-level
-//!   ops) and the CPU reference backend.
+//!   ops), the CPU reference backend and the CUDA backend.
+//! - [`device`]: `--device cpu | cuda | cuda:N,…` and the default (the GPUs when present).
 //! - [`comm`]: the [`Comm`](comm::Comm) collectives interface and its CPU implementation across
 //!   threads, for tensor parallelism.
 //! - [`io`]: memory-mapped safetensors, diffusers checkpoint directories, per-rank shards.
@@ -25,6 +26,7 @@ pub mod backend;
 pub mod builtin;
 pub mod comm;
 pub mod config;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod io;

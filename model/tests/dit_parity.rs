@@ -23,7 +23,11 @@ fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
     let (_, expected) = read(&io, "sample");
     let tdir = dir.join("transformer");
     let got = run_group(tp, |comm| {
-        let model = agree(&comm, WanTransformer::load(&tdir, &Cpu, comm.rank(), tp))?;
+        let model = agree(
+            &comm,
+            &Cpu,
+            WanTransformer::load(&tdir, &Cpu, comm.rank(), tp),
+        )?;
         let ctx = TextContext::from_host(&Cpu, cs[0], cs[1], cs[2], &c)?;
         let latents = Cpu.upload_f32(&xs, x.clone())?;
         let out = model.forward(

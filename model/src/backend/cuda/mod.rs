@@ -18,6 +18,7 @@ mod attention;
 mod blas;
 mod elementwise;
 mod layout;
+pub mod nccl;
 mod norm;
 pub mod nvrtc;
 mod text;
@@ -138,14 +139,6 @@ impl CudaBuffer {
             CudaBuffer::F32(_) => DType::F32,
             CudaBuffer::BF16(_) => DType::BF16,
             CudaBuffer::F16(_) => DType::F16,
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            CudaBuffer::F32(s) => s.len(),
-            CudaBuffer::BF16(s) => s.len(),
-            CudaBuffer::F16(s) => s.len(),
         }
     }
 }
@@ -291,14 +284,6 @@ impl Cuda {
     pub(crate) fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: the memory is written by the kernel or copy that follows before it is read.
         unsafe { self.inner.stream.alloc::<T>(n.max(1)) }.map_err(|e| self.err("allocating", e))
-    }
-
-    /// Zeroed f32 device memory.
-    pub(crate) fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.inner
-            .stream
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(|e| self.err("allocating", e))
     }
 
     /// A new f32 tensor of `shape` whose every element the caller's kernel writes.
