@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
+use longtake_model::backend::cuda::Cuda;
+use longtake_model::device::Placement;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
 use longtake_proto::{AuthedChannel, Bearer};
@@ -116,9 +118,13 @@ pub struct WorkerArgs {
     /// Name in logs and manifests (default: `<host name>-<process id>`).
     #[arg(long)]
     name: Option<String>,
-    /// Compute device: `cpu` (the only backend in this build).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
+    /// Tensor-parallel ranks per group: the transformer is sharded over this many GPUs (or CPU
+    /// threads), and the worker registers one group per --tp GPUs of --device. Must divide the
+    /// model's head count.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
     /// The coordinator's cluster token (or set LONGTAKE_CLUSTER_TOKEN; the environment keeps it
     /// out of process listings).
     #[arg(long, env = "LONGTAKE_CLUSTER_TOKEN", hide_env_values = true)]
@@ -480,18 +486,56 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(a: &WorkerArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!(
-            "device: {:?} is not available; allowed: cpu (this build has only the CPU backend)",
-            a.device
-        );
-    }
     let name = a.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
+    if a.tp == 0 {
+        bail!("--tp: must be at least 1 (ranks per tensor-parallel group)");
+    }
+    // One registration per tensor-parallel group: the CPU (its ranks are threads), or each
+    // group of --tp GPUs with its own compute thread.
+    let slots: Vec<(String, Vec<String>, longtake_worker::WorkerBackend)> = match a
+        .device
+        .placement()?
+    {
+        Placement::Cpu => vec![(
+            name.clone(),
+            vec!["cpu".into()],
+            longtake_worker::WorkerBackend::Cpu { tp: a.tp },
+        )],
+        Placement::Cuda(ids) => {
+            if ids.len() % a.tp != 0 {
+                bail!(
+                    "--tp {}: the {} GPU(s) of --device do not split into groups of {}; \
+                         allowed: a divisor of {}",
+                    a.tp,
+                    ids.len(),
+                    a.tp,
+                    ids.len()
+                );
+            }
+            let mut slots = Vec::new();
+            for group in ids.chunks(a.tp) {
+                let gpus = group
+                    .iter()
+                    .map(|id| Cuda::new(*id, a.device.precision).context("--device"))
+                    .collect::<Result<Vec<_>>>()?;
+                for g in &gpus {
+                    tracing::info!(gpu = %format!("cuda:{}", g.ordinal()), name = g.device_name(), "using GPU");
+                }
+                let label: Vec<String> = group.iter().map(|i| i.to_string()).collect();
+                slots.push((
+                    format!("{name}-gpu{}", label.join("-")),
+                    group.iter().map(|i| format!("cuda:{i}")).collect(),
+                    longtake_worker::WorkerBackend::Cuda(gpus),
+                ));
+            }
+            slots
+        }
+    };
     let connect = Connect::new(&a.tls, a.tls_cert.as_deref().zip(a.tls_key.as_deref()))?;
     let auth = bearer("cluster-token", a.cluster_token.as_deref())?;
     let urls: Vec<String> = a.coordinator.iter().map(|c| connect.url(c)).collect();
@@ -518,64 +562,86 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             tracing::info!("stopping: finishing the current step, then leaving the pool");
             let _ = stop_tx.send(true);
         });
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|v| *v).await;
-        };
-        let mut i = 0usize;
-        let mut backoff = Duration::from_millis(100);
-        while !*stop_rx.borrow() {
-            let u = &urls[i % urls.len()];
-            let channel = match endpoints[i % urls.len()]
-                .clone()
-                .connect_timeout(Duration::from_secs(2))
-                .connect()
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(coordinator = %u, error = %e, "cannot reach the coordinator");
-                    i += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stopped(stop_rx.clone()) => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            };
-            let opts = longtake_worker::WorkerOptions {
-                name: name.clone(),
-                devices: vec!["cpu".into()],
-                capacity: 1,
-                registered: None,
-                auth: auth.clone(),
-                metrics: std::sync::Arc::clone(&metrics),
-            };
-            match longtake_worker::run(channel, opts, stopped(stop_rx.clone())).await {
-                Ok(longtake_worker::Exit::Shutdown) => break,
-                Ok(longtake_worker::Exit::Disconnected) => {
-                    tracing::warn!(coordinator = %u, "disconnected; registering again");
-                    backoff = Duration::from_millis(100);
-                }
-                Err(e) => {
-                    let longtake_worker::WorkerError::Rpc { status, .. } = &e;
-                    if status.code() == tonic::Code::Unimplemented {
-                        tracing::warn!(coordinator = %u, "this address serves no worker API: point workers at the coordinator's --worker-listen address; trying the next coordinator");
-                    } else {
-                        tracing::warn!(coordinator = %u, error = %e, "not accepted; trying the next coordinator");
-                    }
-                    i += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stopped(stop_rx.clone()) => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
+        let mut loops = Vec::new();
+        for (slot_name, devices, backend) in slots {
+            loops.push(tokio::spawn(worker_loop(
+                urls.clone(),
+                endpoints.clone(),
+                longtake_worker::WorkerOptions {
+                    name: slot_name,
+                    backend,
+                    devices,
+                    capacity: 1,
+                    registered: None,
+                    auth: auth.clone(),
+                    metrics: std::sync::Arc::clone(&metrics),
+                },
+                stop_rx.clone(),
+            )));
+        }
+        for l in loops {
+            let _ = l.await;
         }
         tracing::info!("worker stopped");
         Ok(())
     })
+}
+
+/// One registration's life: connect to a coordinator, register, compute until the stream ends,
+/// register again (with this coordinator or the next), until `stop` turns true.
+async fn worker_loop(
+    urls: Vec<String>,
+    endpoints: Vec<Endpoint>,
+    opts: longtake_worker::WorkerOptions,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) {
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut i = 0usize;
+    let mut backoff = Duration::from_millis(100);
+    while !*stop_rx.borrow() {
+        let u = &urls[i % urls.len()];
+        let channel = match endpoints[i % urls.len()]
+            .clone()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(coordinator = %u, error = %e, "cannot reach the coordinator");
+                i += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(stop_rx.clone()) => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        match longtake_worker::run(channel, opts.clone(), stopped(stop_rx.clone())).await {
+            Ok(longtake_worker::Exit::Shutdown) => break,
+            Ok(longtake_worker::Exit::Disconnected) => {
+                tracing::warn!(coordinator = %u, "disconnected; registering again");
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                let longtake_worker::WorkerError::Rpc { status, .. } = &e;
+                if status.code() == tonic::Code::Unimplemented {
+                    tracing::warn!(coordinator = %u, "this address serves no worker API: point workers at the coordinator's --worker-listen address; trying the next coordinator");
+                } else {
+                    tracing::warn!(coordinator = %u, error = %e, "not accepted; trying the next coordinator");
+                }
+                i += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(stop_rx.clone()) => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// The coordinators a client calls, in turn, until one leads.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use longtake_proto::v1 as pb;
 
@@ -16,9 +16,12 @@ pub struct CompareArgs {
     /// The request (its --stitching is ignored: every strategy is rendered).
     #[command(flatten)]
     request: RequestArgs,
-    /// In-process workers for each render.
-    #[arg(long, default_value_t = 1)]
-    workers: u32,
+    /// In-process workers for each render (default: one per device: each GPU of --device, or
+    /// one on the CPU).
+    #[arg(long)]
+    workers: Option<u32>,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// Write the three renders to DIR/<render id>/ (default: ./renders).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -37,9 +40,7 @@ const STRATEGIES: [(&str, pb::Stitching); 3] = [
 ];
 
 pub fn run(a: &CompareArgs) -> Result<()> {
-    if a.workers == 0 || a.workers > 64 {
-        bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
-    }
+    let backends = crate::render::worker_backends(&a.device, a.workers)?;
     let mut spec = a.request.spec(true)?;
     // One seed for all three, recorded: the strategies differ only in how windows are joined.
     if spec.seed.is_none() {
@@ -56,7 +57,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             stitching: mode as i32,
             ..spec.clone()
         };
-        let location = rt.block_on(render(spec, config, a.workers))?;
+        let location = rt.block_on(render(spec, config, &backends))?;
         let (report, frames) = analyze::analyze(std::path::Path::new(&location))?;
         if let Some(prefix) = &a.sheets {
             let path = PathBuf::from(format!("{}-{name}.png", prefix.display()));

@@ -4,11 +4,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use longtake_model::backend::Backend;
 use longtake_model::backend::cpu::Cpu;
 use longtake_model::comm::Comm;
 use longtake_model::io::{SafetensorsFile, write_f32};
-use longtake_model::tp::{agree, run_group};
+use longtake_model::pipeline::PipelineBackend;
+use longtake_model::tp::{RankJob, agree, run_job};
+
+use crate::device::DeviceArgs;
 use longtake_model::wan::{DitInputs, TextContext, WanConfig, WanTransformer};
 
 /// The three inputs of a transformer forward, read from a safetensors file.
@@ -60,75 +62,122 @@ fn check_tp(transformer: &Path, tp: usize) -> Result<WanConfig> {
     Ok(cfg)
 }
 
-pub fn forward(transformer: &Path, input: &Path, output: &Path, tp: usize) -> Result<()> {
-    check_tp(transformer, tp)?;
-    let inp = read_inputs(input)?;
-    let start = Instant::now();
-    let sample = run_group(tp, |comm| {
-        let model = agree(
-            &comm,
-            &Cpu,
-            WanTransformer::load(transformer, &Cpu, comm.rank(), tp),
-        )?;
-        let [b, s, dt] = inp.context_shape;
-        let context = TextContext::from_host(&Cpu, b, s, dt, &inp.context)?;
-        let latents = Cpu.upload_f32(&inp.latents_shape, inp.latents.clone())?;
-        let out = model.forward(
-            &comm,
-            &DitInputs {
-                latents: &latents,
-                timesteps: &inp.timesteps,
-                context: &context,
-            },
-        )?;
-        Ok((out.shape().to_vec(), Cpu.download(&out)?))
-    })?;
-    write_f32(output, &[("sample", &sample.0, &sample.1)])?;
-    eprintln!(
-        "wrote {} (sample {:?}) in {:.1} ms, tp={tp}",
-        output.display(),
-        sample.0,
-        start.elapsed().as_secs_f64() * 1e3
-    );
-    Ok(())
+/// One rank's forward (or timed forwards) of the transformer.
+struct DitJob<'a> {
+    transformer: &'a Path,
+    inp: &'a HostInputs,
+    tp: usize,
+    /// Timed forwards after one warm-up; 0: one forward, whose output is returned.
+    iters: usize,
 }
 
-pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Result<()> {
-    if iters == 0 {
-        bail!("--iters must be at least 1");
-    }
-    let cfg = check_tp(transformer, tp)?;
-    let inp = read_inputs(input)?;
-    let times = run_group(tp, |comm| {
+enum DitOut {
+    Sample(Vec<usize>, Vec<f32>),
+    Times(Vec<f64>),
+}
+
+impl RankJob for DitJob<'_> {
+    type Output = DitOut;
+
+    fn run<B: PipelineBackend>(
+        &self,
+        backend: &B,
+        comm: &dyn Comm<B>,
+    ) -> longtake_model::Result<DitOut> {
         let model = agree(
-            &comm,
-            &Cpu,
-            WanTransformer::load(transformer, &Cpu, comm.rank(), tp),
+            comm,
+            backend,
+            WanTransformer::load(self.transformer, backend, comm.rank(), self.tp),
         )?;
+        let inp = self.inp;
         let [b, s, dt] = inp.context_shape;
-        let context = TextContext::from_host(&Cpu, b, s, dt, &inp.context)?;
-        let latents = Cpu.upload_f32(&inp.latents_shape, inp.latents.clone())?;
+        let context = TextContext::from_host(backend, b, s, dt, &inp.context)?;
+        let latents = backend.upload_f32(&inp.latents_shape, inp.latents.clone())?;
         let inputs = DitInputs {
             latents: &latents,
             timesteps: &inp.timesteps,
             context: &context,
         };
+        if self.iters == 0 {
+            let out = model.forward(comm, &inputs)?;
+            return Ok(DitOut::Sample(
+                out.shape().to_vec(),
+                backend.download(&out)?,
+            ));
+        }
         if comm.rank() == 0 {
             eprintln!(
-                "text context: {s} rows, {} computed after collapsing zero padding",
-                context.compressed_len()
+                "text context: {s} rows, {} computed after collapsing zero padding; on {}",
+                context.compressed_len(),
+                backend.name()
             );
         }
-        let mut times = Vec::with_capacity(iters);
-        for i in 0..=iters {
+        let mut times = Vec::with_capacity(self.iters);
+        for i in 0..=self.iters {
             let t = Instant::now();
-            model.forward(&comm, &inputs)?;
+            let out = model.forward(comm, &inputs)?;
+            // The clock stops when the device has finished, not when the work is queued.
+            backend.synchronize()?;
+            drop(out);
             if i > 0 {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
-        Ok(times)
-    })?;
+        Ok(DitOut::Times(times))
+    }
+}
+
+pub fn forward(
+    transformer: &Path,
+    input: &Path,
+    output: &Path,
+    tp: usize,
+    device: &DeviceArgs,
+) -> Result<()> {
+    check_tp(transformer, tp)?;
+    let inp = read_inputs(input)?;
+    let placement = device.placement()?;
+    let start = Instant::now();
+    let job = DitJob {
+        transformer,
+        inp: &inp,
+        tp,
+        iters: 0,
+    };
+    let DitOut::Sample(shape, data) = run_job(&placement, tp, device.precision, &job)? else {
+        bail!("the forward returned no sample");
+    };
+    write_f32(output, &[("sample", &shape, &data)])?;
+    eprintln!(
+        "wrote {} (sample {shape:?}) in {:.1} ms, tp={tp} on {placement}",
+        output.display(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+pub fn bench(
+    transformer: &Path,
+    input: &Path,
+    tp: usize,
+    iters: usize,
+    device: &DeviceArgs,
+) -> Result<()> {
+    if iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let cfg = check_tp(transformer, tp)?;
+    let inp = read_inputs(input)?;
+    let placement = device.placement()?;
+    let job = DitJob {
+        transformer,
+        inp: &inp,
+        tp,
+        iters,
+    };
+    let DitOut::Times(times) = run_job(&placement, tp, device.precision, &job)? else {
+        bail!("the benchmark returned no times");
+    };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -138,7 +187,7 @@ pub fn bench(transformer: &Path, input: &Path, tp: usize, iters: usize) -> Resul
         inp.latents_shape[2] / pt * (inp.latents_shape[3] / ph) * (inp.latents_shape[4] / pw);
     let flops = WanTransformer::<Cpu>::flops(&cfg, tokens, s) * b as f64;
     eprintln!(
-        "dit forward: {} layers, dim {}, {tokens} video tokens, {s} text rows, batch {b}, tp {tp}, {} threads",
+        "dit forward: {} layers, dim {}, {tokens} video tokens, {s} text rows, batch {b}, tp {tp} on {placement}, {} CPU threads",
         cfg.num_layers,
         cfg.inner_dim(),
         rayon::current_num_threads()

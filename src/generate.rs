@@ -5,10 +5,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use longtake_model::backend::cpu::Cpu;
-use longtake_model::comm::ThreadComm;
+use longtake_model::comm::Comm;
 use longtake_model::io::{SafetensorsFile, write_f32};
-use longtake_model::pipeline::{ClipRequest, ModelDir, WanPipeline, latent_shape};
+use longtake_model::pipeline::{
+    Clip, ClipRequest, ModelDir, PipelineBackend, WanPipeline, latent_shape,
+};
+use longtake_model::tp::{RankJob, run_job};
+
+use crate::device::DeviceArgs;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -51,6 +55,36 @@ pub struct GenerateArgs {
     /// in [−1, 1]. Written atomically.
     #[arg(long)]
     output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+struct GenerateJob<'a> {
+    model: &'a std::path::Path,
+    req: &'a ClipRequest,
+}
+
+impl RankJob for GenerateJob<'_> {
+    type Output = Clip;
+
+    fn run<B: PipelineBackend>(
+        &self,
+        backend: &B,
+        comm: &dyn Comm<B>,
+    ) -> longtake_model::Result<Clip> {
+        let start = Instant::now();
+        let pipe = WanPipeline::load(self.model, backend)?;
+        eprintln!(
+            "loaded {} on {} in {:.1} s",
+            self.model.display(),
+            backend.name(),
+            start.elapsed().as_secs_f64()
+        );
+        let t0 = Instant::now();
+        pipe.generate(comm, self.req, |i, n| {
+            eprintln!("step {i}/{n} ({:.1} s)", t0.elapsed().as_secs_f64());
+        })
+    }
 }
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
@@ -76,18 +110,17 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
     };
     // Check the directory and the request before loading any weights.
     latent_shape(&ModelDir::open(&a.model)?, &req, &mut Vec::new())?;
+    let placement = a.device.placement()?;
     let start = Instant::now();
-    let pipe = WanPipeline::load(&a.model, &Cpu)?;
-    eprintln!(
-        "loaded {} in {:.1} s",
-        a.model.display(),
-        start.elapsed().as_secs_f64()
-    );
-    let comm = ThreadComm::group(1)?.remove(0);
-    let t0 = Instant::now();
-    let clip = pipe.generate(&comm, &req, |i, n| {
-        eprintln!("step {i}/{n} ({:.1} s)", t0.elapsed().as_secs_f64());
-    })?;
+    let clip = run_job(
+        &placement,
+        1,
+        a.device.precision,
+        &GenerateJob {
+            model: &a.model,
+            req: &req,
+        },
+    )?;
     for n in &clip.notices {
         eprintln!("note: {n}");
     }

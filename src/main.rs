@@ -20,6 +20,7 @@ macro_rules! out {
 mod analyze;
 mod cluster;
 mod compare;
+mod device;
 mod dit;
 mod generate;
 mod loadgen;
@@ -118,9 +119,11 @@ struct DitForwardArgs {
     /// Output safetensors file (written atomically).
     #[arg(long)]
     output: PathBuf,
-    /// Tensor-parallel ranks (threads); must divide the head count.
+    /// Tensor-parallel ranks (CPU threads, or GPUs of --device); must divide the head count.
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    #[command(flatten)]
+    device: device::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -131,12 +134,14 @@ struct BenchDitArgs {
     /// Input safetensors file, as for `model dit-forward`.
     #[arg(long)]
     input: PathBuf,
-    /// Tensor-parallel ranks (threads); must divide the head count.
+    /// Tensor-parallel ranks (CPU threads, or GPUs of --device); must divide the head count.
     #[arg(long, default_value_t = 1)]
     tp: usize,
     /// Timed forwards after one warm-up.
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    #[command(flatten)]
+    device: device::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -150,6 +155,8 @@ struct EncodeTextArgs {
     /// Output safetensors file (written atomically).
     #[arg(long)]
     output: PathBuf,
+    #[command(flatten)]
+    device: device::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -163,6 +170,8 @@ struct BenchTextArgs {
     /// Timed encodes after one warm-up.
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    #[command(flatten)]
+    device: device::DeviceArgs,
 }
 
 fn main() -> ExitCode {
@@ -198,14 +207,20 @@ fn main() -> ExitCode {
         Command::Analyze(a) => analyze::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {
-            dit::forward(&a.transformer, &a.input, &a.output, a.tp)
+            dit::forward(&a.transformer, &a.input, &a.output, a.tp, &a.device)
         }
-        Command::Model(ModelCommand::EncodeText(a)) => text::encode(&a.model, &a.prompt, &a.output),
-        Command::Bench(BenchCommand::Dit(a)) => dit::bench(&a.transformer, &a.input, a.tp, a.iters),
+        Command::Model(ModelCommand::EncodeText(a)) => {
+            text::encode(&a.model, &a.prompt, &a.output, &a.device)
+        }
+        Command::Bench(BenchCommand::Dit(a)) => {
+            dit::bench(&a.transformer, &a.input, a.tp, a.iters, &a.device)
+        }
         Command::Model(ModelCommand::VaeDecode(a)) => vae::decode(&a),
         Command::Model(ModelCommand::Generate(a)) => generate::run(&a),
         Command::Bench(BenchCommand::Vae(a)) => vae::bench(&a),
-        Command::Bench(BenchCommand::Text(a)) => text::bench(&a.model, &a.prompt, a.iters),
+        Command::Bench(BenchCommand::Text(a)) => {
+            text::bench(&a.model, &a.prompt, a.iters, &a.device)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,18 +9,24 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
+use longtake_model::backend::cuda::Cuda;
 use longtake_model::builtin::Builtin;
+use longtake_model::device::Placement;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
+use longtake_worker::WorkerBackend;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Args)]
 pub struct RenderArgs {
     #[command(flatten)]
     pub request: RequestArgs,
-    /// In-process workers (default: one per device; one on the CPU).
-    #[arg(long, default_value_t = 1)]
-    workers: u32,
+    /// In-process workers (default: one per device: each GPU of --device, or one on the CPU).
+    /// On GPUs, N workers take the first N GPUs.
+    #[arg(long)]
+    workers: Option<u32>,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// Write the render to DIR/<render id>/ (default: ./renders).
     #[arg(long, conflicts_with = "store")]
     out: Option<PathBuf>,
@@ -195,15 +201,49 @@ pub fn local_config(
     Ok((output, config))
 }
 
+/// The in-process workers' devices: `workers` (default: one per device) on `device`.
+pub fn worker_backends(
+    device: &crate::device::DeviceArgs,
+    workers: Option<u32>,
+) -> Result<Vec<WorkerBackend>> {
+    if let Some(n) = workers
+        && !(1..=64).contains(&n)
+    {
+        bail!("workers: {n} is out of range; allowed: 1..=64");
+    }
+    match device.placement()? {
+        Placement::Cpu => Ok(vec![
+            WorkerBackend::Cpu { tp: 1 };
+            workers.unwrap_or(1) as usize
+        ]),
+        Placement::Cuda(ids) => {
+            let n = workers.map_or(ids.len(), |n| n as usize);
+            if n > ids.len() {
+                bail!(
+                    "workers: {n} GPU workers, but --device gives {} GPU(s); allowed: 1..={}",
+                    ids.len(),
+                    ids.len()
+                );
+            }
+            ids[..n]
+                .iter()
+                .map(|id| {
+                    Ok(WorkerBackend::Cuda(vec![
+                        Cuda::new(*id, device.precision).context("--device")?,
+                    ]))
+                })
+                .collect()
+        }
+    }
+}
+
 pub fn run(a: &RenderArgs) -> Result<()> {
     // Everything that can be checked here is checked before any work starts.
-    if a.workers == 0 || a.workers > 64 {
-        bail!("workers: {} is out of range; allowed: 1..=64", a.workers);
-    }
     let mut spec = a.request.spec(true)?;
     let (output, config) = local_config(a.out.as_ref(), a.store.as_ref())?;
     spec.output = output;
-    let location = crate::cluster::runtime()?.block_on(render(spec, config, a.workers))?;
+    let backends = worker_backends(&a.device, a.workers)?;
+    let location = crate::cluster::runtime()?.block_on(render(spec, config, &backends))?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     match writeln!(out, "{location}") {
@@ -212,12 +252,14 @@ pub fn run(a: &RenderArgs) -> Result<()> {
     }
 }
 
-/// Render `spec` on this machine with `workers` in-process workers; returns the output location.
+/// Render `spec` on this machine with one in-process worker per backend; returns the output
+/// location.
 pub async fn render(
     spec: pb::RenderSpec,
     config: CoordinatorConfig,
-    workers: u32,
+    backends: &[WorkerBackend],
 ) -> Result<String> {
+    let workers = backends.len() as u32;
     let started = Instant::now();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -245,11 +287,12 @@ pub async fn render(
     let channel: Channel = connect().await?;
     let mut worker_tasks = Vec::new();
     let registered = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    for i in 0..workers {
+    for (i, backend) in backends.iter().enumerate() {
         let ch = connect().await?;
         let opts = longtake_worker::WorkerOptions {
             name: format!("local-{i}"),
-            devices: vec!["cpu".into()],
+            backend: backend.clone(),
+            devices: vec![format!("{backend:?}")],
             capacity: 1,
             registered: Some(std::sync::Arc::clone(&registered)),
             auth: Default::default(),

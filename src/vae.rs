@@ -5,9 +5,13 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use longtake_model::backend::cpu::Cpu;
+use longtake_model::comm::Comm;
 use longtake_model::io::{SafetensorsFile, write_f32};
+use longtake_model::pipeline::PipelineBackend;
+use longtake_model::tp::{RankJob, run_job};
 use longtake_model::vae::WanVaeDecoder;
+
+use crate::device::DeviceArgs;
 
 #[derive(Args)]
 pub struct VaeDecodeArgs {
@@ -24,6 +28,8 @@ pub struct VaeDecodeArgs {
     /// change).
     #[arg(long, default_value_t = 1)]
     chunk: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -40,6 +46,8 @@ pub struct BenchVaeArgs {
     /// Latent frames per step of the stream.
     #[arg(long, default_value_t = 1)]
     chunk: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn read_latents(path: &Path) -> Result<([usize; 5], Vec<f32>)> {
@@ -59,15 +67,66 @@ fn check_chunk(chunk: usize) -> Result<()> {
     Ok(())
 }
 
+/// Decode once (`iters` 0: the video is returned), or time `iters` decodes after a warm-up
+/// (frames dropped as they come: decoding alone, in bounded memory).
+struct VaeJob<'a> {
+    vae: &'a Path,
+    shape: [usize; 5],
+    latents: &'a [f32],
+    chunk: usize,
+    iters: usize,
+}
+
+impl RankJob for VaeJob<'_> {
+    type Output = (Vec<usize>, Vec<f32>, Vec<f64>);
+
+    fn run<B: PipelineBackend>(
+        &self,
+        backend: &B,
+        _comm: &dyn Comm<B>,
+    ) -> longtake_model::Result<Self::Output> {
+        let vae = WanVaeDecoder::load(self.vae, backend)?;
+        if self.iters == 0 {
+            let (shape, video) = vae.decode_all(self.latents, self.shape, self.chunk)?;
+            return Ok((shape, video, Vec::new()));
+        }
+        let [b, c, t, h, w] = self.shape;
+        let per_item = c * t * h * w;
+        let mut times = Vec::with_capacity(self.iters);
+        for i in 0..=self.iters {
+            let start = Instant::now();
+            for bi in 0..b {
+                let item = self
+                    .latents
+                    .get(bi * per_item..(bi + 1) * per_item)
+                    .unwrap_or(&[]);
+                vae.decode_stream(item, [c, t, h, w], self.chunk, |_| Ok(()))?;
+            }
+            backend.synchronize()?;
+            if i > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok((Vec::new(), Vec::new(), times))
+    }
+}
+
 pub fn decode(a: &VaeDecodeArgs) -> Result<()> {
     check_chunk(a.chunk)?;
-    let vae = WanVaeDecoder::load(&a.vae, &Cpu)?;
+    let placement = a.device.placement()?;
     let (shape, latents) = read_latents(&a.input)?;
     let start = Instant::now();
-    let (out_shape, video) = vae.decode_all(&latents, shape, a.chunk)?;
+    let job = VaeJob {
+        vae: &a.vae,
+        shape,
+        latents: &latents,
+        chunk: a.chunk,
+        iters: 0,
+    };
+    let (out_shape, video, _) = run_job(&placement, 1, a.device.precision, &job)?;
     write_f32(&a.output, &[("sample", &out_shape, &video)])?;
     eprintln!(
-        "wrote {} (sample {out_shape:?}) in {:.1} ms",
+        "wrote {} (sample {out_shape:?}) on {placement} in {:.1} ms including loading",
         a.output.display(),
         start.elapsed().as_secs_f64() * 1e3
     );
@@ -79,27 +138,18 @@ pub fn bench(a: &BenchVaeArgs) -> Result<()> {
     if a.iters == 0 {
         bail!("--iters must be at least 1");
     }
-    let vae = WanVaeDecoder::load(&a.vae, &Cpu)?;
+    let placement = a.device.placement()?;
     let (shape, latents) = read_latents(&a.input)?;
-    let [b, c, t, h, w] = shape;
-    let per_item = c * t * h * w;
-    let mut times = Vec::with_capacity(a.iters);
-    for i in 0..=a.iters {
-        let start = Instant::now();
-        // Frames are dropped as they come: this times decoding alone, in bounded memory.
-        for bi in 0..b {
-            let item = latents
-                .get(bi * per_item..(bi + 1) * per_item)
-                .unwrap_or(&[]);
-            vae.decode_stream(item, [c, t, h, w], a.chunk, |_| Ok(()))?;
-        }
-        let t = start;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-    }
+    let job = VaeJob {
+        vae: &a.vae,
+        shape,
+        latents: &latents,
+        chunk: a.chunk,
+        iters: a.iters,
+    };
+    let (_, _, mut times) = run_job(&placement, 1, a.device.precision, &job)?;
     eprintln!(
-        "vae decode of latents {shape:?}, chunk {}, {} threads; times (ms): {}",
+        "vae decode of latents {shape:?}, chunk {}, on {placement}, {} CPU threads; times (ms): {}",
         a.chunk,
         rayon::current_num_threads(),
         times

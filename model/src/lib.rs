@@ -14,7 +14,8 @@
 //! - [`sched`]: the flow-matching samplers (UniPC, Euler).
 //! - [`builtin`]: the models compiled into the binary (`builtin:demo`, the default, and the
 //!   random-weight `builtin:smoke` for tests).
-//! - [`tp`]: running a tensor-parallel group of CPU ranks on threads.
+//! - [`tp`]: running a tensor-parallel group of ranks on threads (CPU ranks, or GPUs over NCCL);
+//!   [`group`]: a tensor-parallel transformer driven from one thread (the worker's `--tp`).
 //! - [`umt5`]: the UMT5 text encoder; [`text`]: prompt cleaning, tokenizing and encoding.
 //! - [`vae`]: the Wan2.1 video autoencoder (streaming causal decoder).
 //! - [`noise`]: counter-based initial noise keyed by (seed, frame, channel, row, column).
@@ -29,6 +30,7 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod group;
 pub mod io;
 pub mod noise;
 pub mod pipeline;

@@ -10,6 +10,7 @@ use crate::backend::{Backend, Tensor};
 use crate::comm::Comm;
 use crate::config::ConfigReader;
 use crate::error::{Error, Result};
+use crate::group::DitGroup;
 use crate::noise::latent_noise;
 use crate::sched::SchedulerConfig;
 use crate::text::{PromptEmbeds, PromptEncoder};
@@ -256,12 +257,37 @@ pub struct Clip {
     pub notices: Vec<String>,
 }
 
+/// The transformer of a pipeline: on this thread's device, or a tensor-parallel group driven
+/// from it (rank 0 here, the other ranks on helper threads; see [`DitGroup`]).
+pub enum Transformer<B: PipelineBackend> {
+    Local(WanTransformer<B>),
+    Group(DitGroup<B>),
+}
+
+impl<B: PipelineBackend> Transformer<B> {
+    /// The (rank 0) transformer: its config describes the whole model.
+    pub fn model(&self) -> &WanTransformer<B> {
+        match self {
+            Transformer::Local(t) => t,
+            Transformer::Group(g) => g.rank0(),
+        }
+    }
+
+    /// One forward. A group uses its own communicators and ignores `comm`.
+    fn forward(&self, comm: &dyn Comm<B>, inputs: &DitInputs<'_, B>) -> Result<Tensor<B>> {
+        match self {
+            Transformer::Local(t) => t.forward(comm, inputs),
+            Transformer::Group(g) => g.forward(inputs),
+        }
+    }
+}
+
 /// The loaded pipeline.
 pub struct WanPipeline<B: PipelineBackend> {
     pub dir: ModelDir,
     backend: B,
     text: PromptEncoder<B>,
-    transformer: WanTransformer<B>,
+    transformer: Transformer<B>,
     vae: WanVaeDecoder<B>,
 }
 
@@ -329,15 +355,44 @@ impl<B: PipelineBackend> WanPipeline<B> {
         let dir = ModelDir::open(root)?;
         Ok(WanPipeline {
             text: PromptEncoder::load(root, backend)?,
-            transformer: WanTransformer::load(&root.join("transformer"), backend, 0, 1)?,
+            transformer: Transformer::Local(WanTransformer::load(
+                &root.join("transformer"),
+                backend,
+                0,
+                1,
+            )?),
             vae: WanVaeDecoder::load(&root.join("vae"), backend)?,
             backend: backend.clone(),
             dir,
         })
     }
 
+    /// The pipeline with its transformer sharded over `ranks` (a backend and a communicator
+    /// each, rank order); the text encoder and the VAE run on rank 0's backend. One rank is
+    /// [`Self::load`].
+    pub fn load_group(root: &Path, ranks: Vec<(B, Box<dyn Comm<B>>)>) -> Result<Self> {
+        if ranks.len() <= 1 {
+            let backend = ranks
+                .into_iter()
+                .next()
+                .map(|(b, _)| b)
+                .ok_or_else(|| Error::Parallel("a group of no ranks".into()))?;
+            return Self::load(root, &backend);
+        }
+        let dir = ModelDir::open(root)?;
+        WanTransformer::<B>::check_parallelism(&dir.transformer, ranks.len())?;
+        let backend = ranks[0].0.clone();
+        Ok(WanPipeline {
+            text: PromptEncoder::load(root, &backend)?,
+            vae: WanVaeDecoder::load(&root.join("vae"), &backend)?,
+            transformer: Transformer::Group(DitGroup::load(&root.join("transformer"), ranks)?),
+            backend,
+            dir,
+        })
+    }
+
     pub fn transformer(&self) -> &WanTransformer<B> {
-        &self.transformer
+        self.transformer.model()
     }
 
     pub fn vae(&self) -> &WanVaeDecoder<B> {
@@ -473,7 +528,7 @@ impl<B: PipelineBackend> WanPipeline<B> {
 /// The transformer with a prompt's conditioning and classifier-free guidance: latents in, the
 /// guided flow velocity out. The conditional and unconditional passes run as one batch of two.
 pub struct Guided<'a, B: PipelineBackend> {
-    transformer: &'a WanTransformer<B>,
+    transformer: &'a Transformer<B>,
     backend: B,
     context: TextContext<B>,
     guidance: f32,
@@ -483,7 +538,7 @@ pub struct Guided<'a, B: PipelineBackend> {
 impl<'a, B: PipelineBackend> Guided<'a, B> {
     /// `neg` present means guidance is on (the reference's `guidance_scale > 1`).
     pub fn new(
-        transformer: &'a WanTransformer<B>,
+        transformer: &'a Transformer<B>,
         backend: &B,
         cond: &PromptEmbeds,
         neg: Option<&PromptEmbeds>,
@@ -501,6 +556,9 @@ impl<'a, B: PipelineBackend> Guided<'a, B> {
         }
         let batch = if neg.is_some() { 2 } else { 1 };
         let [_, s, d] = cond.shape;
+        if let Transformer::Group(g) = transformer {
+            g.set_context(batch, s, d, &text)?;
+        }
         Ok(Guided {
             transformer,
             backend: backend.clone(),

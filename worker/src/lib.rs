@@ -9,4 +9,4 @@
 pub mod media;
 pub mod runtime;
 pub use longtake_model as model;
-pub use runtime::{Exit, WorkerError, WorkerMetrics, WorkerOptions, run};
+pub use runtime::{Exit, WorkerBackend, WorkerError, WorkerMetrics, WorkerOptions, run};

@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use longtake_model::backend::cpu::Cpu;
+use longtake_model::backend::cuda::Cuda;
+use longtake_model::backend::cuda::nccl::NcclComm;
 use longtake_model::builtin::Builtin;
-use longtake_model::comm::ThreadComm;
+use longtake_model::comm::{Comm, SoloComm, ThreadComm};
 use longtake_model::io::read_f32_bytes;
 use longtake_model::noise::latent_noise;
-use longtake_model::pipeline::{ClipRequest, WanPipeline};
+use longtake_model::pipeline::{ClipRequest, PipelineBackend, WanPipeline};
 use longtake_model::window::{self, Geometry, Part, Stitching, WindowSpec, WindowState};
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::worker_service_client::WorkerServiceClient;
@@ -36,10 +38,67 @@ pub enum WorkerError {
     },
 }
 
+/// The devices a worker computes on: the CPU (with `tp` tensor-parallel ranks as threads), or
+/// one GPU, or a tensor-parallel group of GPUs (rank order) joined by NCCL.
+#[derive(Clone)]
+pub enum WorkerBackend {
+    Cpu { tp: usize },
+    Cuda(Vec<Cuda>),
+}
+
+impl std::fmt::Debug for WorkerBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerBackend::Cpu { tp: 1 } => f.write_str("cpu"),
+            WorkerBackend::Cpu { tp } => write!(f, "cpu (tp {tp})"),
+            WorkerBackend::Cuda(g) => {
+                let ids: Vec<String> = g.iter().map(|c| c.ordinal().to_string()).collect();
+                write!(f, "cuda:{}", ids.join(","))
+            }
+        }
+    }
+}
+
+impl WorkerBackend {
+    /// What the worker reports as its kernel family: workers whose families differ compute
+    /// slightly different numbers.
+    fn kernel_family(&self) -> String {
+        match self {
+            WorkerBackend::Cpu { .. } => longtake_model::backend::cpu_kernel_family().to_string(),
+            WorkerBackend::Cuda(g) => match g.first() {
+                Some(c) => {
+                    let (major, minor) = c.capability();
+                    format!("cuda-sm{major}{minor}-{:?}", c.precision()).to_lowercase()
+                }
+                None => "cuda".into(),
+            },
+        }
+    }
+}
+
+/// Communicators for a worker's tensor-parallel group, one per rank.
+type MakeComms<B> = fn(&[B]) -> longtake_model::Result<Vec<Box<dyn Comm<B>>>>;
+
+fn cpu_comms(ranks: &[Cpu]) -> longtake_model::Result<Vec<Box<dyn Comm<Cpu>>>> {
+    Ok(ThreadComm::group(ranks.len())?
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Comm<Cpu>>)
+        .collect())
+}
+
+fn cuda_comms(ranks: &[Cuda]) -> longtake_model::Result<Vec<Box<dyn Comm<Cuda>>>> {
+    Ok(NcclComm::group(ranks)?
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Comm<Cuda>>)
+        .collect())
+}
+
 /// How a worker presents itself.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub name: String,
+    /// Where it computes.
+    pub backend: WorkerBackend,
     /// Devices this worker owns, as reported to the coordinator.
     pub devices: Vec<String>,
     /// Relative share of windows to give this worker.
@@ -156,7 +215,7 @@ pub async fn run(
             worker_name: opts.name.clone(),
             devices: opts.devices.clone(),
             capacity: opts.capacity,
-            kernel_family: longtake_model::backend::cpu_kernel_family().to_string(),
+            kernel_family: opts.backend.kernel_family(),
         })
         .await
         .map_err(|status| WorkerError::Rpc {
@@ -212,19 +271,31 @@ pub async fn run(
     // Set when the worker stops: tasks not started yet are dropped too.
     let cancel_all = Arc::new(AtomicBool::new(false));
     let compute = {
-        let ctx = Compute {
-            rpc: rpc.clone(),
-            handle: Handle::current(),
-            worker_id: worker_id.clone(),
-            models: HashMap::new(),
-            cancelled: Arc::clone(&cancelled),
-            cancel_all: Arc::clone(&cancel_all),
-            metrics: Arc::clone(&opts.metrics),
-        };
-        std::thread::Builder::new()
-            .name(format!("longtake-worker-{}", opts.name))
-            .spawn(move || ctx.serve(rx))
-            .expect("spawn the compute thread")
+        let thread = std::thread::Builder::new().name(format!("longtake-worker-{}", opts.name));
+        macro_rules! compute_on {
+            ($ranks:expr, $make_comms:expr) => {{
+                let ranks = $ranks;
+                let ctx = Compute {
+                    backend: ranks[0].clone(),
+                    ranks,
+                    make_comms: $make_comms,
+                    rpc: rpc.clone(),
+                    handle: Handle::current(),
+                    worker_id: worker_id.clone(),
+                    models: HashMap::new(),
+                    cancelled: Arc::clone(&cancelled),
+                    cancel_all: Arc::clone(&cancel_all),
+                    metrics: Arc::clone(&opts.metrics),
+                };
+                thread.spawn(move || ctx.serve(rx))
+            }};
+        }
+        match &opts.backend {
+            WorkerBackend::Cpu { tp } => compute_on!(vec![Cpu; (*tp).max(1)], cpu_comms),
+            WorkerBackend::Cuda(g) if !g.is_empty() => compute_on!(g.clone(), cuda_comms),
+            WorkerBackend::Cuda(_) => compute_on!(vec![Cpu], cpu_comms),
+        }
+        .expect("spawn the compute thread")
     };
 
     tokio::pin!(shutdown);
@@ -278,12 +349,17 @@ fn flag(map: &CancelFlags, render: &str, epoch: u64) -> Arc<AtomicBool> {
 }
 
 /// State of the compute thread.
-struct Compute {
+struct Compute<B: PipelineBackend> {
+    /// Rank 0's device: text encoder, VAE and the host side of every task.
+    backend: B,
+    /// Every rank's device (rank 0 first); more than one shards the transformer.
+    ranks: Vec<B>,
+    make_comms: MakeComms<B>,
     rpc: Client,
     handle: Handle,
     worker_id: String,
     /// Loaded pipelines by model name (a directory, or a built-in model's name).
-    models: HashMap<String, Arc<WanPipeline<Cpu>>>,
+    models: HashMap<String, Arc<WanPipeline<B>>>,
     cancelled: Arc<CancelFlags>,
     cancel_all: Arc<AtomicBool>,
     metrics: Arc<WorkerMetrics>,
@@ -295,7 +371,7 @@ type TaskResult<T> = Result<T, String>;
 /// The failure of a task stopped by a cancel (its render cancelled or rolled back).
 const CANCELLED: &str = "cancelled";
 
-impl Compute {
+impl<B: PipelineBackend> Compute<B> {
     fn serve(mut self, rx: std::sync::mpsc::Receiver<pb::Task>) {
         while let Ok(task) = rx.recv() {
             if self.cancel_all.load(Ordering::SeqCst) {
@@ -408,7 +484,7 @@ impl Compute {
         format!("{model} [{}]", hashes.join(" "))
     }
 
-    fn pipeline(&mut self, model: &str) -> TaskResult<Arc<WanPipeline<Cpu>>> {
+    fn pipeline(&mut self, model: &str) -> TaskResult<Arc<WanPipeline<B>>> {
         if let Some(p) = self.models.get(model) {
             return Ok(Arc::clone(p));
         }
@@ -416,10 +492,14 @@ impl Compute {
             Some(b) => b.model_dir().map_err(|e| e.to_string())?,
             None => PathBuf::from(model),
         };
-        let pipe = Arc::new(
-            WanPipeline::load(&dir, &Cpu)
-                .map_err(|e| format!("loading model {}: {e}", dir.display()))?,
-        );
+        let loaded = if self.ranks.len() > 1 {
+            (self.make_comms)(&self.ranks).and_then(|comms| {
+                WanPipeline::load_group(&dir, self.ranks.iter().cloned().zip(comms).collect())
+            })
+        } else {
+            WanPipeline::load(&dir, &self.backend)
+        };
+        let pipe = Arc::new(loaded.map_err(|e| format!("loading model {}: {e}", dir.display()))?);
         self.models.insert(model.to_string(), Arc::clone(&pipe));
         Ok(pipe)
     }
@@ -505,7 +585,7 @@ impl Compute {
             None => latent_noise(req.seed, geo.channels, 0..geo.frames, geo.height, geo.width),
         };
         let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
-        let comm = ThreadComm::group(1).map_err(|e| e.to_string())?.remove(0);
+        let comm = SoloComm::new(&self.backend);
         let clock = Instant::now();
         let stop = || cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst);
         let guided = pipe
@@ -914,6 +994,7 @@ impl Compute {
         let pipe = self.pipeline(&spec.model)?;
         let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
         let cancel_all = Arc::clone(&self.cancel_all);
+        let backend = self.backend.clone();
         let (store, prefix) = open_store(&t.output_uri)?;
         // Inline latents are written as `latents.safetensors` here; a key names the file the
         // coordinator has written already.
@@ -970,7 +1051,7 @@ impl Compute {
                 if cancel.load(Ordering::SeqCst) || cancel_all.load(Ordering::SeqCst) {
                     return Err(longtake_model::Error::Cancelled("decode".into()));
                 }
-                let data = Cpu.download(&px)?;
+                let data = backend.download(&px)?;
                 let e = Instant::now();
                 let plane = 3 * ph * pw;
                 for f in data.chunks_exact(plane) {
@@ -1013,8 +1094,6 @@ impl Compute {
         })
     }
 }
-
-use longtake_model::backend::Backend;
 
 /// FNV-1a, 64-bit: a stable content hash for config files.
 fn fnv1a(bytes: &[u8]) -> u64 {

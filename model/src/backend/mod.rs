@@ -114,6 +114,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// A short name for logs and errors (`cpu`, `cuda:0`).
     fn name(&self) -> String;
 
+    /// Wait until every operation queued so far has finished (a synchronous backend returns at
+    /// once). Timings stop their clocks after it.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     // === Memory ===
 
     /// Copy host data to the device, keeping its storage type.

@@ -11,7 +11,7 @@
 //! activations are f32, weights keep the checkpoint's type (bf16 stays bf16 on the device).
 //!
 //! One [`Cuda`] is one GPU with one stream; every operation is queued on that stream, so results
-//! are ordered without host synchronisation. Only [`Backend::download`] (and [`Cuda::synchronize`])
+//! are ordered without host synchronisation. Only [`Backend::download`] (and [`Backend::synchronize`])
 //! wait for the device.
 
 mod attention;
@@ -235,14 +235,6 @@ impl Cuda {
         &self.inner.stream
     }
 
-    /// Wait until every queued operation has finished (benchmarks stop their clocks after it).
-    pub fn synchronize(&self) -> Result<()> {
-        self.inner
-            .stream
-            .synchronize()
-            .map_err(|e| self.err("synchronize", e))
-    }
-
     pub(crate) fn err(&self, what: &str, e: DriverError) -> Error {
         drv(&self.name_str(), what, e)
     }
@@ -437,6 +429,13 @@ impl Backend for Cuda {
 
     fn name(&self) -> String {
         format!("cuda:{}", self.inner.ordinal)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(|e| self.err("synchronize", e))
     }
 
     fn upload(&self, shape: &[usize], data: HostSlice<'_>) -> Result<Tensor<Self>> {

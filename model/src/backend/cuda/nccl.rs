@@ -137,6 +137,6 @@ impl Comm<Cuda> for NcclComm {
     fn barrier(&self) -> Result<()> {
         let mut one = self.backend.upload_f32(&[1], vec![0.0])?;
         self.all_reduce_sum(&mut one)?;
-        self.backend.synchronize()
+        Backend::synchronize(&self.backend)
     }
 }
