@@ -3,10 +3,10 @@
 //!
 //! Subcommands: `render` (a whole render on this machine: coordinator, workers and storage in
 //! one process over loopback gRPC); the farm as separate processes: `coordinator`, `worker`,
-//! and the clients `submit`, `get`, `watch`, `cancel`, `delete`, `list`; `analyze` (coherence measures of a finished render), `compare` (the measures of
-//! each stitching strategy side by side), `model`
-//! (single model components on files, for checking them against the reference) and `bench`
-//! (time them).
+//! and the clients `submit`, `get`, `watch`, `cancel`, `delete`, `list`, `loadgen`; `analyze`
+//! (coherence measures of a finished render), `compare` (the measures of each stitching
+//! strategy side by side), `model` (single model components on files, for checking them against
+//! the reference), `bench` (time them) and `kernels` (compile the CUDA kernels with NVRTC).
 
 /// `println!` for command output that a closed pipe (`| head`) ends quietly instead of with a
 /// panic.
@@ -23,6 +23,7 @@ mod compare;
 mod device;
 mod dit;
 mod generate;
+mod kernels;
 mod loadgen;
 mod models;
 mod render;
@@ -80,6 +81,8 @@ enum Command {
     /// Time model components; the last line printed is the figure.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and write the PTX.
+    Kernels(kernels::KernelsArgs),
 }
 
 #[derive(Subcommand)]
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
         Command::Loadgen(a) => loadgen::run(&a),
         Command::Analyze(a) => analyze::run(&a),
         Command::Compare(a) => compare::run(&a),
+        Command::Kernels(a) => kernels::run(&a),
         Command::Model(ModelCommand::DitForward(a)) => {
             dit::forward(&a.transformer, &a.input, &a.output, a.tp, &a.device)
         }

@@ -1,20 +1,28 @@
 //! The Wan transformer against diffusers' `WanTransformer3DModel` on random-weight fixtures
 //! written by `tools/make_fixtures.py` (f32 throughout), at every tensor-parallel size the config
-//! allows.
+//! allows, on CPU ranks; the same body on a GPU in `every_fixture_on_cuda` (scripts/gpu-check).
 
 mod common;
 
 use common::{fixture, read, rel_l2};
 use longtake_model::backend::Backend;
 use longtake_model::backend::cpu::Cpu;
-use longtake_model::comm::Comm;
-use longtake_model::tp::{agree, run_group};
+use longtake_model::backend::cuda::Cuda;
+use longtake_model::comm::{Comm, SoloComm, ThreadComm};
+use longtake_model::pipeline::PipelineBackend;
+use longtake_model::tp::{agree, run_ranks};
 use longtake_model::wan::{DitInputs, TextContext, WanConfig, WanTransformer};
 
 /// Relative L2 error allowed against the reference (f32).
 const TOLERANCE: f64 = 1e-5;
 
-fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
+/// One fixture's forward on `ranks` backends (one rank each, joined by `comms`).
+fn run_on<B: PipelineBackend>(
+    name: &str,
+    ranks: Vec<B>,
+    comms: Vec<Box<dyn Comm<B>>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let tp = ranks.len();
     let dir = fixture(&format!("dit/{name}"));
     let io = dir.join("io.safetensors");
     let (xs, x) = read(&io, "hidden_states");
@@ -22,16 +30,13 @@ fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
     let (cs, c) = read(&io, "encoder_hidden_states");
     let (_, expected) = read(&io, "sample");
     let tdir = dir.join("transformer");
-    let got = run_group(tp, |comm| {
-        let model = agree(
-            &comm,
-            &Cpu,
-            WanTransformer::load(&tdir, &Cpu, comm.rank(), tp),
-        )?;
-        let ctx = TextContext::from_host(&Cpu, cs[0], cs[1], cs[2], &c)?;
-        let latents = Cpu.upload_f32(&xs, x.clone())?;
+    let got = run_ranks(ranks, comms, |b, comm| {
+        let comm = comm.as_ref();
+        let model = agree(comm, b, WanTransformer::load(&tdir, b, comm.rank(), tp))?;
+        let ctx = TextContext::from_host(b, cs[0], cs[1], cs[2], &c)?;
+        let latents = b.upload_f32(&xs, x.clone())?;
         let out = model.forward(
-            &comm,
+            comm,
             &DitInputs {
                 latents: &latents,
                 timesteps: &t,
@@ -39,10 +44,19 @@ fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
             },
         )?;
         assert_eq!(out.shape(), &xs[..], "output shape");
-        Cpu.download(&out)
+        b.download(&out)
     })
     .unwrap_or_else(|e| panic!("{name} tp={tp}: {e}"));
     (got, expected)
+}
+
+fn run(name: &str, tp: usize) -> (Vec<f32>, Vec<f32>) {
+    let comms = ThreadComm::group(tp)
+        .unwrap()
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Comm<Cpu>>)
+        .collect();
+    run_on(name, vec![Cpu; tp], comms)
 }
 
 fn check_all_tp(name: &str) -> Vec<usize> {
@@ -65,6 +79,24 @@ fn check_all_tp(name: &str) -> Vec<usize> {
         "{name}: only tp {tested:?} tested"
     );
     tested
+}
+
+/// Every fixture on GPU 0 (one rank: NCCL refuses two ranks on one GPU, and multi-rank
+/// tensor parallelism is checked above on CPU ranks), in f32 precision.
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check runs it"]
+fn every_fixture_on_cuda() {
+    let gpu = common::cuda();
+    for name in ["heads24", "tiny", "hd128", "odd", "bf16disk"] {
+        let solo: Box<dyn Comm<Cuda>> = Box::new(SoloComm::new(&gpu));
+        let (got, expected) = run_on(name, vec![gpu.clone()], vec![solo]);
+        let err = rel_l2(&got, &expected);
+        eprintln!("dit {name} on {}: relative L2 error {err:.3e}", gpu.name());
+        assert!(
+            err <= common::CUDA_F32_TOLERANCE,
+            "{name} on cuda: relative L2 error {err:.3e}"
+        );
+    }
 }
 
 #[test]

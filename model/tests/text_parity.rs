@@ -10,6 +10,7 @@ use common::{fixture, read, rel_l2};
 use longtake_model::backend::Backend;
 use longtake_model::backend::cpu::Cpu;
 use longtake_model::io::{SafetensorsFile, write_f32};
+use longtake_model::pipeline::PipelineBackend;
 use longtake_model::text::{MAX_SEQUENCE_LENGTH, PromptEncoder, Tokenizer, clean_prompt};
 use longtake_model::umt5::{Umt5Config, Umt5Encoder};
 
@@ -71,7 +72,18 @@ fn cleaning_and_token_ids_match_the_reference() {
 
 #[test]
 fn hidden_states_and_prompt_embeds_match_the_reference() {
-    let enc = encoder();
+    embeds_match_on(&Cpu, 1e-5);
+}
+
+/// The same encodes on GPU 0 (f32).
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check runs it"]
+fn hidden_states_and_prompt_embeds_match_the_reference_on_cuda() {
+    embeds_match_on(&common::cuda(), common::CUDA_F32_TOLERANCE);
+}
+
+fn embeds_match_on<B: PipelineBackend>(b: &B, tolerance: f64) {
+    let enc = PromptEncoder::load(&tiny(), b).unwrap();
     let io = tiny().join("io.safetensors");
     let mut worst = (0.0f64, 0.0f64);
     for (i, c) in cases().iter().enumerate() {
@@ -80,7 +92,7 @@ fn hidden_states_and_prompt_embeds_match_the_reference() {
         assert_eq!(shape, [1, c.seq_len, d], "case {i}");
         let hidden = enc.encoder().encode(&c.input_ids).unwrap();
         assert_eq!(hidden.shape(), [1, c.seq_len, d]);
-        let err_h = rel_l2(&Cpu.download(&hidden).unwrap(), &want);
+        let err_h = rel_l2(&b.download(&hidden).unwrap(), &want);
 
         let (shape, want) = read(&io, &format!("prompt_embeds_{i}"));
         assert_eq!(shape, [1, MAX_SEQUENCE_LENGTH, d], "case {i}");
@@ -93,11 +105,15 @@ fn hidden_states_and_prompt_embeds_match_the_reference() {
         );
         let err_e = rel_l2(&e.data, &want);
         println!(
-            "case {i} ({} tokens): hidden rel L2 {err_h:.3e}, prompt_embeds rel L2 {err_e:.3e}",
-            c.seq_len
+            "case {i} ({} tokens) on {}: hidden rel L2 {err_h:.3e}, prompt_embeds rel L2 {err_e:.3e}",
+            c.seq_len,
+            b.name()
         );
-        assert!(err_h <= 1e-5, "case {i}: hidden rel L2 {err_h:.3e}");
-        assert!(err_e <= 1e-5, "case {i}: prompt_embeds rel L2 {err_e:.3e}");
+        assert!(err_h <= tolerance, "case {i}: hidden rel L2 {err_h:.3e}");
+        assert!(
+            err_e <= tolerance,
+            "case {i}: prompt_embeds rel L2 {err_e:.3e}"
+        );
         worst = (worst.0.max(err_h), worst.1.max(err_e));
     }
     println!(

@@ -4,18 +4,24 @@
 mod common;
 
 use common::{fixture, read, rel_l2};
+use longtake_model::backend::Backend;
 use longtake_model::backend::cpu::Cpu;
+use longtake_model::pipeline::PipelineBackend;
 use longtake_model::vae::WanVaeDecoder;
 
 /// Relative L2 error allowed against the reference.
 const TOLERANCE: f64 = 1e-4;
 
 fn decode(name: &str, chunk: usize) -> (Vec<f32>, Vec<f32>) {
+    decode_on(&Cpu, name, chunk)
+}
+
+fn decode_on<B: PipelineBackend>(b: &B, name: &str, chunk: usize) -> (Vec<f32>, Vec<f32>) {
     let dir = fixture(&format!("vae/{name}"));
     let io = dir.join("io.safetensors");
     let (ls, latents) = read(&io, "latents");
     let (ss, sample) = read(&io, "sample");
-    let vae = WanVaeDecoder::load(&dir.join("vae"), &Cpu).unwrap();
+    let vae = WanVaeDecoder::load(&dir.join("vae"), b).unwrap();
     let (shape, got) = vae
         .decode_all(&latents, [ls[0], ls[1], ls[2], ls[3], ls[4]], chunk)
         .unwrap();
@@ -34,6 +40,19 @@ fn decode_matches_diffusers() {
             err <= TOLERANCE,
             "{name}: relative L2 error {err:.3e} > {TOLERANCE:e}"
         );
+    }
+}
+
+/// The same decodes on GPU 0 (f32).
+#[test]
+#[ignore = "needs a GPU: scripts/gpu-check runs it"]
+fn decode_matches_diffusers_on_cuda() {
+    let gpu = common::cuda();
+    for name in ["small", "b2", "long"] {
+        let (got, expected) = decode_on(&gpu, name, 1);
+        let err = rel_l2(&got, &expected);
+        eprintln!("vae {name} on {}: relative L2 error {err:.3e}", gpu.name());
+        assert!(err <= common::CUDA_F32_TOLERANCE, "{name}: {err:.3e}");
     }
 }
 

@@ -455,6 +455,28 @@ fn python_tool(name: &str, packages: &[&str], import_check: &str) -> PathBuf {
     python
 }
 
+/// NVRTC and ptxas from NVIDIA's PyPI wheels (nvidia-cuda-nvrtc and nvidia-cuda-nvcc 13.0.88):
+/// the `nvidia/cu13` directory holding `lib/libnvrtc.so.13` and `bin/ptxas`. They run without a
+/// GPU or a driver.
+pub fn cuda_compilers() -> PathBuf {
+    let python = python_tool(
+        "cuda-venv",
+        &["nvidia-cuda-nvrtc==13.0.88", "nvidia-cuda-nvcc==13.0.88"],
+        "import nvidia, os, sys; d = os.path.join(nvidia.__path__[0], 'cu13'); \
+         sys.exit(0 if os.path.exists(os.path.join(d, 'bin', 'ptxas')) and \
+         os.path.exists(os.path.join(d, 'lib', 'libnvrtc.so.13')) else 1)",
+    );
+    let o = Command::new(&python)
+        .args([
+            "-c",
+            "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))",
+        ])
+        .output()
+        .expect("run the cuda venv's python");
+    assert!(o.status.success(), "locating the CUDA wheels failed");
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
 /// A Python with prometheus_client (the reference parser of the Prometheus text format).
 pub fn prometheus_python() -> PathBuf {
     python_tool(

@@ -30,3 +30,14 @@ pub fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
         .read_f32(name)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// The GPU a test's CUDA variant runs on: `cuda:0` in f32 precision (exact attention), so that
+/// the CPU's tolerances apply with the f32 allowance of the GPU check. These variants are
+/// `#[ignore]`d in the default suite (no GPU there) and run by `scripts/gpu-check`.
+pub fn cuda() -> longtake_model::backend::cuda::Cuda {
+    use longtake_model::backend::cuda::{Cuda, Precision};
+    Cuda::new(0, Precision::F32).unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
+}
+
+/// Relative L2 error allowed for a CUDA run in f32 precision (the GPU check's bound).
+pub const CUDA_F32_TOLERANCE: f64 = 1e-4;

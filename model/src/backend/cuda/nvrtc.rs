@@ -23,6 +23,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("kernels/attention.cu")),
     ("text", include_str!("kernels/text.cu")),
     ("vae", include_str!("kernels/vae.cu")),
+    ("vae_attention", include_str!("kernels/vae_attention.cu")),
 ];
 
 /// Options for every module: C++17, IEEE division and square root (the CPU reference's), no
