@@ -221,10 +221,13 @@ fn threads_and_idle_workers_do_not_change_the_latents() {
 }
 
 /// The delivered pixels: the PNG frames of a one-window render equal the reference pipeline's
-/// video quantised as its post-processing does (`round(clamp(x/2 + 0.5, 0, 1)·255)`; the latents
-/// agree to ~1e-6, so a value on a rounding boundary may land one level off, and nothing more),
-/// in order and at the requested size; the MP4's frames are those PNGs through H.264, each within
-/// the PSNR stated here and closest to its own PNG.
+/// video quantised as its post-processing does (`round(clamp(x/2 + 0.5, 0, 1)·255)`), in order
+/// and at the requested size. Every value equals the reference's except where the reference
+/// itself lies on a rounding boundary: a value within `TIE` of a half level (x·255 = k + 0.5 ± TIE)
+/// may round to either neighbour, because the two implementations' floats agree to ~1e-6, not
+/// bit for bit. `TIE` is 0.01 of a level, about eighty times the widest tie measured (1.2e-4
+/// levels); any other difference, or a tie resolved more than one level off, fails. The MP4's frames are those PNGs
+/// through H.264, each within the PSNR stated here and closest to its own PNG.
 #[test]
 fn delivered_frames_match_the_reference_video() {
     let tmp = tempfile::tempdir().unwrap();
@@ -260,20 +263,22 @@ fn delivered_frames_match_the_reference_video() {
         .unwrap();
     assert_eq!(shape, [1, 3, 9, 32, 48]);
     let (f, h, w) = (9, 32, 48);
-    let reference: Vec<Vec<u8>> = (0..f)
+    // The reference frames before rounding, in levels (0..=255), interleaved RGB.
+    let reference: Vec<Vec<f32>> = (0..f)
         .map(|t| {
-            let mut rgb = vec![0u8; h * w * 3];
+            let mut rgb = vec![0f32; h * w * 3];
             for c in 0..3 {
                 for i in 0..h * w {
                     let x = video[((c * f) + t) * h * w + i];
-                    rgb[3 * i + c] = ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+                    rgb[3 * i + c] = (x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0;
                 }
             }
             rgb
         })
         .collect();
+    const TIE: f32 = 0.01;
     let mut pngs = Vec::new();
-    let (mut off_by_one, mut values) = (0, 0);
+    let (mut ties, mut values, mut nearest_tie, mut widest_tie) = (0, 0, f32::MAX, 0f32);
     for (t, want) in reference.iter().enumerate() {
         let file = std::fs::File::open(dir.join(format!("frames/{t:06}.png"))).unwrap();
         let mut reader = png::Decoder::new(std::io::BufReader::new(file))
@@ -285,10 +290,20 @@ fn delivered_frames_match_the_reference_video() {
         assert_eq!(info.color_type, png::ColorType::Rgb);
         assert_eq!(info.bit_depth, png::BitDepth::Eight);
         buf.truncate(info.buffer_size());
-        for (a, b) in buf.iter().zip(want) {
-            let d = a.abs_diff(*b);
-            assert!(d <= 1, "frame {t}: a value differs by {d} levels");
-            off_by_one += usize::from(d == 1);
+        for (i, (&a, &x)) in buf.iter().zip(want).enumerate() {
+            let from_half = (x - x.floor() - 0.5).abs();
+            nearest_tie = nearest_tie.min(from_half);
+            if a != x.round() as u8 {
+                // Only a tie may go the other way, and only to the other side of its half level.
+                let other = if x.round() > x { x.floor() } else { x.ceil() };
+                assert!(
+                    from_half < TIE && a == other as u8,
+                    "frame {t}, value {i}: {a}, the reference {x:.5} rounds to {}",
+                    x.round()
+                );
+                ties += 1;
+                widest_tie = widest_tie.max(from_half);
+            }
             values += 1;
         }
         pngs.push(buf);
@@ -297,10 +312,11 @@ fn delivered_frames_match_the_reference_video() {
         !dir.join(format!("frames/{f:06}.png")).exists(),
         "no extra frame"
     );
-    eprintln!("PNG frames vs the reference video: {off_by_one} of {values} values one level off");
-    assert!(
-        off_by_one * 1000 <= values,
-        "{off_by_one} of {values} values off"
+    eprintln!(
+        "PNG frames vs the reference video: {values} values, all equal but {ties} ties \
+         rounded the other way (the reference at most {widest_tie:.2e} levels from a half \
+         level; allowed {TIE}); the nearest reference value to a half level is \
+         {nearest_tie:.2e} levels from it"
     );
 
     let mp4 = std::fs::read(dir.join("video.mp4")).unwrap();
