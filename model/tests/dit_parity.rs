@@ -82,7 +82,7 @@ fn check_all_tp(name: &str) -> Vec<usize> {
 }
 
 /// Every fixture on GPU 0 (one rank: NCCL refuses two ranks on one GPU, and multi-rank
-/// tensor parallelism is checked above on CPU ranks), in f32 precision.
+/// tensor parallelism is checked above on CPU ranks), in the precision LONGTAKE_TEST_PRECISION names.
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check runs it"]
 fn every_fixture_on_cuda() {
@@ -93,7 +93,7 @@ fn every_fixture_on_cuda() {
         let err = rel_l2(&got, &expected);
         eprintln!("dit {name} on {}: relative L2 error {err:.3e}", gpu.name());
         assert!(
-            err <= common::CUDA_F32_TOLERANCE,
+            err <= common::cuda_tolerance(),
             "{name} on cuda: relative L2 error {err:.3e}"
         );
     }

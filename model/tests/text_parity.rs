@@ -75,11 +75,11 @@ fn hidden_states_and_prompt_embeds_match_the_reference() {
     embeds_match_on(&Cpu, 1e-5);
 }
 
-/// The same encodes on GPU 0 (f32).
+/// The same encodes on GPU 0.
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check runs it"]
 fn hidden_states_and_prompt_embeds_match_the_reference_on_cuda() {
-    embeds_match_on(&common::cuda(), common::CUDA_F32_TOLERANCE);
+    embeds_match_on(&common::cuda(), common::cuda_tolerance());
 }
 
 fn embeds_match_on<B: PipelineBackend>(b: &B, tolerance: f64) {

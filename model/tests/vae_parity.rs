@@ -43,7 +43,7 @@ fn decode_matches_diffusers() {
     }
 }
 
-/// The same decodes on GPU 0 (f32).
+/// The same decodes on GPU 0.
 #[test]
 #[ignore = "needs a GPU: scripts/gpu-check runs it"]
 fn decode_matches_diffusers_on_cuda() {
@@ -52,7 +52,7 @@ fn decode_matches_diffusers_on_cuda() {
         let (got, expected) = decode_on(&gpu, name, 1);
         let err = rel_l2(&got, &expected);
         eprintln!("vae {name} on {}: relative L2 error {err:.3e}", gpu.name());
-        assert!(err <= common::CUDA_F32_TOLERANCE, "{name}: {err:.3e}");
+        assert!(err <= common::cuda_tolerance(), "{name}: {err:.3e}");
     }
 }
 

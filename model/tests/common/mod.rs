@@ -31,13 +31,29 @@ pub fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The GPU a test's CUDA variant runs on: `cuda:0` in f32 precision (exact attention), so that
-/// the CPU's tolerances apply with the f32 allowance of the GPU check. These variants are
-/// `#[ignore]`d in the default suite (no GPU there) and run by `scripts/gpu-check`.
+/// The GPU a test's CUDA variant runs on: `cuda:0`, in the precision `LONGTAKE_TEST_PRECISION`
+/// names (`f32`, the default: exact attention; or `bf16`: tensor-core attention). These variants
+/// are `#[ignore]`d in the default suite (no GPU there) and run by `scripts/gpu-check`, once per
+/// precision.
 pub fn cuda() -> longtake_model::backend::cuda::Cuda {
-    use longtake_model::backend::cuda::{Cuda, Precision};
-    Cuda::new(0, Precision::F32).unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
+    use longtake_model::backend::cuda::Cuda;
+    Cuda::new(0, precision()).unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
 }
 
-/// Relative L2 error allowed for a CUDA run in f32 precision (the GPU check's bound).
-pub const CUDA_F32_TOLERANCE: f64 = 1e-4;
+fn precision() -> longtake_model::backend::cuda::Precision {
+    use longtake_model::backend::cuda::Precision;
+    match std::env::var("LONGTAKE_TEST_PRECISION") {
+        Ok(p) => Precision::parse(&p)
+            .unwrap_or_else(|| panic!("LONGTAKE_TEST_PRECISION={p:?}; allowed: f32, bf16")),
+        Err(_) => Precision::F32,
+    }
+}
+
+/// Relative L2 error allowed for a CUDA run against the reference: 1e-4 in f32 precision,
+/// 1e-2 in bf16 (the GPU check's bounds).
+pub fn cuda_tolerance() -> f64 {
+    match precision() {
+        longtake_model::backend::cuda::Precision::F32 => 1e-4,
+        longtake_model::backend::cuda::Precision::Bf16 => 1e-2,
+    }
+}

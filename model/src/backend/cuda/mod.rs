@@ -28,8 +28,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchArgs,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use half::{bf16, f16};
 
@@ -122,6 +122,8 @@ struct Inner {
     stream: Arc<CudaStream>,
     capability: (i32, i32),
     precision: Precision,
+    /// Fill new buffers with NaN (`LONGTAKE_CUDA_POISON=1`, for the op checks).
+    poison: bool,
     functions: HashMap<String, CudaFunction>,
     blas: Mutex<blas::Blas>,
 }
@@ -201,6 +203,7 @@ impl Cuda {
                 stream,
                 capability,
                 precision,
+                poison: std::env::var("LONGTAKE_CUDA_POISON").is_ok_and(|v| v == "1"),
                 functions,
                 blas: Mutex::new(blas),
             }),
@@ -272,10 +275,24 @@ impl Cuda {
             .map_err(|e| self.err(&format!("launching {name}"), e))
     }
 
-    /// Uninitialised device memory for `n` elements (every caller writes all of it).
+    /// Uninitialised device memory for `n` elements (every caller writes all of it). With
+    /// `LONGTAKE_CUDA_POISON=1` every new buffer is filled with 0xFF bytes (NaN in f32, bf16 and
+    /// f16) first, so that an element a kernel forgets to write shows up in a comparison.
     pub(crate) fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: the memory is written by the kernel or copy that follows before it is read.
-        unsafe { self.inner.stream.alloc::<T>(n.max(1)) }.map_err(|e| self.err("allocating", e))
+        let mut s = unsafe { self.inner.stream.alloc::<T>(n.max(1)) }
+            .map_err(|e| self.err("allocating", e))?;
+        if self.inner.poison {
+            let bytes = s.num_bytes();
+            let stream = &self.inner.stream;
+            let (ptr, _sync) = s.device_ptr_mut(stream);
+            // SAFETY: `ptr` addresses the `bytes` bytes just allocated on this stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream())
+            }
+            .map_err(|e| self.err("poisoning a new buffer", e))?;
+        }
+        Ok(s)
     }
 
     /// A new f32 tensor of `shape` whose every element the caller's kernel writes.

@@ -3,10 +3,6 @@
 use super::{Cuda, Tensor};
 use crate::error::{Error, Result};
 
-fn todo(b: &Cuda, op: &str) -> Error {
-    Error::device(b.name_str(), format!("{op}: not implemented on CUDA yet"))
-}
-
 /// Rows `ids` of an embedding table `[V, D]` (any storage type, read where it is: never
 /// converted) as f32 `[ids.len(), D]`. The ids are checked against V on the host first (the same
 /// input error as the CPU), then uploaded; kernels `embedding_{f32,bf16,f16}`, one block a row.
@@ -42,13 +38,75 @@ pub(super) fn embedding(b: &Cuda, table: &Tensor<Cuda>, ids: &[u32]) -> Result<T
     Ok(out)
 }
 
+/// UMT5 self-attention with a relative-position bias: `q[B, Lq, H, d]`, `k`, `v` `[B, Lk, H, d]`
+/// -> `[B, Lq, H, d]`, logits `scale · q[i]·k[j] + rel_bias[h, j − i + Lq − 1]`, all f32 (checks
+/// and errors as the CPU's). Kernel `attention_rel_bias_f32`: one block of 128 threads per
+/// (batch item, head, query row), any d and sequence length.
 pub(super) fn attention_rel_bias(
     b: &Cuda,
-    _q: &Tensor<Cuda>,
-    _k: &Tensor<Cuda>,
-    _v: &Tensor<Cuda>,
-    _rel_bias: &Tensor<Cuda>,
-    _scale: f32,
+    q: &Tensor<Cuda>,
+    k: &Tensor<Cuda>,
+    v: &Tensor<Cuda>,
+    rel_bias: &Tensor<Cuda>,
+    scale: f32,
 ) -> Result<Tensor<Cuda>> {
-    Err(todo(b, "attention_rel_bias"))
+    use super::{CudaBuffer, dim, grid_rows};
+    use crate::backend::expect_rank;
+    use cudarc::driver::{CudaSlice, PushKernelArg};
+
+    const OP: &str = "attention_rel_bias";
+    const KERNEL: &str = "attention_rel_bias_f32";
+    expect_rank("attention q", q, 4)?;
+    expect_rank("attention k", k, 4)?;
+    let [batch, lq, h, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
+    let lk = k.shape()[1];
+    if k.shape() != v.shape()
+        || k.shape()[0] != batch
+        || k.shape()[2] != h
+        || k.shape()[3] != d
+        || lq == 0
+        || lk == 0
+        || rel_bias.shape() != [h, lq + lk - 1]
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q {:?}, k {:?}, v {:?}, relative bias {:?}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                rel_bias.shape()
+            ),
+        ));
+    }
+    fn f32_of(t: &Tensor<Cuda>) -> Result<&CudaSlice<f32>> {
+        match &t.buf {
+            CudaBuffer::F32(s) => Ok(s),
+            _ => Err(Error::shape(OP, "inputs must be f32")),
+        }
+    }
+    let (qs, ks, vs, rel) = (f32_of(q)?, f32_of(k)?, f32_of(v)?, f32_of(rel_bias)?);
+    let mut out = b.output(vec![batch, lq, h, d])?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    // The kernel's int arithmetic: the bias row width Lq + Lk − 1 (with room for its key-chunk
+    // steps) and one block per row.
+    dim(OP, lq + lk + 256)?;
+    let blocks = dim(OP, batch * h * lq)?;
+    let (lq32, lk32, h32, d32) = (dim(OP, lq)?, dim(OP, lk)?, dim(OP, h)?, dim(OP, d)?);
+    let os = Cuda::f32_mut(&mut out, OP)?;
+    b.launch(KERNEL, grid_rows(blocks as usize, 128), |l| {
+        l.arg(qs)
+            .arg(ks)
+            .arg(vs)
+            .arg(rel)
+            .arg(os)
+            .arg(&lq32)
+            .arg(&lk32)
+            .arg(&h32)
+            .arg(&d32)
+            .arg(&scale);
+    })?;
+    Ok(out)
 }

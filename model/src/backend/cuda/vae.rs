@@ -14,10 +14,6 @@ use super::{Cuda, CudaBuffer, Tensor, dim, grid_1d, push_buf, suffix};
 use crate::backend::expect_rank;
 use crate::error::{Error, Result};
 
-fn todo(b: &Cuda, op: &str) -> Error {
-    Error::device(b.name_str(), format!("{op}: not implemented on CUDA yet"))
-}
-
 /// Elements a flat kernel's grid covers before its grid-stride loop takes over.
 const MAX_FLAT_ELEMENTS: usize = 1 << 24;
 
@@ -407,6 +403,52 @@ pub(super) fn upsample2x(b: &Cuda, x: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
     ))
 }
 
-pub(super) fn spatial_attention(b: &Cuda, _qkv: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
-    Err(todo(b, "spatial_attention"))
+/// Single-head attention per frame over the `N = H·W` positions of `qkv [T, 3C, H, W]`
+/// (channels `[0, C)` queries, `[C, 2C)` keys, `[2C, 3C)` values), scale `1/√C`:
+/// `[T, C, H, W]`. Kernels `vae_attention_c{64,128,256,384}` (`kernels/vae_attention.cu`): flash
+/// attention read straight from the channel-major layout, one block of 256 threads per frame and
+/// 64 queries, each launch producing up to 384 output channels (wider C takes several launches,
+/// each recomputing the scores).
+pub(super) fn spatial_attention(b: &Cuda, qkv: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
+    const OP: &str = "spatial_attention";
+    /// Output channels a launch produces at most (the widest kernel).
+    const MAX_CHANNELS: usize = 384;
+    /// Queries per block.
+    const QUERY_TILE: usize = 64;
+    let [t, c3, h, w] = dims4(qkv, OP)?;
+    if c3 % 3 != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("{:?}: channels not 3·C", qkv.shape()),
+        ));
+    }
+    let c = c3 / 3;
+    let n = h * w;
+    let xs = Cuda::f32_of(qkv, OP)?;
+    let y = b.alloc::<f32>(t * c * n)?;
+    if t * c * n > 0 {
+        let kernel = match c {
+            0..=64 => "vae_attention_c64",
+            65..=128 => "vae_attention_c128",
+            129..=256 => "vae_attention_c256",
+            _ => "vae_attention_c384",
+        };
+        // The kernel's int loops step past C and N by up to a tile.
+        dim(OP, c.max(n) + QUERY_TILE)?;
+        let (c32, n32) = (dim(OP, c)?, dim(OP, n)?);
+        let blocks = dim(OP, t * n.div_ceil(QUERY_TILE))? as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scale = 1.0 / (c as f32).sqrt();
+        for c_out0 in (0..c).step_by(MAX_CHANNELS) {
+            let c0 = c_out0 as i32;
+            b.launch(kernel, cfg, |l| {
+                l.arg(xs).arg(&y).arg(&c32).arg(&n32).arg(&scale).arg(&c0);
+            })?;
+        }
+    }
+    Ok(Tensor::from_parts(CudaBuffer::F32(y), vec![t, c, h, w]))
 }

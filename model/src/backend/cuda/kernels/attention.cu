@@ -16,6 +16,7 @@
 // query tile fastest, and take their shared memory dynamically (sizes in attention.rs).
 
 #define ATTN_NEG_INF __int_as_float(0xff800000)
+#define LOG2E_F 1.4426950408889634f
 
 extern __shared__ float4 attn_smem[];
 
@@ -31,7 +32,6 @@ extern __shared__ float4 attn_smem[];
 #define F32_THREADS 256
 #define F32_BQ 64
 #define F32_BK 64
-#define LOG2E_F 1.4426950408889634f
 
 template <int D>
 __device__ __forceinline__ void attention_f32_tile(const float* __restrict__ q,
@@ -179,8 +179,8 @@ __device__ __forceinline__ void attention_f32_tile(const float* __restrict__ q,
 // === bf16 tensor-core kernel ===
 //
 // 256 threads = 8 warps, 128 queries × 64 keys a tile; warp w owns query rows 16w..16w+15 of
-// the tile. Shared memory (bf16, row stride D + 8 elements = a multiple of 16 bytes, and
-// consecutive rows 4 banks apart, so ldmatrix is conflict free): Q [128][D+8], K [64][D+8],
+// the tile. Shared memory (bf16, row stride D + 8 elements: an odd number of 16-byte units, so
+// the 8 rows of an ldmatrix 8×8 matrix hit distinct banks): Q [128][D+8], K [64][D+8],
 // V [64][D+8], all converted from f32 (round to nearest even) when staged, zero-padded past d,
 // past Lq and past Lk; key weights [64] f32.
 // Per tile and warp: S = Q·Kᵀ (16×64, f32 accumulators: 8 n-tiles × 4 registers) from
@@ -230,38 +230,49 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Stage rows [row0, row0 + ROWS) × columns [0, D) of a token-major f32 tensor (row stride `tok`
-// floats, columns past d and rows past `rows` zero) into shared bf16 [ROWS][D + 8]. Each thread
-// converts one column pair of every (256 / (D/2))-th row.
+// A tile of rows [row0, row0 + ROWS) × columns [0, D) of a token-major f32 tensor (row stride
+// `tok` floats; columns past d and rows past `rows` read as zero), in registers while in
+// flight: thread tid holds column pair 2·(tid % (D/2)) of rows tid / (D/2) + i·(256 / (D/2)).
 template <int D, int ROWS>
-__device__ __forceinline__ void stage_bf16(unsigned short* dst, const float* __restrict__ src,
-                                           int row0, int rows, u64 tok, int d) {
-    constexpr int PAIRS = D / 2;
-    constexpr int STEP = BF16_THREADS / PAIRS;  // rows per pass of the block
-    const int c = 2 * (threadIdx.x % PAIRS);
-    const bool pair = c + 1 < d, single = c + 1 == d, even = (d & 1) == 0;
-    int r = threadIdx.x / PAIRS;
-    const float* p = src + (u64)(row0 + r) * tok + c;
-    const u64 step = (u64)STEP * tok;
-    unsigned* out = (unsigned*)(dst + r * (D + 8) + c);
-#pragma unroll 4
-    for (; r < ROWS; r += STEP, p += step, out += STEP * (D + 8) / 2) {
-        float x0 = 0.0f, x1 = 0.0f;
-        if (row0 + r < rows) {
-            if (pair && even) {
-                const float2 x = *(const float2*)p;
-                x0 = x.x;
-                x1 = x.y;
-            } else if (pair) {
-                x0 = p[0];
-                x1 = p[1];
-            } else if (single) {
-                x0 = p[0];
+struct Tile {
+    static constexpr int PAIRS = D / 2;
+    static constexpr int STEP = BF16_THREADS / PAIRS;  // rows per pass of the block
+    static constexpr int N = ROWS / STEP;               // pairs per thread
+    float2 x[N];
+
+    __device__ __forceinline__ void load(const float* __restrict__ src, int row0, int rows,
+                                         u64 tok, int d) {
+        const int c = 2 * (threadIdx.x % PAIRS), r = threadIdx.x / PAIRS;
+        const bool pair = c + 1 < d, single = c + 1 == d, even = (d & 1) == 0;
+        const float* p = src + (u64)(row0 + r) * tok + c;
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            float2 v;
+            v.x = 0.0f;
+            v.y = 0.0f;
+            if (row0 + r + i * STEP < rows) {
+                const float* pi = p + (u64)(i * STEP) * tok;
+                if (pair && even) {
+                    v = *(const float2*)pi;
+                } else if (pair) {
+                    v.x = pi[0];
+                    v.y = pi[1];
+                } else if (single) {
+                    v.x = pi[0];
+                }
             }
+            x[i] = v;
         }
-        *out = pack_bf16x2(x0, x1);
     }
-}
+
+    // Into shared bf16 [ROWS][D + 8], rounded to nearest even.
+    __device__ __forceinline__ void store(unsigned short* dst) const {
+        const int c = 2 * (threadIdx.x % PAIRS), r = threadIdx.x / PAIRS;
+        unsigned* out = (unsigned*)(dst + r * (D + 8) + c);
+#pragma unroll
+        for (int i = 0; i < N; i++) out[i * STEP * (D + 8) / 2] = pack_bf16x2(x[i].x, x[i].y);
+    }
+};
 
 template <int D>
 __device__ __forceinline__ void attention_bf16_tile(const float* __restrict__ q,
@@ -288,7 +299,15 @@ __device__ __forceinline__ void attention_bf16_tile(const float* __restrict__ q,
     const float* kb = k + (u64)b * lk * tok + (u64)h * d;
     const float* vb = v + (u64)b * lk * tok + (u64)h * d;
 
-    stage_bf16<D, BF16_BQ>(qs, q + (u64)b * lq * tok + (u64)h * d, q0, lq, tok, d);
+    {
+        Tile<D, BF16_BQ> qtile;
+        qtile.load(q + (u64)b * lq * tok + (u64)h * d, q0, lq, tok, d);
+        qtile.store(qs);
+    }
+    // The next key tile is read into registers while the current one is computed on.
+    Tile<D, BF16_BK> kt, vt;
+    kt.load(kb, 0, lk, tok, d);
+    vt.load(vb, 0, lk, tok, d);
 
     // ldmatrix row addresses: lane L supplies row L % 8 of matrix L / 8.
     // Q (A of S): matrices (rows 0-7, 8-15) × (dims +0, +8) → a0..a3.
@@ -306,13 +325,17 @@ __device__ __forceinline__ void attention_bf16_tile(const float* __restrict__ q,
 
     for (int k0 = 0; k0 < lk; k0 += BF16_BK) {
         __syncthreads();  // the previous tile's K and V are consumed
-        stage_bf16<D, BF16_BK>(ks, kb, k0, lk, tok, d);
-        stage_bf16<D, BF16_BK>(vs, vb, k0, lk, tok, d);
+        kt.store(ks);
+        vt.store(vs);
         if (tid < BF16_BK) {
             const int key = k0 + tid;
             ws[tid] = key < lk ? (has_mult ? mult[(u64)b * lk + key] : 1.0f) : 0.0f;
         }
         __syncthreads();
+        if (k0 + BF16_BK < lk) {
+            kt.load(kb, k0 + BF16_BK, lk, tok, d);
+            vt.load(vb, k0 + BF16_BK, lk, tok, d);
+        }
 
         float s[8][4];
 #pragma unroll
@@ -410,7 +433,7 @@ __device__ __forceinline__ void attention_bf16_tile(const float* __restrict__ q,
     }
 }
 
-#define ATTENTION_KERNELS(D)                                                                     \
+#define ATTENTION_KERNELS(D, BF16_MIN_BLOCKS)                                                                   \
     KERNEL void __launch_bounds__(F32_THREADS)                                                   \
         attention_f32_d##D(const float* __restrict__ q, const float* __restrict__ k,             \
                            const float* __restrict__ v, const float* __restrict__ mult,          \
@@ -418,13 +441,15 @@ __device__ __forceinline__ void attention_bf16_tile(const float* __restrict__ q,
                            int d, float scale) {                                                 \
         attention_f32_tile<D>(q, k, v, mult, has_mult, out, lq, lk, heads, d, scale);           \
     }                                                                                            \
-    KERNEL void __launch_bounds__(BF16_THREADS, 2)                                                \
+    KERNEL void __launch_bounds__(BF16_THREADS, BF16_MIN_BLOCKS)                                                \
         attention_bf16_d##D(const float* __restrict__ q, const float* __restrict__ k,            \
                             const float* __restrict__ v, const float* __restrict__ mult,         \
                             int has_mult, float* __restrict__ out, int lq, int lk, int heads,    \
                             int d, float scale) {                                                \
         attention_bf16_tile<D>(q, k, v, mult, has_mult, out, lq, lk, heads, d, scale);          \
     }
-ATTENTION_KERNELS(32)
-ATTENTION_KERNELS(64)
-ATTENTION_KERNELS(128)
+// Blocks per SM the bf16 kernel's registers are budgeted for (two blocks: 128 registers a
+// thread): from D = 64 the accumulators and the prefetched key tile need more.
+ATTENTION_KERNELS(32, 2)
+ATTENTION_KERNELS(64, 1)
+ATTENTION_KERNELS(128, 1)
