@@ -302,3 +302,16 @@ fn tokenizer_class_names_with_a_tokenizer_json_load() {
         "{e}"
     );
 }
+
+/// Attention over zero keys is an error naming the op, not a panic.
+#[test]
+fn attention_without_keys_is_an_error() {
+    let q = Cpu.upload_f32(&[1, 3, 2, 4], vec![0.5; 24]).unwrap();
+    let k = Cpu.upload_f32(&[1, 0, 2, 4], vec![]).unwrap();
+    let v = Cpu.upload_f32(&[1, 0, 2, 4], vec![]).unwrap();
+    let Err(e) = Cpu.attention(&q, &k, &v, None) else {
+        panic!("attention over zero keys succeeded");
+    };
+    let e = e.to_string();
+    assert!(e.contains("attention") && e.contains("zero keys"), "{e}");
+}

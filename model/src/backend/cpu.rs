@@ -516,6 +516,12 @@ impl Backend for Cpu {
                 ),
             ));
         }
+        if lk == 0 && lq > 0 {
+            return Err(Error::shape(
+                "attention",
+                "no keys: a softmax over zero keys is undefined",
+            ));
+        }
         let (qs, ks, vs) = (
             q.buf.f32("attention")?,
             k.buf.f32("attention")?,

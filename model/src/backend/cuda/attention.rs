@@ -128,6 +128,12 @@ pub(super) fn attention(
             format!("head width {d}: the CUDA kernels take at most {MAX_HEAD_DIM}"),
         ));
     }
+    if lk == 0 && lq > 0 {
+        return Err(Error::shape(
+            "attention",
+            "no keys: a softmax over zero keys is undefined",
+        ));
+    }
     if lq > MAX_SEQ || lk > MAX_SEQ {
         return Err(Error::shape(
             "attention",
