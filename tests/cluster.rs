@@ -1128,3 +1128,66 @@ fn initial_noise_stays_out_of_etcd() {
         );
     }
 }
+
+/// A worker with `--tp 2` on CPU ranks (the transformer sharded over two threads, driven from
+/// the worker's compute thread, as a GPU group is) renders the request; the latents equal the
+/// single-process render's to f32 rounding (the sharded matrix products add in another order).
+#[test]
+fn a_tensor_parallel_worker_group_renders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let expected = reference(dir, 4);
+    let etcd = Etcd::start(dir);
+    let s3 = S3::start(dir, "farm");
+    let env = s3.env();
+    let (c, addr) = coordinator(
+        dir,
+        "coordinator",
+        &["--etcd", &etcd.endpoint(), "--store", "s3://farm/renders"],
+        &env,
+    );
+    let _w = spawn(
+        dir,
+        "tp2",
+        &exe(),
+        &[
+            "worker",
+            "--coordinator",
+            &addr,
+            "--name",
+            "tp2",
+            "--device",
+            "cpu",
+            "--tp",
+            "2",
+            "--threads",
+            "1",
+        ],
+        &env,
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the tp 2 worker to register",
+        || count(&c.log_text(), "worker registered") == 1,
+    );
+    let mut submit = submit_wait(dir, &addr, 4, &env);
+    let (id, _) = submit_outcome(&mut submit);
+    let latents = f32s(&s3.get("farm", &format!("renders/jobs/{id}/latents.safetensors")));
+    assert_eq!(latents.len(), expected.len());
+    let (num, den) = latents
+        .iter()
+        .zip(&expected)
+        .fold((0f64, 0f64), |(n, d), (a, b)| {
+            (n + (*a as f64 - *b as f64).powi(2), d + (*b as f64).powi(2))
+        });
+    let err = (num / den).sqrt();
+    eprintln!("tp 2 worker vs single-process render: relative L2 {err:.3e}");
+    assert!(err <= 1e-5, "relative L2 {err:.3e}\n{}", logs(dir));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s3.get("farm", &format!("renders/jobs/{id}/manifest.json")))
+            .unwrap();
+    assert_eq!(
+        manifest_workers(&manifest),
+        ["tp2".to_string()].into_iter().collect()
+    );
+}

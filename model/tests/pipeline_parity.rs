@@ -5,15 +5,36 @@ mod common;
 
 use common::{fixture, read, rel_l2};
 use longtake_model::backend::cpu::Cpu;
-use longtake_model::comm::ThreadComm;
+use longtake_model::comm::{Comm, ThreadComm};
 use longtake_model::pipeline::{ClipRequest, ModelDir, WanPipeline};
 
 #[test]
 fn runs_match_the_reference() {
+    let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
+    check_runs(&pipe, "tp 1");
+}
+
+/// The same runs with the transformer sharded over two CPU ranks, driven from this thread (the
+/// worker's `--tp`): rank 1 lives on a helper thread and gets its inputs as host data.
+#[test]
+fn runs_match_the_reference_with_a_two_rank_transformer_group() {
+    let comms: Vec<Box<dyn Comm<Cpu>>> = ThreadComm::group(2)
+        .unwrap()
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Comm<Cpu>>)
+        .collect();
+    let pipe = WanPipeline::load_group(
+        &fixture("pipeline/tiny"),
+        vec![Cpu; 2].into_iter().zip(comms).collect(),
+    )
+    .unwrap();
+    check_runs(&pipe, "tp 2 group");
+}
+
+fn check_runs(pipe: &WanPipeline<Cpu>, label: &str) {
     let dir = fixture("pipeline/tiny");
     let runs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("runs.json")).unwrap()).unwrap();
-    let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
     let comm = ThreadComm::group(1).unwrap().remove(0);
     for (k, run) in runs.as_array().unwrap().iter().enumerate() {
         let a = &run["args"];
@@ -40,7 +61,7 @@ fn runs_match_the_reference() {
         assert_eq!(clip.video_shape, vs);
         let el = rel_l2(&clip.latents, &latents);
         let ev = rel_l2(&clip.video, &video);
-        eprintln!("pipeline run {k}: latents relative L2 {el:.3e}, video {ev:.3e}");
+        eprintln!("pipeline run {k} ({label}): latents relative L2 {el:.3e}, video {ev:.3e}");
         assert!(el <= 1e-4, "run {k}: latents {el:.3e}");
         assert!(ev <= 1e-3, "run {k}: video {ev:.3e}");
     }
