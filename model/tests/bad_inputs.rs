@@ -315,3 +315,16 @@ fn attention_without_keys_is_an_error() {
     let e = e.to_string();
     assert!(e.contains("attention") && e.contains("zero keys"), "{e}");
 }
+
+/// Clamping to empty or NaN bounds is an error naming the op, not a panic.
+#[test]
+fn clamp_with_bad_bounds_is_an_error() {
+    use longtake_model::backend::video_ops::VideoOps;
+    let mut x = Cpu.upload_f32(&[2, 2], vec![0.0, 1.0, 2.0, 3.0]).unwrap();
+    for (lo, hi) in [(1.0, 0.0), (f32::NAN, 1.0), (0.0, f32::NAN)] {
+        let e = Cpu.clamp(&mut x, lo, hi).unwrap_err().to_string();
+        assert!(e.contains("clamp"), "{e}");
+    }
+    Cpu.clamp(&mut x, 0.5, 2.5).unwrap();
+    assert_eq!(Cpu.download(&x).unwrap(), [0.5, 1.0, 2.0, 2.5]);
+}

@@ -447,6 +447,9 @@ impl VideoOps for Cpu {
     }
 
     fn clamp(&self, x: &mut Tensor<Self>, lo: f32, hi: f32) -> Result<()> {
+        if lo.is_nan() || hi.is_nan() || lo > hi {
+            return Err(Error::shape("clamp", format!("bounds {lo}..={hi}")));
+        }
         let d = x.last_dim();
         x.buffer_mut()
             .f32_mut("clamp")?

@@ -208,7 +208,7 @@ pub(super) fn mul_assign(b: &Cuda, x: &mut Tensor<Cuda>, y: &Tensor<Cuda>) -> Re
 
 /// `x = clamp(x, lo, hi)` elementwise, in place (kernel `clamp_inplace`; NaN stays NaN).
 pub(super) fn clamp(b: &Cuda, x: &mut Tensor<Cuda>, lo: f32, hi: f32) -> Result<()> {
-    // The CPU's f32::clamp panics on such bounds; here they are a caller error.
+    // Bounds that f32::clamp refuses are a caller error, as on the CPU.
     if lo.is_nan() || hi.is_nan() || lo > hi {
         return Err(Error::shape("clamp", format!("bounds {lo}..={hi}")));
     }
