@@ -484,20 +484,25 @@ impl Backend for Cuda {
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
         let s = &self.inner.stream;
         let n = t.numel();
+        let e = |e| self.err("download", e);
+        // A copy into pageable memory is synchronous in practice; the documentation says it
+        // "might be", so the stream is synchronised before the host reads the data.
         let mut v = match &t.buf {
-            CudaBuffer::F32(b) => s.clone_dtoh(b).map_err(|e| self.err("download", e))?,
-            CudaBuffer::BF16(b) => s
-                .clone_dtoh(b)
-                .map_err(|e| self.err("download", e))?
-                .into_iter()
-                .map(|x| x.to_f32())
-                .collect(),
-            CudaBuffer::F16(b) => s
-                .clone_dtoh(b)
-                .map_err(|e| self.err("download", e))?
-                .into_iter()
-                .map(|x| x.to_f32())
-                .collect(),
+            CudaBuffer::F32(b) => {
+                let v = s.clone_dtoh(b).map_err(e)?;
+                s.synchronize().map_err(e)?;
+                v
+            }
+            CudaBuffer::BF16(b) => {
+                let v = s.clone_dtoh(b).map_err(e)?;
+                s.synchronize().map_err(e)?;
+                v.into_iter().map(|x| x.to_f32()).collect()
+            }
+            CudaBuffer::F16(b) => {
+                let v = s.clone_dtoh(b).map_err(e)?;
+                s.synchronize().map_err(e)?;
+                v.into_iter().map(|x| x.to_f32()).collect()
+            }
         };
         v.truncate(n);
         Ok(v)
