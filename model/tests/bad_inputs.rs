@@ -328,3 +328,24 @@ fn clamp_with_bad_bounds_is_an_error() {
     Cpu.clamp(&mut x, 0.5, 2.5).unwrap();
     assert_eq!(Cpu.download(&x).unwrap(), [0.5, 1.0, 2.0, 2.5]);
 }
+
+/// Convolution weights the ops cannot apply (no causal window, a kernel larger than the padded
+/// frame, no temporal taps) are errors naming the op, not panics.
+#[test]
+fn impossible_convolutions_are_errors() {
+    use longtake_model::backend::video_ops::VideoOps;
+    let x = Cpu.upload_f32(&[2, 3, 4, 5], vec![0.1; 120]).unwrap();
+    let w0 = Cpu.upload_f32(&[2, 3, 0, 3, 3], vec![]).unwrap();
+    let err = |r: longtake_model::Result<_>| match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    let e = err(Cpu.conv3d_causal(&x, None, &w0, None));
+    assert!(e.contains("conv3d_causal"), "{e}");
+    let big = Cpu.upload_f32(&[2, 3, 7, 3], vec![0.1; 126]).unwrap();
+    let e = err(Cpu.conv2d_down2(&x, &big, None));
+    assert!(e.contains("conv2d_down2"), "{e}");
+    let wt0 = Cpu.upload_f32(&[2, 3, 0, 1, 1], vec![]).unwrap();
+    let e = err(Cpu.conv_time_down2(&x, &wt0, None));
+    assert!(e.contains("conv_time_down2"), "{e}");
+}

@@ -495,33 +495,7 @@ impl Backend for Cpu {
         v: &Tensor<Self>,
         key_multiplicity: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        expect_rank("attention q", q, 4)?;
-        expect_rank("attention k", k, 4)?;
-        let [b, lq, h, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
-        let lk = k.shape()[1];
-        if k.shape() != v.shape()
-            || k.shape()[0] != b
-            || k.shape()[2] != h
-            || k.shape()[3] != d
-            || key_multiplicity.is_some_and(|m| m.shape() != [b, lk])
-        {
-            return Err(Error::shape(
-                "attention",
-                format!(
-                    "q {:?}, k {:?}, v {:?}, multiplicity {:?}",
-                    q.shape(),
-                    k.shape(),
-                    v.shape(),
-                    key_multiplicity.map(|m| m.shape().to_vec())
-                ),
-            ));
-        }
-        if lk == 0 && lq > 0 {
-            return Err(Error::shape(
-                "attention",
-                "no keys: a softmax over zero keys is undefined",
-            ));
-        }
+        let [b, lq, lk, h, d] = super::shapes::attention(q, k, v, key_multiplicity)?;
         let (qs, ks, vs) = (
             q.buf.f32("attention")?,
             k.buf.f32("attention")?,

@@ -13,6 +13,7 @@
 pub mod cpu;
 pub mod cuda;
 mod kernels;
+pub(crate) mod shapes;
 
 /// The CPU kernel family this process runs (see [`kernels::family`]).
 pub fn cpu_kernel_family() -> &'static str {

@@ -8,7 +8,8 @@
 use rayon::prelude::*;
 
 use super::cpu::{Cpu, CpuBuffer, SharedMut, gemm_strided, rows_per_task, threads};
-use super::{Backend, Tensor, expect_rank, kernels};
+use super::shapes::{self, dims4};
+use super::{Backend, Tensor, kernels};
 use crate::error::{Error, Result};
 
 /// Video-autoencoder operations on frame-major `[T, C, H, W]` tensors.
@@ -70,12 +71,6 @@ fn f32s<'a>(t: &'a Tensor<Cpu>, op: &'static str) -> Result<&'a [f32]> {
     }
 }
 
-fn dims4(t: &Tensor<Cpu>, op: &'static str) -> Result<[usize; 4]> {
-    expect_rank(op, t, 4)?;
-    let s = t.shape();
-    Ok([s[0], s[1], s[2], s[3]])
-}
-
 impl VideoOps for Cpu {
     fn conv3d_causal(
         &self,
@@ -84,29 +79,17 @@ impl VideoOps for Cpu {
         weight: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        let [t, cin, h, w] = dims4(x, "conv3d_causal")?;
-        expect_rank("conv3d_causal weight", weight, 5)?;
-        let ws = weight.shape();
-        let [cout, wcin, kt, kh, kw] = [ws[0], ws[1], ws[2], ws[3], ws[4]];
-        if wcin != cin || kh % 2 == 0 || kw % 2 == 0 || bias.is_some_and(|b| b.numel() != cout) {
-            return Err(Error::shape(
-                "conv3d_causal",
-                format!("input {:?}, weight {ws:?}", x.shape()),
-            ));
-        }
-        let hist_frames = match history {
-            Some(hs) => {
-                let [ht, hc, hh, hw] = dims4(hs, "conv3d_causal history")?;
-                if hc != cin || hh != h || hw != w {
-                    return Err(Error::shape(
-                        "conv3d_causal",
-                        format!("history {:?} for input {:?}", hs.shape(), x.shape()),
-                    ));
-                }
-                ht.min(kt - 1)
-            }
-            None => 0,
-        };
+        let shapes::Conv3d {
+            t,
+            cin,
+            h,
+            w,
+            cout,
+            kt,
+            kh,
+            kw,
+            hist_frames,
+        } = shapes::conv3d_causal(x, history, weight, bias)?;
         let (ph, pw) = (kh / 2, kw / 2);
         let (hp, wp) = (h + 2 * ph, w + 2 * pw);
         let frame_p = cin * hp * wp;
@@ -222,17 +205,18 @@ impl VideoOps for Cpu {
         weight: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        let [t, cin, h, w] = dims4(x, "conv2d_down2")?;
-        let [cout, wcin, kh, kw] = dims4(weight, "conv2d_down2 weight")?;
-        if wcin != cin || bias.is_some_and(|b| b.numel() != cout) {
-            return Err(Error::shape(
-                "conv2d_down2",
-                format!("input {:?}, weight {:?}", x.shape(), weight.shape()),
-            ));
-        }
-        // Pad one zero row/column at the bottom/right, then a valid stride-2 convolution.
-        let (hp, wp) = (h + 1, w + 1);
-        let (ho, wo) = ((hp - kh) / 2 + 1, (wp - kw) / 2 + 1);
+        let shapes::Conv2dDown {
+            t,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            ho,
+            wo,
+        } = shapes::conv2d_down2(x, weight, bias)?;
+        // One zero row/column padded at the bottom/right, then a valid stride-2 convolution.
         let xs = f32s(x, "conv2d_down2")?;
         let wts = f32s(weight, "conv2d_down2")?;
         let kk = cin * kh * kw;
@@ -295,22 +279,15 @@ impl VideoOps for Cpu {
         weight: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        let [t, cin, h, w] = dims4(x, "conv_time_down2")?;
-        expect_rank("conv_time_down2 weight", weight, 5)?;
-        let ws = weight.shape();
-        let [cout, kt] = [ws[0], ws[2]];
-        if ws[1] != cin
-            || ws[3] != 1
-            || ws[4] != 1
-            || t < kt
-            || bias.is_some_and(|b| b.numel() != cout)
-        {
-            return Err(Error::shape(
-                "conv_time_down2",
-                format!("input {:?}, weight {ws:?}", x.shape()),
-            ));
-        }
-        let to = (t - kt) / 2 + 1;
+        let shapes::ConvTimeDown {
+            cin,
+            h,
+            w,
+            cout,
+            kt,
+            t_out: to,
+            ..
+        } = shapes::conv_time_down2(x, weight, bias)?;
         let hw = h * w;
         let xs = f32s(x, "conv_time_down2")?;
         let wts = f32s(weight, "conv_time_down2")?;

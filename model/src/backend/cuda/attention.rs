@@ -18,7 +18,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{Cuda, Precision, Tensor, dim};
-use crate::backend::expect_rank;
+use crate::backend::shapes;
 use crate::error::{Error, Result};
 
 /// The widest head the kernels take (their largest bucket).
@@ -93,27 +93,7 @@ pub(super) fn attention(
     v: &Tensor<Cuda>,
     key_multiplicity: Option<&Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    expect_rank("attention q", q, 4)?;
-    expect_rank("attention k", k, 4)?;
-    let [batch, lq, h, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
-    let lk = k.shape()[1];
-    if k.shape() != v.shape()
-        || k.shape()[0] != batch
-        || k.shape()[2] != h
-        || k.shape()[3] != d
-        || key_multiplicity.is_some_and(|m| m.shape() != [batch, lk])
-    {
-        return Err(Error::shape(
-            "attention",
-            format!(
-                "q {:?}, k {:?}, v {:?}, multiplicity {:?}",
-                q.shape(),
-                k.shape(),
-                v.shape(),
-                key_multiplicity.map(|m| m.shape().to_vec())
-            ),
-        ));
-    }
+    let [batch, lq, lk, h, d] = shapes::attention(q, k, v, key_multiplicity)?;
     let (qs, ks, vs) = (
         Cuda::f32_of(q, "attention")?,
         Cuda::f32_of(k, "attention")?,
@@ -126,12 +106,6 @@ pub(super) fn attention(
         return Err(Error::shape(
             "attention",
             format!("head width {d}: the CUDA kernels take at most {MAX_HEAD_DIM}"),
-        ));
-    }
-    if lk == 0 && lq > 0 {
-        return Err(Error::shape(
-            "attention",
-            "no keys: a softmax over zero keys is undefined",
         ));
     }
     if lq > MAX_SEQ || lk > MAX_SEQ {

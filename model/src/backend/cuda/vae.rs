@@ -11,7 +11,7 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{Cuda, CudaBuffer, Tensor, dim, grid_1d, push_buf, suffix};
-use crate::backend::expect_rank;
+use crate::backend::shapes::{self, dims4};
 use crate::error::{Error, Result};
 
 /// Elements a flat kernel's grid covers before its grid-stride loop takes over.
@@ -210,13 +210,6 @@ fn conv(
     Ok(Tensor::from_parts(CudaBuffer::F32(out), out_shape))
 }
 
-/// The four dimensions of a rank-4 tensor (`op` names the error otherwise).
-fn dims4(t: &Tensor<Cuda>, op: &'static str) -> Result<[usize; 4]> {
-    expect_rank(op, t, 4)?;
-    let s = t.shape();
-    Ok([s[0], s[1], s[2], s[3]])
-}
-
 /// Causal 3-D convolution of `x [T, Cin, H, W]` with weight `[Cout, Cin, kt, kh, kw]` (odd kh,
 /// kw; zero padding keeps H and W; stride 1) and optional bias `[Cout]`: output frame `t` sees
 /// input frames `t−kt+1 ..= t`, those before the first taken from `history [ht, Cin, H, W]`
@@ -228,35 +221,17 @@ pub(super) fn conv3d_causal(
     weight: &Tensor<Cuda>,
     bias: Option<&Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    let [t, cin, h, w] = dims4(x, "conv3d_causal")?;
-    expect_rank("conv3d_causal weight", weight, 5)?;
-    let ws = weight.shape();
-    let [cout, wcin, kt, kh, kw] = [ws[0], ws[1], ws[2], ws[3], ws[4]];
-    // kt = 0 has no causal window (the CPU reference would underflow on it).
-    if wcin != cin
-        || kt == 0
-        || kh % 2 == 0
-        || kw % 2 == 0
-        || bias.is_some_and(|b| b.numel() != cout)
-    {
-        return Err(Error::shape(
-            "conv3d_causal",
-            format!("input {:?}, weight {ws:?}", x.shape()),
-        ));
-    }
-    let history = match history {
-        Some(hs) => {
-            let [ht, hc, hh, hw] = dims4(hs, "conv3d_causal history")?;
-            if hc != cin || hh != h || hw != w {
-                return Err(Error::shape(
-                    "conv3d_causal",
-                    format!("history {:?} for input {:?}", hs.shape(), x.shape()),
-                ));
-            }
-            Some((hs, ht.min(kt - 1)))
-        }
-        None => None,
-    };
+    let shapes::Conv3d {
+        t,
+        h,
+        w,
+        kt,
+        kh,
+        kw,
+        hist_frames,
+        ..
+    } = shapes::conv3d_causal(x, history, weight, bias)?;
+    let history = history.map(|hs| (hs, hist_frames));
     let g = ConvGeometry {
         t_out: t,
         ho: h,
@@ -282,19 +257,13 @@ pub(super) fn conv2d_down2(
     weight: &Tensor<Cuda>,
     bias: Option<&Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    let [t, cin, h, w] = dims4(x, "conv2d_down2")?;
-    let [cout, wcin, kh, kw] = dims4(weight, "conv2d_down2 weight")?;
-    // A kernel larger than the padded frame has no output (the CPU reference would underflow).
-    if wcin != cin || kh > h + 1 || kw > w + 1 || bias.is_some_and(|b| b.numel() != cout) {
-        return Err(Error::shape(
-            "conv2d_down2",
-            format!("input {:?}, weight {:?}", x.shape(), weight.shape()),
-        ));
-    }
+    let shapes::Conv2dDown {
+        t, kh, kw, ho, wo, ..
+    } = shapes::conv2d_down2(x, weight, bias)?;
     let g = ConvGeometry {
         t_out: t,
-        ho: (h + 1 - kh) / 2 + 1,
-        wo: (w + 1 - kw) / 2 + 1,
+        ho,
+        wo,
         kt: 1,
         kh,
         kw,
@@ -316,19 +285,11 @@ pub(super) fn conv_time_down2(
     weight: &Tensor<Cuda>,
     bias: Option<&Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    let [t, cin, h, w] = dims4(x, "conv_time_down2")?;
-    expect_rank("conv_time_down2 weight", weight, 5)?;
-    let ws = weight.shape();
-    let [cout, kt] = [ws[0], ws[2]];
-    if ws[1] != cin || ws[3] != 1 || ws[4] != 1 || t < kt || bias.is_some_and(|b| b.numel() != cout)
-    {
-        return Err(Error::shape(
-            "conv_time_down2",
-            format!("input {:?}, weight {ws:?}", x.shape()),
-        ));
-    }
+    let shapes::ConvTimeDown {
+        h, w, kt, t_out, ..
+    } = shapes::conv_time_down2(x, weight, bias)?;
     let g = ConvGeometry {
-        t_out: (t - kt) / 2 + 1,
+        t_out,
         ho: h,
         wo: w,
         kt,
