@@ -295,26 +295,13 @@ impl Backend for Cpu {
     }
 
     fn modulation_table(&self, table: &Tensor<Self>, proj: &Tensor<Self>) -> Result<Tensor<Self>> {
-        expect_rank("modulation_table", table, 2)?;
-        let (c, d) = (table.shape()[0], table.shape()[1]);
-        let b = *proj.shape().first().unwrap_or(&0);
-        let x = proj.numel() / b.max(1);
-        if x != c * d && x != d {
-            return Err(Error::shape(
-                "modulation_table",
-                format!(
-                    "table {:?} with projection {:?}",
-                    table.shape(),
-                    proj.shape()
-                ),
-            ));
-        }
+        let (b, c, d, shared) = super::shapes::modulation_table(table, proj)?;
         let t = table.buf.to_f32();
         let p = proj.buf.f32("modulation_table")?;
         let mut out = Vec::with_capacity(b * c * d);
         for bi in 0..b {
             for ci in 0..c {
-                let off = if x == d { bi * d } else { (bi * c + ci) * d };
+                let off = if shared { bi * d } else { (bi * c + ci) * d };
                 out.extend(
                     t[ci * d..(ci + 1) * d]
                         .iter()
@@ -600,19 +587,9 @@ impl Backend for Cpu {
         patch: [usize; 3],
         channels: usize,
     ) -> Result<Tensor<Self>> {
-        expect_rank("unpatchify", y, 3)?;
+        let (b, l, feat) = super::shapes::unpatchify(y, grid, patch, channels)?;
         let [gf, gh, gw] = grid;
         let [pt, ph, pw] = patch;
-        let (b, l, feat) = (y.shape()[0], y.shape()[1], y.shape()[2]);
-        if l != gf * gh * gw || feat != pt * ph * pw * channels {
-            return Err(Error::shape(
-                "unpatchify",
-                format!(
-                    "{:?} for grid {grid:?}, patch {patch:?}, {channels} channels",
-                    y.shape()
-                ),
-            ));
-        }
         let [f, hh, ww] = [gf * pt, gh * ph, gw * pw];
         let ys = y.buf.f32("unpatchify")?;
         let mut out = vec![0.0f32; b * channels * f * hh * ww];

@@ -201,3 +201,83 @@ pub(crate) fn conv_time_down2<B: Backend>(
         t_out: (t - kt) / 2 + 1,
     })
 }
+
+/// `attention_rel_bias`: `q[B, Lq ≥ 1, H, d]`, `k`, `v` `[B, Lk ≥ 1, H, d]`, bias
+/// `[H, Lq + Lk − 1]`. Returns `[B, Lq, Lk, H, d]`.
+pub(crate) fn attention_rel_bias<B: Backend>(
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    rel_bias: &Tensor<B>,
+) -> Result<[usize; 5]> {
+    expect_rank("attention q", q, 4)?;
+    expect_rank("attention k", k, 4)?;
+    let [b, lq, h, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
+    let lk = k.shape()[1];
+    if k.shape() != v.shape()
+        || k.shape()[0] != b
+        || k.shape()[2] != h
+        || k.shape()[3] != d
+        || lq == 0
+        || lk == 0
+        || rel_bias.shape() != [h, lq + lk - 1]
+    {
+        return Err(Error::shape(
+            "attention_rel_bias",
+            format!(
+                "q {:?}, k {:?}, v {:?}, relative bias {:?}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                rel_bias.shape()
+            ),
+        ));
+    }
+    Ok([b, lq, lk, h, d])
+}
+
+/// `modulation_table`: table `[C, D]`, projection `[B, C·D]` or `[B, D]`. Returns `(B, C, D,
+/// shared)`, `shared` when one D-vector serves every chunk.
+pub(crate) fn modulation_table<B: Backend>(
+    table: &Tensor<B>,
+    proj: &Tensor<B>,
+) -> Result<(usize, usize, usize, bool)> {
+    expect_rank("modulation_table", table, 2)?;
+    let (c, d) = (table.shape()[0], table.shape()[1]);
+    let b = *proj.shape().first().unwrap_or(&0);
+    let x = proj.numel() / b.max(1);
+    if x != c * d && x != d {
+        return Err(Error::shape(
+            "modulation_table",
+            format!(
+                "table {:?} with projection {:?}",
+                table.shape(),
+                proj.shape()
+            ),
+        ));
+    }
+    Ok((b, c, d, x == d))
+}
+
+/// `unpatchify`: `y[B, L, pt·ph·pw·C]` with L = F'·H'·W'. Returns `(B, L, features)`.
+pub(crate) fn unpatchify<B: Backend>(
+    y: &Tensor<B>,
+    grid: [usize; 3],
+    patch: [usize; 3],
+    channels: usize,
+) -> Result<(usize, usize, usize)> {
+    expect_rank("unpatchify", y, 3)?;
+    let [gf, gh, gw] = grid;
+    let [pt, ph, pw] = patch;
+    let (b, l, feat) = (y.shape()[0], y.shape()[1], y.shape()[2]);
+    if l != gf * gh * gw || feat != pt * ph * pw * channels {
+        return Err(Error::shape(
+            "unpatchify",
+            format!(
+                "{:?} for grid {grid:?}, patch {patch:?}, {channels} channels",
+                y.shape()
+            ),
+        ));
+    }
+    Ok((b, l, feat))
+}

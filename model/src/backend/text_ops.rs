@@ -70,28 +70,7 @@ impl TextOps for Cpu {
         scale: f32,
     ) -> Result<Tensor<Self>> {
         expect_rank("attention q", q, 4)?;
-        expect_rank("attention k", k, 4)?;
-        let [b, lq, h, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
-        let lk = k.shape()[1];
-        if k.shape() != v.shape()
-            || k.shape()[0] != b
-            || k.shape()[2] != h
-            || k.shape()[3] != d
-            || lq == 0
-            || lk == 0
-            || rel_bias.shape() != [h, lq + lk - 1]
-        {
-            return Err(Error::shape(
-                "attention_rel_bias",
-                format!(
-                    "q {:?}, k {:?}, v {:?}, relative bias {:?}",
-                    q.shape(),
-                    k.shape(),
-                    v.shape(),
-                    rel_bias.shape()
-                ),
-            ));
-        }
+        let [b, lq, lk, h, d] = super::shapes::attention_rel_bias(q, k, v, rel_bias)?;
         fn f32_of(t: &Tensor<Cpu>) -> Result<&[f32]> {
             match t.buffer() {
                 CpuBuffer::F32(s) => Ok(s),

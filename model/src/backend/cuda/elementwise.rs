@@ -98,20 +98,7 @@ pub(super) fn modulation_table(
     table: &Tensor<Cuda>,
     proj: &Tensor<Cuda>,
 ) -> Result<Tensor<Cuda>> {
-    expect_rank("modulation_table", table, 2)?;
-    let (c, d) = (table.shape()[0], table.shape()[1]);
-    let batch = *proj.shape().first().unwrap_or(&0);
-    let x = proj.numel() / batch.max(1);
-    if x != c * d && x != d {
-        return Err(Error::shape(
-            "modulation_table",
-            format!(
-                "table {:?} with projection {:?}",
-                table.shape(),
-                proj.shape()
-            ),
-        ));
-    }
+    let (batch, c, d, shared) = crate::backend::shapes::modulation_table(table, proj)?;
     let ps = Cuda::f32_of(proj, "modulation_table")?;
     let mut out = b.output(vec![batch, c, d])?;
     let rows = batch * c;
@@ -126,7 +113,7 @@ pub(super) fn modulation_table(
         dim("modulation_table", d)?,
     );
     // With C = 1 both layouts coincide; otherwise X = D means one vector shared by the chunks.
-    let shared = i32::from(x == d);
+    let shared = i32::from(shared);
     b.launch(&name, row_launch(rows, d), |l| {
         push_buf(l, &table.buf);
         l.arg(ps)

@@ -230,19 +230,9 @@ pub(super) fn unpatchify(
     patch: [usize; 3],
     channels: usize,
 ) -> Result<Tensor<Cuda>> {
-    expect_rank("unpatchify", y, 3)?;
+    let (batch, l, feat) = crate::backend::shapes::unpatchify(y, grid, patch, channels)?;
     let [gf, gh, gw] = grid;
     let [pt, ph, pw] = patch;
-    let (batch, l, feat) = (y.shape()[0], y.shape()[1], y.shape()[2]);
-    if l != gf * gh * gw || feat != pt * ph * pw * channels {
-        return Err(Error::shape(
-            "unpatchify",
-            format!(
-                "{:?} for grid {grid:?}, patch {patch:?}, {channels} channels",
-                y.shape()
-            ),
-        ));
-    }
     let [f, hh, ww] = [gf * pt, gh * ph, gw * pw];
     let ys = Cuda::f32_of(y, "unpatchify")?;
     let mut out = b.output(vec![batch, channels, f, hh, ww])?;

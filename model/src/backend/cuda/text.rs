@@ -51,34 +51,11 @@ pub(super) fn attention_rel_bias(
     scale: f32,
 ) -> Result<Tensor<Cuda>> {
     use super::{CudaBuffer, dim, grid_rows};
-    use crate::backend::expect_rank;
     use cudarc::driver::{CudaSlice, PushKernelArg};
 
     const OP: &str = "attention_rel_bias";
     const KERNEL: &str = "attention_rel_bias_f32";
-    expect_rank("attention q", q, 4)?;
-    expect_rank("attention k", k, 4)?;
-    let [batch, lq, h, d] = [q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]];
-    let lk = k.shape()[1];
-    if k.shape() != v.shape()
-        || k.shape()[0] != batch
-        || k.shape()[2] != h
-        || k.shape()[3] != d
-        || lq == 0
-        || lk == 0
-        || rel_bias.shape() != [h, lq + lk - 1]
-    {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "q {:?}, k {:?}, v {:?}, relative bias {:?}",
-                q.shape(),
-                k.shape(),
-                v.shape(),
-                rel_bias.shape()
-            ),
-        ));
-    }
+    let [batch, lq, lk, h, d] = crate::backend::shapes::attention_rel_bias(q, k, v, rel_bias)?;
     fn f32_of(t: &Tensor<Cuda>) -> Result<&CudaSlice<f32>> {
         match &t.buf {
             CudaBuffer::F32(s) => Ok(s),
