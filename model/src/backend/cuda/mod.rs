@@ -58,6 +58,21 @@ pub fn driver_present() -> bool {
 /// The GPUs of this machine, or the reason none can be used (no driver library, the driver
 /// failing to initialise, zero devices).
 pub fn devices() -> Result<Vec<DeviceInfo>> {
+    (0..device_count()?)
+        .map(|i| {
+            let ctx = CudaContext::new(i).map_err(|e| drv(&format!("cuda:{i}"), "opening", e))?;
+            Ok(DeviceInfo {
+                ordinal: i,
+                name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+                capability: ctx.compute_capability().unwrap_or((0, 0)),
+                memory_bytes: ctx.total_mem().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// How many GPUs the driver reports (at least one), without opening any.
+fn device_count() -> Result<usize> {
     if !driver_present() {
         return Err(Error::device(
             "cuda",
@@ -71,17 +86,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
             "the NVIDIA driver reports no GPU on this machine",
         ));
     }
-    (0..n as usize)
-        .map(|i| {
-            let ctx = CudaContext::new(i).map_err(|e| drv(&format!("cuda:{i}"), "opening", e))?;
-            Ok(DeviceInfo {
-                ordinal: i,
-                name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
-                capability: ctx.compute_capability().unwrap_or((0, 0)),
-                memory_bytes: ctx.total_mem().unwrap_or(0),
-            })
-        })
-        .collect()
+    Ok(n as usize)
 }
 
 pub(crate) fn drv(device: &str, what: &str, e: DriverError) -> Error {
@@ -150,7 +155,7 @@ impl Cuda {
     /// the cache) and a cuBLASLt handle.
     pub fn new(ordinal: usize, precision: Precision) -> Result<Cuda> {
         let label = format!("cuda:{ordinal}");
-        let count = devices()?.len();
+        let count = device_count()?;
         if ordinal >= count {
             return Err(Error::device(
                 &label,
@@ -184,9 +189,9 @@ impl Cuda {
         for module in nvrtc::modules() {
             let ptx = nvrtc::compile_cached(&module, arch).map_err(|e| Error::device(&label, e))?;
             let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx.as_str()))
                 .map_err(|e| drv(&label, &format!("loading kernel module {}", module.name), e))?;
-            for f in module.functions() {
+            for f in nvrtc::Module::entries(&ptx) {
                 let func = m.load_function(&f).map_err(|e| {
                     drv(&label, &format!("loading kernel {f} of {}", module.name), e)
                 })?;

@@ -3,7 +3,7 @@
 //! Each module is `kernels/prelude.cuh` followed by one `kernels/<family>.cu`, compiled on its
 //! own. The sources use no CUDA header (a machine with only the driver has none): bf16 and f16
 //! go through bit casts and inline PTX defined in the prelude. The entry points of a module are
-//! read back from its PTX (`.entry` lines), so a kernel instantiated by a macro needs no list.
+//! read back from its PTX ([`Module::entries`]), so a kernel instantiated by a macro needs no list.
 //!
 //! The cache (`$LONGTAKE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/longtake/kernels`, else
 //! `~/.cache/longtake/kernels`) keeps one PTX file per module, architecture and hash of source,
@@ -51,7 +51,6 @@ pub const ARCHES: &[(&str, (i32, i32))] = &[
 pub struct Module {
     pub name: &'static str,
     pub source: String,
-    ptx_names: std::cell::OnceCell<Vec<String>>,
 }
 
 impl Module {
@@ -67,11 +66,6 @@ impl Module {
             })
             .collect()
     }
-
-    /// The entry points of the module as last compiled by [`compile_cached`].
-    pub fn functions(&self) -> Vec<String> {
-        self.ptx_names.get().cloned().unwrap_or_default()
-    }
 }
 
 /// Every kernel module.
@@ -81,7 +75,6 @@ pub fn modules() -> Vec<Module> {
         .map(|(name, src)| Module {
             name,
             source: format!("{PRELUDE}\n#line 1 \"{name}.cu\"\n{src}"),
-            ptx_names: std::cell::OnceCell::new(),
         })
         .collect()
 }
@@ -139,9 +132,7 @@ pub fn compile(module: &Module, arch: &'static str) -> Result<String, String> {
         ),
         other => format!("kernel module {} for {arch}: {other:?}", module.name),
     })?;
-    let text = ptx.to_src();
-    let _ = module.ptx_names.set(Module::entries(&text));
-    Ok(text)
+    Ok(ptx.to_src())
 }
 
 /// The kernel cache directory.
@@ -183,7 +174,6 @@ pub fn compile_cached(module: &Module, arch: &'static str) -> Result<String, Str
         && let Ok(text) = std::fs::read_to_string(p)
         && text.contains(".entry")
     {
-        let _ = module.ptx_names.set(Module::entries(&text));
         return Ok(text);
     }
     let text = compile(module, arch)?;

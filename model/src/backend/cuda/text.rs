@@ -50,19 +50,18 @@ pub(super) fn attention_rel_bias(
     rel_bias: &Tensor<Cuda>,
     scale: f32,
 ) -> Result<Tensor<Cuda>> {
-    use super::{CudaBuffer, dim, grid_rows};
-    use cudarc::driver::{CudaSlice, PushKernelArg};
+    use super::{dim, grid_rows};
+    use cudarc::driver::PushKernelArg;
 
     const OP: &str = "attention_rel_bias";
     const KERNEL: &str = "attention_rel_bias_f32";
     let [batch, lq, lk, h, d] = crate::backend::shapes::attention_rel_bias(q, k, v, rel_bias)?;
-    fn f32_of(t: &Tensor<Cuda>) -> Result<&CudaSlice<f32>> {
-        match &t.buf {
-            CudaBuffer::F32(s) => Ok(s),
-            _ => Err(Error::shape(OP, "inputs must be f32")),
-        }
-    }
-    let (qs, ks, vs, rel) = (f32_of(q)?, f32_of(k)?, f32_of(v)?, f32_of(rel_bias)?);
+    let (qs, ks, vs, rel) = (
+        Cuda::f32_of(q, OP)?,
+        Cuda::f32_of(k, OP)?,
+        Cuda::f32_of(v, OP)?,
+        Cuda::f32_of(rel_bias, OP)?,
+    );
     let mut out = b.output(vec![batch, lq, h, d])?;
     if out.numel() == 0 {
         return Ok(out);
