@@ -2,7 +2,7 @@
 //! communicator and one helper thread per other rank (its own device, shard and communicator).
 //!
 //! The pipeline calls rank 0 as if the transformer were local: each forward's inputs go to the
-//! helpers as host data (the latents of one window, the timesteps; the text context once per
+//! helpers as the host data the pipeline holds anyway (the latents of one window, the timesteps; the text context once per
 //! prompt), every rank runs the same forward (the collectives need them all), and rank 0's
 //! output is the result. A helper that fails answers with its error, so a forward never waits
 //! on a rank that has stopped.
@@ -196,20 +196,35 @@ impl<B: PipelineBackend> DitGroup<B> {
         collect(&helpers)
     }
 
-    /// One forward on every rank; rank 0's output.
-    pub fn forward(&self, inputs: &DitInputs<'_, B>) -> Result<Tensor<B>> {
-        let host = std::sync::Arc::new(self.backend.download(inputs.latents)?);
-        let shape = inputs.latents.shape().to_vec();
-        let timesteps = inputs.timesteps.to_vec();
+    /// One forward on every rank of latents given as host data (`shape`, `latents`), with the
+    /// context last sent by [`Self::set_context`] (rank 0 uses `context`, built from the same
+    /// data); rank 0's output. The host data goes to every rank as it is, so nothing is read
+    /// back from rank 0's device.
+    pub fn forward(
+        &self,
+        shape: &[usize],
+        latents: Vec<f32>,
+        timesteps: &[f32],
+        context: &TextContext<B>,
+    ) -> Result<Tensor<B>> {
+        let host = std::sync::Arc::new(latents);
         let helpers = self.helpers();
         broadcast(&helpers, || Msg::Forward {
-            shape: shape.clone(),
+            shape: shape.to_vec(),
             latents: std::sync::Arc::clone(&host),
-            timesteps: timesteps.clone(),
+            timesteps: timesteps.to_vec(),
         })?;
-        let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let out = self.model.forward(comm.as_ref(), inputs);
-        drop(comm);
+        let out = self.backend.upload_f32(shape, host.to_vec()).and_then(|x| {
+            let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+            self.model.forward(
+                comm.as_ref(),
+                &DitInputs {
+                    latents: &x,
+                    timesteps,
+                    context,
+                },
+            )
+        });
         let answers = collect(&helpers);
         let out = out?;
         answers?;

@@ -273,11 +273,30 @@ impl<B: PipelineBackend> Transformer<B> {
         }
     }
 
-    /// One forward. A group uses its own communicators and ignores `comm`.
-    fn forward(&self, comm: &dyn Comm<B>, inputs: &DitInputs<'_, B>) -> Result<Tensor<B>> {
+    /// One forward of host latents `shape` on `backend`. A group uses its own communicators
+    /// and ignores `comm`.
+    fn forward(
+        &self,
+        comm: &dyn Comm<B>,
+        backend: &B,
+        shape: &[usize],
+        latents: Vec<f32>,
+        timesteps: &[f32],
+        context: &TextContext<B>,
+    ) -> Result<Tensor<B>> {
         match self {
-            Transformer::Local(t) => t.forward(comm, inputs),
-            Transformer::Group(g) => g.forward(inputs),
+            Transformer::Local(t) => {
+                let x = backend.upload_f32(shape, latents)?;
+                t.forward(
+                    comm,
+                    &DitInputs {
+                        latents: &x,
+                        timesteps,
+                        context,
+                    },
+                )
+            }
+            Transformer::Group(g) => g.forward(shape, latents, timesteps, context),
         }
     }
 }
@@ -582,14 +601,13 @@ impl<'a, B: PipelineBackend> Guided<'a, B> {
             input.extend_from_slice(x);
         }
         let [z, f, h, w] = shape;
-        let latents: Tensor<B> = self.backend.upload_f32(&[batch, z, f, h, w], input)?;
         let out = self.transformer.forward(
             comm,
-            &DitInputs {
-                latents: &latents,
-                timesteps: &vec![t; batch],
-                context: &self.context,
-            },
+            &self.backend,
+            &[batch, z, f, h, w],
+            input,
+            &vec![t; batch],
+            &self.context,
         )?;
         let out = self.backend.download(&out)?;
         Ok(if self.cfg {
