@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
-use longtake_model::backend::cuda::Cuda;
 use longtake_model::device::Placement;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
@@ -497,45 +496,38 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     }
     // One registration per tensor-parallel group: the CPU (its ranks are threads), or each
     // group of --tp GPUs with its own compute thread.
-    let slots: Vec<(String, Vec<String>, longtake_worker::WorkerBackend)> = match a
-        .device
-        .placement()?
-    {
-        Placement::Cpu => vec![(
-            name.clone(),
-            vec!["cpu".into()],
-            longtake_worker::WorkerBackend::Cpu { tp: a.tp },
-        )],
-        Placement::Cuda(ids) => {
-            if ids.len() % a.tp != 0 {
-                bail!(
-                    "--tp {}: the {} GPU(s) of --device do not split into groups of {}; \
+    let slots: Vec<(String, Vec<String>, longtake_worker::WorkerBackend)> =
+        match a.device.placement()? {
+            Placement::Cpu => vec![(
+                name.clone(),
+                vec!["cpu".into()],
+                longtake_worker::WorkerBackend::Cpu { tp: a.tp },
+            )],
+            Placement::Cuda(ids) => {
+                if ids.len() % a.tp != 0 {
+                    bail!(
+                        "--tp {}: the {} GPU(s) of --device do not split into groups of {}; \
                          allowed: a divisor of {}",
-                    a.tp,
-                    ids.len(),
-                    a.tp,
-                    ids.len()
-                );
-            }
-            let mut slots = Vec::new();
-            for group in ids.chunks(a.tp) {
-                let gpus = group
-                    .iter()
-                    .map(|id| Cuda::new(*id, a.device.precision).context("--device"))
-                    .collect::<Result<Vec<_>>>()?;
-                for g in &gpus {
-                    tracing::info!(gpu = %format!("cuda:{}", g.ordinal()), name = g.device_name(), "using GPU");
+                        a.tp,
+                        ids.len(),
+                        a.tp,
+                        ids.len()
+                    );
                 }
-                let label: Vec<String> = group.iter().map(|i| i.to_string()).collect();
-                slots.push((
-                    format!("{name}-gpu{}", label.join("-")),
-                    group.iter().map(|i| format!("cuda:{i}")).collect(),
-                    longtake_worker::WorkerBackend::Cuda(gpus),
-                ));
+                let mut slots = Vec::new();
+                for group in ids.chunks(a.tp) {
+                    let mut gpus = a.device.open_gpus(group)?;
+                    let first = gpus.remove(0);
+                    let label: Vec<String> = group.iter().map(|i| i.to_string()).collect();
+                    slots.push((
+                        format!("{name}-gpu{}", label.join("-")),
+                        group.iter().map(|i| format!("cuda:{i}")).collect(),
+                        longtake_worker::WorkerBackend::Cuda(first, gpus),
+                    ));
+                }
+                slots
             }
-            slots
-        }
-    };
+        };
     let connect = Connect::new(&a.tls, a.tls_cert.as_deref().zip(a.tls_key.as_deref()))?;
     let auth = bearer("cluster-token", a.cluster_token.as_deref())?;
     let urls: Vec<String> = a.coordinator.iter().map(|c| connect.url(c)).collect();

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use longtake_model::backend::cuda::Precision;
+use longtake_model::backend::cuda::{Cuda, Precision};
 use longtake_model::device::{DeviceSpec, Placement, resolve};
 
 #[derive(Args, Clone, Debug)]
@@ -25,5 +25,16 @@ impl DeviceArgs {
     /// The devices this machine gives for the request, or an error naming what is missing.
     pub fn placement(&self) -> Result<Placement> {
         resolve(self.device.as_ref()).context("--device")
+    }
+
+    /// Open GPUs `ids` in this precision, logging each.
+    pub fn open_gpus(&self, ids: &[usize]) -> Result<Vec<Cuda>> {
+        ids.iter()
+            .map(|id| {
+                let gpu = Cuda::new(*id, self.precision).context("--device")?;
+                tracing::info!(gpu = %format!("cuda:{id}"), name = gpu.device_name(), "using GPU");
+                Ok(gpu)
+            })
+            .collect()
     }
 }

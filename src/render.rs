@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
-use longtake_model::backend::cuda::Cuda;
 use longtake_model::builtin::Builtin;
 use longtake_model::device::Placement;
 use longtake_proto::v1 as pb;
@@ -225,14 +224,11 @@ pub fn worker_backends(
                     ids.len()
                 );
             }
-            ids[..n]
-                .iter()
-                .map(|id| {
-                    Ok(WorkerBackend::Cuda(vec![
-                        Cuda::new(*id, device.precision).context("--device")?,
-                    ]))
-                })
-                .collect()
+            Ok(device
+                .open_gpus(&ids[..n])?
+                .into_iter()
+                .map(|gpu| WorkerBackend::Cuda(gpu, Vec::new()))
+                .collect())
         }
     }
 }

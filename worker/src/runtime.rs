@@ -39,11 +39,19 @@ pub enum WorkerError {
 }
 
 /// The devices a worker computes on: the CPU (with `tp` tensor-parallel ranks as threads), or
-/// one GPU, or a tensor-parallel group of GPUs (rank order) joined by NCCL.
+/// a GPU (rank 0) with the other GPUs of its tensor-parallel group (rank order; none for one
+/// GPU), joined by NCCL.
 #[derive(Clone)]
 pub enum WorkerBackend {
     Cpu { tp: usize },
-    Cuda(Vec<Cuda>),
+    Cuda(Cuda, Vec<Cuda>),
+}
+
+impl WorkerBackend {
+    /// Every rank's GPU, rank 0 first.
+    fn gpus(first: &Cuda, rest: &[Cuda]) -> Vec<Cuda> {
+        std::iter::once(first).chain(rest).cloned().collect()
+    }
 }
 
 impl std::fmt::Debug for WorkerBackend {
@@ -51,8 +59,11 @@ impl std::fmt::Debug for WorkerBackend {
         match self {
             WorkerBackend::Cpu { tp: 1 } => f.write_str("cpu"),
             WorkerBackend::Cpu { tp } => write!(f, "cpu (tp {tp})"),
-            WorkerBackend::Cuda(g) => {
-                let ids: Vec<String> = g.iter().map(|c| c.ordinal().to_string()).collect();
+            WorkerBackend::Cuda(first, rest) => {
+                let ids: Vec<String> = WorkerBackend::gpus(first, rest)
+                    .iter()
+                    .map(|c| c.ordinal().to_string())
+                    .collect();
                 write!(f, "cuda:{}", ids.join(","))
             }
         }
@@ -65,13 +76,10 @@ impl WorkerBackend {
     fn kernel_family(&self) -> String {
         match self {
             WorkerBackend::Cpu { .. } => longtake_model::backend::cpu_kernel_family().to_string(),
-            WorkerBackend::Cuda(g) => match g.first() {
-                Some(c) => {
-                    let (major, minor) = c.capability();
-                    format!("cuda-sm{major}{minor}-{:?}", c.precision()).to_lowercase()
-                }
-                None => "cuda".into(),
-            },
+            WorkerBackend::Cuda(c, _) => {
+                let (major, minor) = c.capability();
+                format!("cuda-sm{major}{minor}-{:?}", c.precision()).to_lowercase()
+            }
         }
     }
 }
@@ -292,8 +300,9 @@ pub async fn run(
         }
         match &opts.backend {
             WorkerBackend::Cpu { tp } => compute_on!(vec![Cpu; (*tp).max(1)], cpu_comms),
-            WorkerBackend::Cuda(g) if !g.is_empty() => compute_on!(g.clone(), cuda_comms),
-            WorkerBackend::Cuda(_) => compute_on!(vec![Cpu], cpu_comms),
+            WorkerBackend::Cuda(first, rest) => {
+                compute_on!(WorkerBackend::gpus(first, rest), cuda_comms)
+            }
         }
         .expect("spawn the compute thread")
     };
