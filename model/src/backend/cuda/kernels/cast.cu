@@ -16,4 +16,5 @@ KERNEL void cast_f32_to_f16(const float* __restrict__ x, f16* __restrict__ y, u6
              i += (u64)gridDim.x * blockDim.x)                                              \
             y[i] = to_f32(x[i]);                                                            \
     }
-FOR_WEIGHT_TYPES(TO_F32)
+TO_F32(bf16, bf16)
+TO_F32(f16, f16)
