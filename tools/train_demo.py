@@ -40,11 +40,17 @@ with --phase):
               x_t = (1 - sigma) x0 + sigma * noise, target = noise - x0, MSE weighted per latent cell by
               1 + --dit-obj-weight * min(1, d / OBJ_DEV) (d: the cell's mean absolute difference from
               its frame's background, the per-channel spatial median; weights normalised to mean 1), so
-              that the object counts once the background is learnt. 10% of the captions are
-              replaced by the empty prompt (classifier-free guidance). The text goes through WanPipeline's
+              that the object counts once the background is learnt. 10% of the captions are replaced
+              by the empty prompt (classifier-free guidance). The text goes through WanPipeline's
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
+     dir      (optional, not in the default phases) --dir-minutes more of phase dit from its final weights
+              (fresh optimiser, peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an
+              ambiguous input (class Ambiguity): a blend of the clip and a clip of the same object with
+              another motion, the target the velocity towards the captioned clip alone, so that only the
+              text tells which motion to keep. Exports to --out at its end. (--dit-mix-start < 1 mixes
+              such inputs into phase dit itself after that fraction of it.)
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32. Also written every --export-every DiT steps, so a usable
               model exists while training runs.
@@ -536,12 +542,61 @@ def encode_text_compact(tok, te, prompts: list[str]) -> tuple[torch.Tensor, torc
     return out, bias.view(b, 1, 1, s + 1)
 
 
+def object_cell(z: torch.Tensor) -> tuple[int, int]:
+    """The latent cell at the centre of the object in one latent frame z [C, H, W]: the cell whose 3x3
+    neighbourhood (wrapping, as the scenes do) differs most from the frame's background (the per-channel
+    spatial median)."""
+    med = z.flatten(1).median(dim=1).values[:, None, None]
+    d = (z - med).abs().mean(0)
+    d = sum(torch.roll(d, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    k = int(d.flatten().argmax())
+    return k // d.shape[1], k % d.shape[1]
+
+
+class Ambiguity:
+    """Inputs whose motion is ambiguous, for phase dir (and phase dit after --dit-mix-start).
+
+    A sampler decides where the object goes at high noise, where the input shows faint blobs whose motion
+    is not yet settled; trained only on real clips, whose noisy input already shows the trajectory
+    wherever the object is visible at all, the transformer never learns to take the direction from the
+    text (it explains about 1 % of the flow loss). Here the input is built from a blend of the crop and a
+    crop of the same object and background with another motion (another direction or still), rolled so
+    that both objects sit on the same latent cell in the middle frame: x_t = (1 - sigma) (a x0 + (1 - a)
+    x0_other) + sigma noise, a ~ U(--dit-mix-weight), sigma ~ U(--dit-mix-sigma), and the target is the
+    velocity towards the captioned clip alone, (x_t - x0) / sigma. Only the caption tells which of the two
+    motions to keep."""
+
+    def __init__(self, lat: torch.Tensor, caps: list[str]):
+        self.lat = lat
+        self.scene = [scenes.parse_caption(c) for c in caps]
+        self.by_look: dict[tuple, dict[str, list[int]]] = {}
+        for i, s in enumerate(self.scene):
+            self.by_look.setdefault((s.obj, s.shape, s.bg), {}).setdefault(s.motion, []).append(i)
+
+    def blend(self, rng: random.Random, i: int, start: int, win: int, weight: tuple[float, float]) -> torch.Tensor:
+        """a x0 + (1 - a) x0_other for clip i's crop [start, start + win)."""
+        s = self.scene[i]
+        others = self.by_look[(s.obj, s.shape, s.bg)]
+        j = rng.choice(others[rng.choice(sorted(m for m in others if m != s.motion))])
+        sj = rng.randrange(self.lat.shape[2] - win + 1)
+        x0 = self.lat[i, :, start:start + win]
+        other = self.lat[j, :, sj:sj + win]
+        (ya, xa), (yb, xb) = object_cell(x0[:, win // 2]), object_cell(other[:, win // 2])
+        other = torch.roll(other, (ya - yb, xa - xb), dims=(2, 3))
+        a = rng.uniform(*weight)
+        return a * x0 + (1 - a) * other
+
+
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     u = torch.rand(n, generator=gen)
     return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
 
 
-def phase_dit(args, work: Path) -> None:
+def phase_dit(args, work: Path, stage: str = "dit") -> None:
+    """stage "dit": the transformer and text encoder from scratch (phase dit). Stage "dir" (phase dir, not in
+    the default phases): --dir-minutes more from phase dit's final weights with a fresh optimiser and
+    learning-rate schedule (peak --dir-lr), ambiguous inputs from the start (class Ambiguity); checkpoint
+    dir_ckpt.pt, losses dir_losses.json, exported to --out like phase dit."""
     from diffusers import WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
@@ -549,7 +604,9 @@ def phase_dit(args, work: Path) -> None:
     lat, caps = data["latents"], data["captions"]
     n, _, tlen, _, _ = lat.shape
     tok = load_tokenizer(work / "tokenizer")
-    ckpt_path = work / "dit_ckpt.pt"
+    ckpt_path = work / f"{stage}_ckpt.pt"
+    minutes, peak_lr, mix_start = (args.dit_minutes, args.dit_lr, args.dit_mix_start) if stage == "dit" else (
+        args.dir_minutes, args.dir_lr, 0.0)
     torch.manual_seed(args.seed + 4)
     dit = WanTransformer3DModel(**DIT_CFG)
     te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
@@ -561,11 +618,17 @@ def phase_dit(args, work: Path) -> None:
     cross = CompactCrossAttn()
     for blk in dit.blocks:
         blk.attn2.set_processor(cross)
+    ambiguity = Ambiguity(lat, caps)
     params = list(dit.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed + 5)
-    rng = random.Random(args.seed + 5)
+    opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed + (5 if stage == "dit" else 9))
+    rng = random.Random(args.seed + (5 if stage == "dit" else 9))
     step, hist, spent = 0, [], 0.0
+    if stage == "dir" and not (ckpt_path.exists() and args.resume):
+        ck = torch.load(work / "dit_ckpt.pt")
+        for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
+            m.load_state_dict(ck[key])
+        log(f"dir: from phase dit's weights (step {ck['step']})")
     if ckpt_path.exists() and args.resume:
         ck = torch.load(ckpt_path)
         dit.load_state_dict(ck["dit"])
@@ -576,10 +639,10 @@ def phase_dit(args, work: Path) -> None:
         gen.set_state(ck["gen"])
         rng.setstate(ck["rng"])
         step, hist, spent = ck["step"], ck["hist"], ck["spent"]
-        log(f"dit: resumed at step {step}")
-    log(f"dit: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
+        log(f"{stage}: resumed at step {step}")
+    log(f"{stage}: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
     t0 = time.time() - spent
-    budget = args.dit_minutes * 60
+    budget = minutes * 60
     acc = []
     ema_pairs = list(zip(list(ema.parameters()) + list(ema_te.parameters()), params))
 
@@ -592,7 +655,7 @@ def phase_dit(args, work: Path) -> None:
         progress = max(step / args.dit_steps, (time.time() - t0) / budget)
         if progress >= 1:
             break
-        lr = lr_at(progress, args.dit_lr, 0.04)
+        lr = lr_at(progress, peak_lr, 0.04)
         for g in opt.param_groups:
             g["lr"] = lr
         # A crop of the cached 41-frame latent sequences: the render window's 21 frames with probability
@@ -607,11 +670,21 @@ def phase_dit(args, work: Path) -> None:
         prompts = ["" if rng.random() < args.text_dropout else caps[i] for i in idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(len(idx), gen)
+        x_in = x0
+        if progress >= mix_start and args.dit_mix_frac > 0:
+            # Ambiguous inputs (class Ambiguity) for a share of the captioned items.
+            x_in = x0.clone()
+            for k, (i, s) in enumerate(zip(idx, starts)):
+                if prompts[k] and rng.random() < args.dit_mix_frac:
+                    x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight)
+                    sigma[k] = rng.uniform(*args.dit_mix_sigma)
         s5 = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s5) * x0 + s5 * noise
+        xt = (1 - s5) * x_in + s5 * noise
+        # The velocity that takes x_t to the captioned clip: noise - x0 when the input is the clip itself.
+        target = noise - x0 if x_in is x0 else (xt - x0) / s5
         ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
-        err = (v - (noise - x0)).pow(2)
+        err = (v - target).pow(2)
         loss = err.mean()
         # The object covers about a seventh of a frame and the background is learnt first, so latent cells
         # that differ from their frame's background (per-channel spatial median) weigh up to
@@ -636,15 +709,17 @@ def phase_dit(args, work: Path) -> None:
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), loss=float(np.mean(acc)),
                              lr=lr))
             acc = []
-            log(f"dit step {step} ({hist[-1]['minutes']} min): flow loss {hist[-1]['loss']:.4f} lr {lr:.2e}")
+            log(f"{stage} step {step} ({hist[-1]['minutes']} min): flow loss {hist[-1]['loss']:.4f} lr {lr:.2e}")
         if step % args.ckpt_every == 0:
             save_ckpt()
         if step % args.export_every == 0:
             export(args, work, ema, ema_te, dit_step=step)
     save_ckpt()
-    (work / "dit_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
-                                                          history=hist), indent=1))
-    log(f"dit done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+    (work / f"{stage}_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
+                                                               history=hist), indent=1))
+    log(f"{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+    if stage == "dir":
+        export(args, work, ema, ema_te, dit_step=step)
 
 
 def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
@@ -832,7 +907,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*", default=["text", "vae", "latents", "vae3", "dit", "export", "eval", "long"],
-                    choices=["text", "vae", "vae2", "latents", "vae3", "dit", "export", "eval", "long"])
+                    choices=["text", "vae", "vae2", "latents", "vae3", "dit", "dir", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-steps", type=int, default=1086)
@@ -870,6 +945,17 @@ def main() -> None:
     ap.add_argument("--dit-lr", type=float, default=1e-3)
     ap.add_argument("--dit-obj-weight", type=float, default=3.0,
                     help="dit: extra loss weight of latent cells that differ from the frame's background")
+    ap.add_argument("--dit-mix-start", type=float, default=1.0,
+                    help="dit: fraction of the phase after which ambiguous inputs are mixed in (class Ambiguity); "
+                         "1 = never (phase dir mixes them in from its start)")
+    ap.add_argument("--dit-mix-frac", type=float, default=0.8,
+                    help="dit, dir: share of captioned items made ambiguous")
+    ap.add_argument("--dit-mix-weight", type=float, nargs=2, default=(0.3, 0.7),
+                    help="dit, dir: range of the captioned clip's weight in an ambiguous input")
+    ap.add_argument("--dit-mix-sigma", type=float, nargs=2, default=(0.5, 0.97),
+                    help="dit, dir: range of the noise level of ambiguous inputs")
+    ap.add_argument("--dir-minutes", type=float, default=20, help="dir: wall-time budget")
+    ap.add_argument("--dir-lr", type=float, default=5e-4, help="dir: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
@@ -895,6 +981,7 @@ def main() -> None:
     for ph in args.phase:
         tp = time.time()
         {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3, "latents": phase_latents, "dit": phase_dit,
+         "dir": lambda a, w: phase_dit(a, w, stage="dir"),
          "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
         log(f"phase {ph}: {(time.time() - tp) / 60:.1f} min")
     log(f"total {(time.time() - t0) / 60:.1f} min")
