@@ -49,7 +49,8 @@ with --phase):
               (fresh optimiser, peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an
               ambiguous input (class Ambiguity): a blend of the clip and a clip of the same object with
               another motion, the target the velocity towards the captioned clip alone, so that only the
-              text tells which motion to keep. Exports to --out at its end. (--dit-mix-start < 1 mixes
+              text tells which motion to keep; --dit-mix-opposite is the share of blends whose other
+              clip moves the opposite way. Exports to --out at its end. (--dit-mix-start < 1 mixes
               such inputs into phase dit itself after that fraction of it.)
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32. Also written every --export-every DiT steps, so a usable
@@ -553,6 +554,9 @@ def object_cell(z: torch.Tensor) -> tuple[int, int]:
     return k // d.shape[1], k % d.shape[1]
 
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
 class Ambiguity:
     """Inputs whose motion is ambiguous, for phase dir (and phase dit after --dit-mix-start).
 
@@ -573,11 +577,16 @@ class Ambiguity:
         for i, s in enumerate(self.scene):
             self.by_look.setdefault((s.obj, s.shape, s.bg), {}).setdefault(s.motion, []).append(i)
 
-    def blend(self, rng: random.Random, i: int, start: int, win: int, weight: tuple[float, float]) -> torch.Tensor:
-        """a x0 + (1 - a) x0_other for clip i's crop [start, start + win)."""
+    def blend(self, rng: random.Random, i: int, start: int, win: int, weight: tuple[float, float],
+              opposite: float) -> torch.Tensor:
+        """a x0 + (1 - a) x0_other for clip i's crop [start, start + win); the other clip moves the opposite
+        way with probability `opposite` (when the training set has that scene), else any other motion."""
         s = self.scene[i]
         others = self.by_look[(s.obj, s.shape, s.bg)]
-        j = rng.choice(others[rng.choice(sorted(m for m in others if m != s.motion))])
+        motion = OPPOSITE.get(s.motion)
+        if motion not in others or rng.random() >= opposite:
+            motion = rng.choice(sorted(m for m in others if m != s.motion))
+        j = rng.choice(others[motion])
         sj = rng.randrange(self.lat.shape[2] - win + 1)
         x0 = self.lat[i, :, start:start + win]
         other = self.lat[j, :, sj:sj + win]
@@ -676,7 +685,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             x_in = x0.clone()
             for k, (i, s) in enumerate(zip(idx, starts)):
                 if prompts[k] and rng.random() < args.dit_mix_frac:
-                    x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight)
+                    x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, args.dit_mix_opposite)
                     sigma[k] = rng.uniform(*args.dit_mix_sigma)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
@@ -954,6 +963,8 @@ def main() -> None:
                     help="dit, dir: range of the captioned clip's weight in an ambiguous input")
     ap.add_argument("--dit-mix-sigma", type=float, nargs=2, default=(0.5, 0.97),
                     help="dit, dir: range of the noise level of ambiguous inputs")
+    ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
+                    help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
     ap.add_argument("--dir-minutes", type=float, default=20, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=5e-4, help="dir: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
