@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenes  # noqa: E402
 import train_demo as td  # noqa: E402
 
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 PERPENDICULAR = {"left": ("up", "down"), "right": ("up", "down"), "up": ("left", "right"),
                  "down": ("left", "right")}
 SIGMAS = (0.97, 0.9, 0.8, 0.65, 0.5, 0.3)
@@ -89,7 +88,7 @@ def main() -> None:
 
         def gain(values):
             return f"{(torch.stack(values).mean() - true) / true * 100:+.2f}%"
-        print(f"{sigma:>6} {true:>8.4f} {gain([loss[OPPOSITE[m]][k] for k, m in enumerate(motions)]):>9} "
+        print(f"{sigma:>6} {true:>8.4f} {gain([loss[td.OPPOSITE[m]][k] for k, m in enumerate(motions)]):>9} "
               f"{gain([(loss[PERPENDICULAR[m][0]][k] + loss[PERPENDICULAR[m][1]][k]) / 2 for k, m in enumerate(motions)]):>14} "
               f"{gain([loss['still'][k] for k in range(len(motions))]):>7}", flush=True)
     high_noise_table(tok, te, dit, x0, [caps[i] for i in idx], gen)
