@@ -45,16 +45,22 @@ with --phase):
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
-     dir      (optional, not in the default phases) --dir-minutes more of phase dit from its final weights
-              (fresh optimiser, peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an
-              ambiguous input (class Ambiguity): a blend of the clip and a clip of the same object with
-              another motion, the target the velocity towards the captioned clip alone, so that only the
-              text tells which motion to keep; --dit-mix-opposite is the share of blends whose other
-              clip moves the opposite way. Exports to --out at its end. (--dit-mix-start < 1 mixes
-              such inputs into phase dit itself after that fraction of it.)
+     dir      --dir-steps (2600) more of phase dit from its final weights (fresh optimiser and schedule,
+              peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an ambiguous input
+              (class Ambiguity): a blend of the clip and a clip of the same object with another motion
+              (another direction or still), the target the velocity towards the captioned clip alone, so
+              that only the text tells which motion to keep; --dit-mix-opposite is the share of blends
+              whose other clip moves the opposite way. Trained only on real clips, the transformer learns
+              the scenes' motion but not to take its direction from the text; this phase teaches it the
+              axis (left/right against up/down against still). (--dit-mix-start < 1 mixes such inputs
+              into phase dit itself after that fraction of it.)
+     opp      --opp-steps (1300) more from phase dir's weights (fresh optimiser, peak --opp-lr), every
+              blend partner moving the opposite way where the training set has that scene: the sign.
+              Phases dir and opp export to --out at their ends.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
-              flow_shift 3.0), all weights f32. Also written every --export-every DiT steps, so a usable
-              model exists while training runs.
+              flow_shift 3.0), all weights f32, from the EMA weights of the most recently trained of
+              phases dit, dir and opp. Also written every --export-every DiT steps, so a usable model
+              exists while training runs.
   6. eval     WanPipeline.from_pretrained(--out) generates 81 frames (64x64) for every held-out caption and
               some training captions; tools/scenes.py's checker scores them; eval.json + PNG strips go
               to the work directory.
@@ -63,13 +69,16 @@ with --phase):
               windows, overlap 4), as longtake renders them, scored whole and per 81 frames, and checked
               for jumps at the windows' seams.
 
-Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes, --dit-minutes),
+Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes, --dit-minutes,
+--dir-minutes, --opp-minutes),
 whichever comes first; the learning-rate schedule follows the larger of the two fractions, so a run that
 hits the time budget still ends with a decayed learning rate. Runs that stop on the step count are
 reproducible; runs that stop on time depend on the machine's speed.
 
-torch runs with --threads (default 1): on a 2-core machine shared with other work, a 2-thread pool
-spin-waits whenever the other core is busy and runs several times slower than one thread.
+torch runs with --threads (default 2, for a 2-core machine that does nothing else meanwhile: a DiT step
+takes 0.42 s against 0.67 s with one thread). On a machine shared with other work pass --threads 1: a
+2-thread pool spin-waits whenever the other core is busy and runs several times slower than one thread;
+the phases then stop on their time budgets with fewer steps.
 """
 
 from __future__ import annotations
@@ -614,8 +623,11 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     n, _, tlen, _, _ = lat.shape
     tok = load_tokenizer(work / "tokenizer")
     ckpt_path = work / f"{stage}_ckpt.pt"
-    minutes, peak_lr, mix_start = (args.dit_minutes, args.dit_lr, args.dit_mix_start) if stage == "dit" else (
-        args.dir_minutes, args.dir_lr, 0.0)
+    max_steps, minutes, peak_lr, mix_start, opposite = {
+        "dit": (args.dit_steps, args.dit_minutes, args.dit_lr, args.dit_mix_start, args.dit_mix_opposite),
+        "dir": (args.dir_steps, args.dir_minutes, args.dir_lr, 0.0, args.dit_mix_opposite),
+        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, 0.0, 1.0)}[stage]
+    source = {"dir": "dit", "opp": "dir"}.get(stage)
     torch.manual_seed(args.seed + 4)
     dit = WanTransformer3DModel(**DIT_CFG)
     te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
@@ -630,14 +642,15 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     ambiguity = Ambiguity(lat, caps)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    gen = torch.Generator().manual_seed(args.seed + (5 if stage == "dit" else 9))
-    rng = random.Random(args.seed + (5 if stage == "dit" else 9))
+    seed = args.seed + {"dit": 5, "dir": 9, "opp": 11}[stage]
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
     step, hist, spent = 0, [], 0.0
-    if stage == "dir" and not (ckpt_path.exists() and args.resume):
-        ck = torch.load(work / "dit_ckpt.pt")
+    if source and not (ckpt_path.exists() and args.resume):
+        ck = torch.load(work / f"{source}_ckpt.pt")
         for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
             m.load_state_dict(ck[key])
-        log(f"dir: from phase dit's weights (step {ck['step']})")
+        log(f"{stage}: from phase {source}'s weights (step {ck['step']})")
     if ckpt_path.exists() and args.resume:
         ck = torch.load(ckpt_path)
         dit.load_state_dict(ck["dit"])
@@ -660,8 +673,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                         opt=opt.state_dict(), gen=gen.get_state(), rng=rng.getstate(), step=step, hist=hist,
                         spent=time.time() - t0), ckpt_path)
 
-    while step < args.dit_steps:
-        progress = max(step / args.dit_steps, (time.time() - t0) / budget)
+    while step < max_steps:
+        progress = max(step / max_steps, (time.time() - t0) / budget)
         if progress >= 1:
             break
         lr = lr_at(progress, peak_lr, 0.04)
@@ -685,7 +698,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             x_in = x0.clone()
             for k, (i, s) in enumerate(zip(idx, starts)):
                 if prompts[k] and rng.random() < args.dit_mix_frac:
-                    x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, args.dit_mix_opposite)
+                    x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, opposite)
                     sigma[k] = rng.uniform(*args.dit_mix_sigma)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
@@ -727,7 +740,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     (work / f"{stage}_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
                                                                history=hist), indent=1))
     log(f"{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
-    if stage == "dir":
+    if source:
         export(args, work, ema, ema_te, dit_step=step)
 
 
@@ -736,7 +749,9 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
     from transformers import UMT5EncoderModel
 
     if dit is None:
-        ck = torch.load(work / "dit_ckpt.pt")
+        # The most recently trained of phases dit, dir and opp (each continues the one before).
+        ckpts = [work / f"{st}_ckpt.pt" for st in ("dit", "dir", "opp") if (work / f"{st}_ckpt.pt").exists()]
+        ck = torch.load(max(ckpts, key=lambda f: f.stat().st_mtime))
         dit = WanTransformer3DModel(**DIT_CFG)
         dit.load_state_dict(ck["ema"])
         te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
@@ -915,12 +930,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
-    ap.add_argument("--phase", nargs="*", default=["text", "vae", "latents", "vae3", "dit", "export", "eval", "long"],
-                    choices=["text", "vae", "vae2", "latents", "vae3", "dit", "dir", "export", "eval", "long"])
+    ap.add_argument("--phase", nargs="*",
+                    default=["text", "vae", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"],
+                    choices=["text", "vae", "vae2", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1086)
-    ap.add_argument("--vae-minutes", type=float, default=24)
+    ap.add_argument("--vae-minutes", type=float, default=20)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-frames", type=int, default=9, help="vae: graded pixel frames per clip from frame 0 (1 + 4k)")
     ap.add_argument("--vae-warm-prob", type=float, default=0.4,
@@ -936,7 +952,7 @@ def main() -> None:
     ap.add_argument("--vae2-frames", type=int, default=81)
     ap.add_argument("--vae2-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-steps", type=int, default=506)
-    ap.add_argument("--vae3-minutes", type=float, default=8)
+    ap.add_argument("--vae3-minutes", type=float, default=6)
     ap.add_argument("--vae3-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-noise", type=float, default=0.1)
     ap.add_argument("--vae3-obj-weight", type=float, default=4.0)
@@ -946,8 +962,8 @@ def main() -> None:
     ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=8000)
-    ap.add_argument("--dit-minutes", type=float, default=50)
+    ap.add_argument("--dit-steps", type=int, default=4200)
+    ap.add_argument("--dit-minutes", type=float, default=30)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
     ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
@@ -965,8 +981,12 @@ def main() -> None:
                     help="dit, dir: range of the noise level of ambiguous inputs")
     ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
-    ap.add_argument("--dir-minutes", type=float, default=20, help="dir: wall-time budget")
+    ap.add_argument("--dir-minutes", type=float, default=18, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=5e-4, help="dir: peak learning rate")
+    ap.add_argument("--dir-steps", type=int, default=2600, help="dir: step count")
+    ap.add_argument("--opp-steps", type=int, default=1300, help="opp: step count")
+    ap.add_argument("--opp-minutes", type=float, default=9, help="opp: wall-time budget")
+    ap.add_argument("--opp-lr", type=float, default=3e-4, help="opp: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
@@ -993,6 +1013,7 @@ def main() -> None:
         tp = time.time()
         {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3, "latents": phase_latents, "dit": phase_dit,
          "dir": lambda a, w: phase_dit(a, w, stage="dir"),
+         "opp": lambda a, w: phase_dit(a, w, stage="opp"),
          "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
         log(f"phase {ph}: {(time.time() - tp) / 60:.1f} min")
     log(f"total {(time.time() - t0) / 60:.1f} min")
