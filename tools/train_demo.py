@@ -552,12 +552,17 @@ def encode_text_compact(tok, te, prompts: list[str]) -> tuple[torch.Tensor, torc
     return out, bias.view(b, 1, 1, s + 1)
 
 
+def background_distance(z: torch.Tensor) -> torch.Tensor:
+    """For latent frames z [..., C, H, W]: each cell's mean absolute difference over channels from its
+    frame's background, the per-channel spatial median ([..., H, W])."""
+    med = z.flatten(-2).median(dim=-1).values[..., None, None]
+    return (z - med).abs().mean(dim=-3)
+
+
 def object_cell(z: torch.Tensor) -> tuple[int, int]:
     """The latent cell at the centre of the object in one latent frame z [C, H, W]: the cell whose 3x3
-    neighbourhood (wrapping, as the scenes do) differs most from the frame's background (the per-channel
-    spatial median)."""
-    med = z.flatten(1).median(dim=1).values[:, None, None]
-    d = (z - med).abs().mean(0)
+    neighbourhood (wrapping, as the scenes do) differs most from the frame's background."""
+    d = background_distance(z)
     d = sum(torch.roll(d, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     k = int(d.flatten().argmax())
     return k // d.shape[1], k % d.shape[1]
@@ -712,8 +717,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         # that differ from their frame's background (per-channel spatial median) weigh up to
         # 1 + --dit-obj-weight; the loss logged is the plain flow loss.
         with torch.no_grad():
-            med = x0.flatten(3).median(dim=-1).values[..., None, None]
-            obj = ((x0 - med).abs().mean(dim=1, keepdim=True) / OBJ_DEV).clamp(max=1.0)
+            # x0 [B, C, T, H, W] -> per cell [B, 1, T, H, W]
+            obj = (background_distance(x0.transpose(1, 2)).unsqueeze(1) / OBJ_DEV).clamp(max=1.0)
             weight = 1 + args.dit_obj_weight * obj
             weight = weight / weight.mean()
         train_loss = (err * weight).mean()
