@@ -45,7 +45,7 @@ with --phase):
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
-     dir      --dir-steps (2600) more of phase dit from its final weights (fresh optimiser and schedule,
+     dir      --dir-steps (2400) more of phase dit from its final weights (fresh optimiser and schedule,
               peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an ambiguous input
               (class Ambiguity): a blend of the clip and a clip of the same object with another motion
               (another direction or still), the target the velocity towards the captioned clip alone, so
@@ -54,7 +54,7 @@ with --phase):
               the scenes' motion but not to take its direction from the text; this phase teaches it the
               axis (left/right against up/down against still). (--dit-mix-start < 1 mixes such inputs
               into phase dit itself after that fraction of it.)
-     opp      --opp-steps (1300) more from phase dir's weights (fresh optimiser, peak --opp-lr), every
+     opp      --opp-steps (1200) more from phase dir's weights (fresh optimiser, peak --opp-lr), every
               blend partner moving the opposite way where the training set has that scene: the sign.
               Phases dir and opp export to --out at their ends.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
@@ -941,7 +941,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1086)
-    ap.add_argument("--vae-minutes", type=float, default=20)
+    ap.add_argument("--vae-minutes", type=float, default=24)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-frames", type=int, default=9, help="vae: graded pixel frames per clip from frame 0 (1 + 4k)")
     ap.add_argument("--vae-warm-prob", type=float, default=0.4,
@@ -957,7 +957,7 @@ def main() -> None:
     ap.add_argument("--vae2-frames", type=int, default=81)
     ap.add_argument("--vae2-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-steps", type=int, default=506)
-    ap.add_argument("--vae3-minutes", type=float, default=6)
+    ap.add_argument("--vae3-minutes", type=float, default=8)
     ap.add_argument("--vae3-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-noise", type=float, default=0.1)
     ap.add_argument("--vae3-obj-weight", type=float, default=4.0)
@@ -967,8 +967,8 @@ def main() -> None:
     ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=4200)
-    ap.add_argument("--dit-minutes", type=float, default=30)
+    ap.add_argument("--dit-steps", type=int, default=3800)
+    ap.add_argument("--dit-minutes", type=float, default=27)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
     ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
@@ -986,11 +986,11 @@ def main() -> None:
                     help="dit, dir: range of the noise level of ambiguous inputs")
     ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
-    ap.add_argument("--dir-minutes", type=float, default=18, help="dir: wall-time budget")
+    ap.add_argument("--dir-minutes", type=float, default=17, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=5e-4, help="dir: peak learning rate")
-    ap.add_argument("--dir-steps", type=int, default=2600, help="dir: step count")
-    ap.add_argument("--opp-steps", type=int, default=1300, help="opp: step count")
-    ap.add_argument("--opp-minutes", type=float, default=9, help="opp: wall-time budget")
+    ap.add_argument("--dir-steps", type=int, default=2400, help="dir: step count")
+    ap.add_argument("--opp-steps", type=int, default=1200, help="opp: step count")
+    ap.add_argument("--opp-minutes", type=float, default=8.5, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=3e-4, help="opp: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
