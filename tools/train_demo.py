@@ -45,7 +45,7 @@ with --phase):
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
-     dir      --dir-steps (2400) more of phase dit from its final weights (fresh optimiser and schedule,
+     dir      (optional, not in the default phases) --dir-steps (2400) more of phase dit from its final weights (fresh optimiser and schedule,
               peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an ambiguous input
               (class Ambiguity): a blend of the clip and a clip of the same object with another motion
               (another direction or still), the target the velocity towards the captioned clip alone, so
@@ -54,7 +54,7 @@ with --phase):
               the scenes' motion but not to take its direction from the text; this phase teaches it the
               axis (left/right against up/down against still). (--dit-mix-start < 1 mixes such inputs
               into phase dit itself after that fraction of it.)
-     opp      --opp-steps (1200) more from phase dir's weights (fresh optimiser, peak --opp-lr), every
+     opp      (optional, not in the default phases) --opp-steps (1200) more from phase dir's weights (fresh optimiser, peak --opp-lr), every
               blend partner moving the opposite way where the training set has that scene: the sign.
               Phases dir and opp export to --out at their ends.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
@@ -75,10 +75,12 @@ whichever comes first; the learning-rate schedule follows the larger of the two 
 hits the time budget still ends with a decayed learning rate. Runs that stop on the step count are
 reproducible; runs that stop on time depend on the machine's speed.
 
-torch runs with --threads (default 2, for a 2-core machine that does nothing else meanwhile: a DiT step
-takes 0.42 s against 0.67 s with one thread). On a machine shared with other work pass --threads 1: a
-2-thread pool spin-waits whenever the other core is busy and runs several times slower than one thread;
-the phases then stop on their time budgets with fewer steps.
+torch runs with --threads (default 1). On a 2-core machine that does nothing else meanwhile, --threads 2
+makes a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
+long as with one thread). On a machine shared with other work keep one thread: a 2-thread pool
+spin-waits whenever the other core is busy and runs several times slower than one thread. The VAE
+needs its full step count: a run whose phase vae stopped on a 20-minute budget at 983 steps gave a VAE
+that returns most objects in the wrong colour.
 """
 
 from __future__ import annotations
@@ -936,10 +938,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*",
-                    default=["text", "vae", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"],
+                    default=["text", "vae", "latents", "vae3", "dit", "export", "eval", "long"],
                     choices=["text", "vae", "vae2", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vae-steps", type=int, default=1086)
     ap.add_argument("--vae-minutes", type=float, default=24)
     ap.add_argument("--vae-batch", type=int, default=4)
@@ -967,8 +969,8 @@ def main() -> None:
     ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=3800)
-    ap.add_argument("--dit-minutes", type=float, default=27)
+    ap.add_argument("--dit-steps", type=int, default=8000)
+    ap.add_argument("--dit-minutes", type=float, default=50)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
     ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
