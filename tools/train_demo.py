@@ -79,8 +79,8 @@ torch runs with --threads (default 1). On a 2-core machine that does nothing els
 makes a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
 long as with one thread). On a machine shared with other work keep one thread: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The VAE
-needs its full step count: a run whose phase vae stopped on a 20-minute budget at 983 steps gave a VAE
-that returns most objects in the wrong colour.
+needs its full step count: in a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the
+8 held-out check clips came back with the object in the wrong colour in 90-96% of their frames.
 """
 
 from __future__ import annotations
