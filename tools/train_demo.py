@@ -45,18 +45,18 @@ with --phase):
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
-     dir      (optional, not in the default phases) --dir-steps (2400) more of phase dit from its final weights (fresh optimiser and schedule,
-              peak --dir-lr) in which --dit-mix-frac (80%) of the captioned items get an ambiguous input
-              (class Ambiguity): a blend of the clip and a clip of the same object with another motion
-              (another direction or still), the target the velocity towards the captioned clip alone, so
-              that only the text tells which motion to keep; --dit-mix-opposite is the share of blends
-              whose other clip moves the opposite way. Trained only on real clips, the transformer learns
-              the scenes' motion but not to take its direction from the text; this phase teaches it the
-              axis (left/right against up/down against still). (--dit-mix-start < 1 mixes such inputs
-              into phase dit itself after that fraction of it.)
-     opp      (optional, not in the default phases) --opp-steps (1200) more from phase dir's weights (fresh optimiser, peak --opp-lr), every
-              blend partner moving the opposite way where the training set has that scene: the sign.
-              Phases dir and opp export to --out at their ends.
+     dir      (optional, not in the default phases) --dir-steps (2400) more of phase dit from its final
+              weights (fresh optimiser and schedule, peak --dir-lr) in which --dit-mix-frac (80%) of the
+              captioned items get an ambiguous input (class Ambiguity): a blend of the clip and a clip of
+              the same object with another motion (another direction or still), the target the velocity
+              towards the captioned clip alone, so that only the text tells which motion to keep;
+              --dit-mix-opposite is the share of blends whose other clip moves the opposite way. Trained
+              only on real clips, the transformer learns the scenes' motion but not to take its direction
+              from the text; this phase teaches it the axis (left/right against up/down against still).
+              (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
+     opp      (optional, not in the default phases) --opp-steps (1200) more from phase dir's weights (fresh
+              optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
+              has that scene: the sign. Phases dir and opp export to --out at their ends.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32, from the EMA weights of the most recently trained of
               phases dit, dir and opp. Also written every --export-every DiT steps, so a usable model
@@ -69,10 +69,10 @@ with --phase):
               windows, overlap 4), as longtake renders them, scored whole and per 81 frames, and checked
               for jumps at the windows' seams.
 
-Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes, --dit-minutes,
---dir-minutes, --opp-minutes),
-whichever comes first; the learning-rate schedule follows the larger of the two fractions, so a run that
-hits the time budget still ends with a decayed learning rate. Runs that stop on the step count are
+Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
+--dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the learning-rate schedule follows
+the larger of the two fractions, so a run that hits the time budget still ends with a decayed learning
+rate. Runs that stop on the step count are
 reproducible; runs that stop on time depend on the machine's speed.
 
 torch runs with --threads (default 1). On a 2-core machine that does nothing else meanwhile, --threads 2
@@ -630,11 +630,11 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     n, _, tlen, _, _ = lat.shape
     tok = load_tokenizer(work / "tokenizer")
     ckpt_path = work / f"{stage}_ckpt.pt"
-    max_steps, minutes, peak_lr, mix_start, opposite = {
-        "dit": (args.dit_steps, args.dit_minutes, args.dit_lr, args.dit_mix_start, args.dit_mix_opposite),
-        "dir": (args.dir_steps, args.dir_minutes, args.dir_lr, 0.0, args.dit_mix_opposite),
-        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, 0.0, 1.0)}[stage]
-    source = {"dir": "dit", "opp": "dir"}.get(stage)
+    # steps, minutes, peak lr, mix start, opposite share, the stage whose weights it continues, seed offset
+    max_steps, minutes, peak_lr, mix_start, opposite, source, seed_offset = {
+        "dit": (args.dit_steps, args.dit_minutes, args.dit_lr, args.dit_mix_start, args.dit_mix_opposite, None, 5),
+        "dir": (args.dir_steps, args.dir_minutes, args.dir_lr, 0.0, args.dit_mix_opposite, "dit", 9),
+        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, 0.0, 1.0, "dir", 11)}[stage]
     torch.manual_seed(args.seed + 4)
     dit = WanTransformer3DModel(**DIT_CFG)
     te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
@@ -649,7 +649,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     ambiguity = Ambiguity(lat, caps)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    seed = args.seed + {"dit": 5, "dir": 9, "opp": 11}[stage]
+    seed = args.seed + seed_offset
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     step, hist, spent = 0, [], 0.0
