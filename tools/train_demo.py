@@ -54,6 +54,9 @@ with --phase):
               only on real clips, the transformer learns the scenes' motion but not to take its direction
               from the text; this phase teaches it the axis (left/right against up/down against still).
               (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
+              Its crops are 21 frames long with probability --dir-full-prob (0.5, as in phase dit), else
+              --dit-short; --dir-full-prob 0 (short crops only: more captions per step) taught direction
+              faster in the measured runs (the demo model's README).
      opp      (optional, not in the default phases) --opp-steps (1200) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends.
@@ -630,11 +633,14 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     n, _, tlen, _, _ = lat.shape
     tok = load_tokenizer(work / "tokenizer")
     ckpt_path = work / f"{stage}_ckpt.pt"
-    # steps, minutes, peak lr, mix start, opposite share, the stage whose weights it continues, seed offset
-    max_steps, minutes, peak_lr, mix_start, opposite, source, seed_offset = {
-        "dit": (args.dit_steps, args.dit_minutes, args.dit_lr, args.dit_mix_start, args.dit_mix_opposite, None, 5),
-        "dir": (args.dir_steps, args.dir_minutes, args.dir_lr, 0.0, args.dit_mix_opposite, "dit", 9),
-        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, 0.0, 1.0, "dir", 11)}[stage]
+    # steps, minutes, peak lr, 21-frame crop share, mix start, opposite share, the stage whose weights it
+    # continues, seed offset
+    max_steps, minutes, peak_lr, full_prob, mix_start, opposite, source, seed_offset = {
+        "dit": (args.dit_steps, args.dit_minutes, args.dit_lr, args.dit_full_prob, args.dit_mix_start,
+                args.dit_mix_opposite, None, 5),
+        "dir": (args.dir_steps, args.dir_minutes, args.dir_lr, args.dir_full_prob, 0.0, args.dit_mix_opposite,
+                "dit", 9),
+        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, args.dir_full_prob, 0.0, 1.0, "dir", 11)}[stage]
     torch.manual_seed(args.seed + 4)
     dit = WanTransformer3DModel(**DIT_CFG)
     te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
@@ -688,10 +694,11 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         # A crop of the cached 41-frame latent sequences: the render window's 21 frames with probability
-        # --dit-full-prob, else --dit-short frames; the batch holds about --dit-batch x 21 latent frames
-        # either way. It starts at latent frame 0 (the video's single-frame first latent, as in a render's
-        # first window) with probability 0.3, else at a random offset.
-        win = WINDOW if rng.random() < args.dit_full_prob else args.dit_short
+        # --dit-full-prob (--dir-full-prob in phases dir and opp), else --dit-short frames; the batch holds
+        # about --dit-batch x 21 latent frames either way. It starts at latent frame 0 (the video's
+        # single-frame first latent, as in a render's first window) with probability 0.3, else at a random
+        # offset.
+        win = WINDOW if rng.random() < full_prob else args.dit_short
         bsz = max(1, round(args.dit_batch * WINDOW / win))
         idx = [rng.randrange(n) for _ in range(bsz)]
         starts = [0 if rng.random() < 0.3 else rng.randrange(tlen - win + 1) for _ in idx]
@@ -990,6 +997,8 @@ def main() -> None:
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
     ap.add_argument("--dir-minutes", type=float, default=17, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=5e-4, help="dir: peak learning rate")
+    ap.add_argument("--dir-full-prob", type=float, default=0.5,
+                    help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
     ap.add_argument("--dir-steps", type=int, default=2400, help="dir: step count")
     ap.add_argument("--opp-steps", type=int, default=1200, help="opp: step count")
     ap.add_argument("--opp-minutes", type=float, default=8.5, help="opp: wall-time budget")
