@@ -55,8 +55,9 @@ with --phase):
               from the text; this phase teaches it the axis (left/right against up/down against still).
               (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
               Its crops are 21 frames long with probability --dir-full-prob (0.5, as in phase dit), else
-              --dit-short; --dir-full-prob 0 (short crops only: more captions per step) taught direction
-              faster in the measured runs (the demo model's README).
+              --dit-short; --dir-full-prob 0 (short crops only: more captions per step), with --dir-lr
+              1e-3 and --opp-lr 5e-4, taught direction fastest in the measured runs (the demo model's
+              README).
      opp      (optional, not in the default phases) --opp-steps (1200) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends.
