@@ -76,8 +76,8 @@ with --phase):
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
 --dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the learning-rate schedule follows
 the larger of the two fractions, so a run that hits the time budget still ends with a decayed learning
-rate. Runs that stop on the step count are
-reproducible; runs that stop on time depend on the machine's speed.
+rate. Runs that stop on the step count are reproducible; runs that stop on time depend on the machine's
+speed.
 
 torch runs with --threads (default 1). On a 2-core machine that does nothing else meanwhile, --threads 2
 makes a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
