@@ -860,7 +860,7 @@ def phase_eval(args, work: Path) -> None:
 LONG_CAPTIONS = [
     "a yellow square moves right on a green background",  # the example prompt (training set)
     "a red circle moves left on a blue background",  # held-out tuple
-    "a blue square moves down on a yellow background",  # held-out pair (blue on yellow)
+    "a blue square moves down on a yellow background",  # held-out tuple
     "a black square moves right on a white background",  # held-out tuple
     "a white circle moves up on a red background",  # training
     "a green square stays still on a black background",  # training
@@ -946,10 +946,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*",
-                    default=["text", "vae", "latents", "vae3", "dit", "export", "eval", "long"],
+                    default=["text", "vae", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"],
                     choices=["text", "vae", "vae2", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1086)
     ap.add_argument("--vae-minutes", type=float, default=24)
     ap.add_argument("--vae-batch", type=int, default=4)
@@ -977,8 +977,8 @@ def main() -> None:
     ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=8000)
-    ap.add_argument("--dit-minutes", type=float, default=50)
+    ap.add_argument("--dit-steps", type=int, default=3400)
+    ap.add_argument("--dit-minutes", type=float, default=27)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
     ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
@@ -997,13 +997,13 @@ def main() -> None:
     ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
     ap.add_argument("--dir-minutes", type=float, default=17, help="dir: wall-time budget")
-    ap.add_argument("--dir-lr", type=float, default=5e-4, help="dir: peak learning rate")
-    ap.add_argument("--dir-full-prob", type=float, default=0.5,
+    ap.add_argument("--dir-lr", type=float, default=1e-3, help="dir: peak learning rate")
+    ap.add_argument("--dir-full-prob", type=float, default=0.0,
                     help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
-    ap.add_argument("--dir-steps", type=int, default=2400, help="dir: step count")
-    ap.add_argument("--opp-steps", type=int, default=1200, help="opp: step count")
+    ap.add_argument("--dir-steps", type=int, default=2000, help="dir: step count")
+    ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
     ap.add_argument("--opp-minutes", type=float, default=8.5, help="opp: wall-time budget")
-    ap.add_argument("--opp-lr", type=float, default=3e-4, help="opp: peak learning rate")
+    ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
