@@ -3,7 +3,7 @@
 
 One command, seeded, on the CPU:
 
-    nice -n 19 .venv/bin/python tools/train_demo.py            # all phases, <= 90 min + ~6 min evaluation on 2 cores
+    nice -n 5 .venv/bin/python tools/train_demo.py             # all phases, <= 90 min + evaluation on 2 idle cores
 
 Phases (each resumes from the work directory, default target/demo-train/, so a phase can be rerun alone
 with --phase):
@@ -45,7 +45,7 @@ with --phase):
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
-     dir      (optional, not in the default phases) --dir-steps (2400) more of phase dit from its final
+     dir      --dir-steps (2000) more of phase dit from its final
               weights (fresh optimiser and schedule, peak --dir-lr) in which --dit-mix-frac (80%) of the
               captioned items get an ambiguous input (class Ambiguity): a blend of the clip and a clip of
               the same object with another motion (another direction or still), the target the velocity
@@ -54,11 +54,10 @@ with --phase):
               only on real clips, the transformer learns the scenes' motion but not to take its direction
               from the text; this phase teaches it the axis (left/right against up/down against still).
               (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
-              Its crops are 21 frames long with probability --dir-full-prob (0.5, as in phase dit), else
-              --dit-short; --dir-full-prob 0 (short crops only: more captions per step), with --dir-lr
-              1e-3 and --opp-lr 5e-4, taught direction fastest in the measured runs (the demo model's
-              README).
-     opp      (optional, not in the default phases) --opp-steps (1200) more from phase dir's weights (fresh
+              Its crops are 21 frames long with probability --dir-full-prob (default 0), else --dit-short:
+              short crops only (more captions per step) at the peak lr --dir-lr 1e-3 taught direction
+              fastest in the measured runs (the demo model's README).
+     opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
@@ -79,10 +78,12 @@ the larger of the two fractions, so a run that hits the time budget still ends w
 rate. Runs that stop on the step count are reproducible; runs that stop on time depend on the machine's
 speed.
 
-torch runs with --threads (default 1). On a 2-core machine that does nothing else meanwhile, --threads 2
-makes a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
-long as with one thread). On a machine shared with other work keep one thread: a 2-thread pool
-spin-waits whenever the other core is busy and runs several times slower than one thread. The VAE
+torch runs with --threads (default 2). On a 2-core machine that does nothing else meanwhile, two threads
+make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
+long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
+spin-waits whenever the other core is busy and runs several times slower than one thread. The default
+step counts fit the 90 minutes at two threads on an idle 2-core machine (vae ~22 min, latents ~6, vae3
+8, dit ~26.5, dir ~16.5, opp ~8), so the run stops on its step counts and is reproducible. The VAE
 needs its full step count: in a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the
 8 held-out check clips came back with the object in the wrong colour in 90-96% of their frames.
 """
