@@ -30,6 +30,10 @@ with --phase):
      vae3     decoder-only fine-tuning (encoder frozen, so the cached latents stay valid) on noisy posterior
               means, streamed like phase vae, with the object's pixels weighted 4x; writes work/vae3/, which
               export uses, and vae3_recon.json. It does not depend on the dit phase (the two can run at once).
+     vae4     phase vae3 continued (fresh schedule, --vae4-steps, peak --vae4-lr) with 5x the noise
+              (--vae4-noise 0.5 x the std): a decoder that has seen more of the latent space around the
+              encoder's codes draws generated latents with cleaner object colours. Writes work/vae4/ (export
+              prefers it) and vae4_recon.json.
   4. dit      WanTransformer3DModel and the text encoder trained together with Wan's flow matching on
               crops of the cached 41-frame latent sequences, as the render's windows are crops of one long
               latent sequence: 21 latent frames (the render window) with probability --dit-full-prob, else
@@ -73,7 +77,7 @@ with --phase):
               for jumps at the windows' seams.
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
---dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the learning-rate schedule follows
+--vae4-minutes, --dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the learning-rate schedule follows
 the larger of the two fractions, so a run that hits the time budget still ends with a decayed learning
 rate. Runs that stop on the step count are reproducible; runs that stop on time depend on the machine's
 speed.
@@ -82,10 +86,12 @@ torch runs with --threads (default 2). On a 2-core machine that does nothing els
 make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
 long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The default
-step counts fit the 90 minutes at two threads on an idle 2-core machine (vae ~22 min, latents ~6, vae3
-8, dit ~26.5, dir ~16.5, opp ~8), so the run stops on its step counts and is reproducible. The VAE
-needs its full step count: in a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the
-8 held-out check clips came back with the object in the wrong colour in 90-96% of their frames.
+step counts take about 85 minutes at two threads on an idle 2-core machine (measured: vae 17.7 min,
+latents 5.9, vae3 8.5 with its check, vae4 5.4, dit 27 on its time budget at 2982 of 3400 steps, dir 14.6, opp 5.8); the time budgets add up to 90
+minutes with the latents phase, so a slower machine stops some phases on time, and its run is not
+step-for-step reproducible. The VAE needs its full step count: in a run whose phase vae stopped on a
+20-minute budget at 983 steps, 4 of the 8 held-out check clips came back with the object in the wrong
+colour in 90-96% of their frames.
 """
 
 from __future__ import annotations
@@ -384,44 +390,52 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
     log(f"vae{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
 
 
-def phase_vae3(args, work: Path) -> None:
+def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
     """Decoder-only fine-tuning after the latents are cached: the encoder (and so the latent space the
     transformer learns) stays fixed; the decoder sees the posterior mean plus a little noise (--vae3-noise x
     the latents' per-channel std), for robustness to imperfect generated latents, through the same streamed
     steps as phase vae (warm-up prefixes included), with the pixels of the object (those that differ from the
     clip's background colour) weighted --vae3-obj-weight times in the loss: the object is ~14% of a frame
     and its colour is what the first stage learns last. Writes work/vae3/ (export prefers it to work/vae/)
-    and vae3_recon.json."""
+    and vae3_recon.json.
+
+    Stage vae4 continues phase vae3's decoder (work/vae3/) the same way with more noise (--vae4-noise x the
+    std): generated latents stray further from the encoder's than the posterior's own spread, and a decoder
+    that has seen more of that neighbourhood draws the objects' colours more faithfully (the demo model's
+    README). Writes work/vae4/ (export prefers it), vae4_losses.json and vae4_recon.json."""
     from diffusers import AutoencoderKLWan
 
+    source, max_steps, minutes, lr, noise = {
+        "vae3": ("vae", args.vae3_steps, args.vae3_minutes, args.vae3_lr, args.vae3_noise),
+        "vae4": ("vae3", args.vae4_steps, args.vae4_minutes, args.vae4_lr, args.vae4_noise)}[stage]
     torch.manual_seed(args.seed + 22)
     rng = random.Random(args.seed + 22)
-    vae = AutoencoderKLWan.from_pretrained(str(work / "vae"), torch_dtype=torch.float32)
+    vae = AutoencoderKLWan.from_pretrained(str(work / source), torch_dtype=torch.float32)
     std = torch.load(work / "latents.pt")["std"].view(1, -1, 1, 1, 1)
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=args.vae3_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     train = scenes.train_scenes()
     t0 = time.time()
-    budget = args.vae3_minutes * 60
+    budget = minutes * 60
     hist, acc, step = [], [], 0
 
     def save():
-        tmp = work / "vae3.tmp"
+        tmp = work / f"{stage}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         vae.save_pretrained(str(tmp), safe_serialization=True)
-        if (work / "vae3").exists():
-            shutil.rmtree(work / "vae3")
-        tmp.rename(work / "vae3")
+        if (work / stage).exists():
+            shutil.rmtree(work / stage)
+        tmp.rename(work / stage)
 
-    while step < args.vae3_steps:
-        progress = max(step / args.vae3_steps, (time.time() - t0) / budget)
+    while step < max_steps:
+        progress = max(step / max_steps, (time.time() - t0) / budget)
         if progress >= 1:
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(progress, args.vae3_lr, 0.03)
+            g["lr"] = lr_at(progress, lr, 0.03)
         warm, bsz, n_pix = 0, args.vae_batch, args.vae_frames
         if rng.random() < args.vae_warm_prob:
             warm, bsz = rng.randint(1, args.vae_warm_max), args.vae_warm_batch
@@ -432,7 +446,7 @@ def phase_vae3(args, work: Path) -> None:
         vae.clear_cache()
         with torch.no_grad():
             z = encode_chunks(vae, x, True)[:, :VAE_CFG["z_dim"]]
-            z = z + args.vae3_noise * std * torch.randn_like(z)
+            z = z + noise * std * torch.randn_like(z)
             nw = 0
             if warm > 0:
                 nw = 1 + 4 * (warm - 1)
@@ -457,16 +471,16 @@ def phase_vae3(args, work: Path) -> None:
             acc = []
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1_weighted=float(a[0]),
                              mse_weighted=float(a[1]), l1=float(a[2])))
-            log(f"vae3 step {step} ({hist[-1]['minutes']} min): weighted L1 {a[0]:.4f} MSE {a[1]:.5f}, L1 {a[2]:.4f}")
+            log(f"{stage} step {step} ({hist[-1]['minutes']} min): weighted L1 {a[0]:.4f} MSE {a[1]:.5f}, L1 {a[2]:.4f}")
         if step % 100 == 0:
             save()
     save()
-    (work / "vae3_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
-                                                           history=hist), indent=1))
-    log(f"vae3 done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+    (work / f"{stage}_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
+                                                               history=hist), indent=1))
+    log(f"{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
     vae.eval()
     with torch.no_grad():
-        recon_check(args, work, vae, "vae3_recon.json")
+        recon_check(args, work, vae, f"{stage}_recon.json")
 
 
 def recon_check(args, work: Path, vae, name: str) -> None:
@@ -774,7 +788,7 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
         te.load_state_dict(ck["ema_te"])
         dit_step = ck["step"]
     data = torch.load(work / "latents.pt")
-    vae_dir = work / "vae3" if (work / "vae3").exists() else work / "vae"
+    vae_dir = next(work / d for d in ("vae4", "vae3", "vae") if (work / d).exists())
     vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
     vae.register_to_config(latents_mean=[round(float(v), 6) for v in data["mean"]],
                            latents_std=[round(float(v), 6) for v in data["std"]])
@@ -947,12 +961,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*",
-                    default=["text", "vae", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"],
-                    choices=["text", "vae", "vae2", "latents", "vae3", "dit", "dir", "opp", "export", "eval", "long"])
+                    default=["text", "vae", "latents", "vae3", "vae4", "dit", "dir", "opp", "export", "eval", "long"],
+                    choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "dit", "dir", "opp", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1086)
-    ap.add_argument("--vae-minutes", type=float, default=24)
+    ap.add_argument("--vae-minutes", type=float, default=21)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-frames", type=int, default=9, help="vae: graded pixel frames per clip from frame 0 (1 + 4k)")
     ap.add_argument("--vae-warm-prob", type=float, default=0.4,
@@ -971,7 +985,11 @@ def main() -> None:
     ap.add_argument("--vae3-minutes", type=float, default=8)
     ap.add_argument("--vae3-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-noise", type=float, default=0.1)
-    ap.add_argument("--vae3-obj-weight", type=float, default=4.0)
+    ap.add_argument("--vae3-obj-weight", type=float, default=4.0, help="vae3, vae4: loss weight of object pixels")
+    ap.add_argument("--vae4-steps", type=int, default=450, help="vae4: step count")
+    ap.add_argument("--vae4-minutes", type=float, default=6, help="vae4: wall-time budget")
+    ap.add_argument("--vae4-lr", type=float, default=5e-4, help="vae4: peak learning rate")
+    ap.add_argument("--vae4-noise", type=float, default=0.5, help="vae4: latent noise, times the latents' std")
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
     ap.add_argument("--clips-per-scene", type=int, default=2)
@@ -997,13 +1015,13 @@ def main() -> None:
                     help="dit, dir: range of the noise level of ambiguous inputs")
     ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
-    ap.add_argument("--dir-minutes", type=float, default=17, help="dir: wall-time budget")
+    ap.add_argument("--dir-minutes", type=float, default=15.5, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=1e-3, help="dir: peak learning rate")
     ap.add_argument("--dir-full-prob", type=float, default=0.0,
                     help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
     ap.add_argument("--dir-steps", type=int, default=2000, help="dir: step count")
     ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
-    ap.add_argument("--opp-minutes", type=float, default=8.5, help="opp: wall-time budget")
+    ap.add_argument("--opp-minutes", type=float, default=6.5, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
@@ -1029,7 +1047,8 @@ def main() -> None:
     t0 = time.time()
     for ph in args.phase:
         tp = time.time()
-        {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3, "latents": phase_latents, "dit": phase_dit,
+        {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3,
+         "vae4": lambda a, w: phase_vae3(a, w, stage="vae4"), "latents": phase_latents, "dit": phase_dit,
          "dir": lambda a, w: phase_dit(a, w, stage="dir"),
          "opp": lambda a, w: phase_dit(a, w, stage="opp"),
          "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
