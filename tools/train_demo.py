@@ -64,6 +64,10 @@ with --phase):
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends.
+     vae5     (after the transformer) the latest decoder fine-tuned on the transformer's own latents: a training
+              clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
+              its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
+              from that prediction. Writes work/vae5/ (export prefers it) and vae5_recon.json.
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32, from the EMA weights of the most recently trained of
               phases dit, dir and opp. Also written every --export-every DiT steps, so a usable model
@@ -77,21 +81,22 @@ with --phase):
               for jumps at the windows' seams.
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
---vae4-minutes, --dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the learning-rate schedule follows
-the larger of the two fractions, so a run that hits the time budget still ends with a decayed learning
-rate. Runs that stop on the step count are reproducible; runs that stop on time depend on the machine's
-speed.
+--vae4-minutes, --vae5-minutes, --dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the
+learning-rate schedule follows the larger of the two fractions, so a run that hits the time budget still
+ends with a decayed learning rate. Runs that stop on the step count are reproducible; runs that stop on
+time depend on the machine's speed.
 
 torch runs with --threads (default 2). On a 2-core machine that does nothing else meanwhile, two threads
 make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
 long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The default
-step counts take about 85 minutes at two threads on an idle 2-core machine (measured: vae 17.7 min,
-latents 5.9, vae3 8.5 with its check, vae4 5.4, dit 27 on its time budget at 2982 of 3400 steps, dir 14.6, opp 5.8); the time budgets add up to 90
-minutes with the latents phase, so a slower machine stops some phases on time, and its run is not
-step-for-step reproducible. The VAE needs its full step count: in a run whose phase vae stopped on a
-20-minute budget at 983 steps, 4 of the 8 held-out check clips came back with the object in the wrong
-colour in 90-96% of their frames.
+step counts take about 90 minutes at two threads on an idle 2-core machine (measured: vae 17.7 min,
+latents 5.9 with its reconstruction check, vae3 8.0, vae4 5.4, dit 27.0 on its time budget at 2982 of 3400
+steps, dir 14.6, opp 5.8, vae5 about 5 with the final reconstruction check); the time budgets, there so
+that a slower machine still finishes in about that time, add up to 93 minutes with the latents phase. A
+run that stops a phase on time is not step-for-step reproducible. The VAE needs its full step count: in
+a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the 8 held-out check clips came back
+with the object in the wrong colour in 90-96% of their frames.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ TEXT_CFG = dict(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2)
 UNIPC_WAN = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
                  solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
                  final_sigmas_type="zero", flow_shift=FLOW_SHIFT)
+VAE_STAGES = ("vae5", "vae4", "vae3", "vae")  # the VAE export takes: the latest of these in the work directory
 EXTRA_IDS = 4
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 5.0
@@ -478,9 +484,100 @@ def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
     (work / f"{stage}_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
                                                                history=hist), indent=1))
     log(f"{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
-    vae.eval()
-    with torch.no_grad():
-        recon_check(args, work, vae, f"{stage}_recon.json")
+    if is_last_vae_phase(args, stage):
+        vae.eval()
+        with torch.no_grad():
+            recon_check(args, work, vae, f"{stage}_recon.json")
+
+
+def phase_vae5(args, work: Path) -> None:
+    """Decoder-only fine-tuning on the transformer's own latents: a training clip of --vae5-frames frames is
+    encoded, normalised, noised to sigma ~ U(0.05, --vae5-sigma-max), and the trained transformer (the EMA
+    weights export takes) predicts its clean latents in one step, x_t - sigma v, with the clip's caption; the
+    decoder learns to draw the clip's pixels from that prediction (object pixels weighted --vae3-obj-weight
+    times). The transformer's latents differ from the encoder's in its own ways (objects too large, soft
+    edges that decode as dark or coloured fringes), and a decoder that has seen them draws cleaner objects.
+    Continues the latest decoder (work/vae4/ after phase vae4); writes work/vae5/ (export prefers it),
+    vae5_losses.json and vae5_recon.json."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(args.seed + 24)
+    rng = random.Random(args.seed + 24)
+    source = next(work / d for d in VAE_STAGES[1:] if (work / d).exists())
+    vae = AutoencoderKLWan.from_pretrained(str(source), torch_dtype=torch.float32)
+    data = torch.load(work / "latents.pt")
+    mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
+    dit, te, dit_step = trained_transformer(work)
+    dit.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+    tok = load_tokenizer(work / "tokenizer")
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vae5_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    train = scenes.train_scenes()
+    log(f"vae5: decoder of {source.name}, transformer step {dit_step}")
+    t0 = time.time()
+    budget = args.vae5_minutes * 60
+    hist, acc, step = [], [], 0
+    while step < args.vae5_steps:
+        progress = max(step / args.vae5_steps, (time.time() - t0) / budget)
+        if progress >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, args.vae5_lr, 0.03)
+        items = [rng.choice(train) for _ in range(args.vae5_batch)]
+        x = torch.stack([to_pixels(scenes.render(sc, args.vae5_frames, SIZE, SIZE, seed=rng.getrandbits(32)))
+                         for sc in items])
+        bg = torch.stack([torch.tensor(scenes.COLOURS[sc.bg], dtype=torch.float32) / 127.5 - 1 for sc in items])
+        with torch.no_grad():
+            vae.clear_cache()
+            zn = (encode_chunks(vae, x, True)[:, :VAE_CFG["z_dim"]] - mean) / std
+            vae.clear_cache()
+            sigma = torch.tensor([rng.uniform(0.05, args.vae5_sigma_max) for _ in items]).view(-1, 1, 1, 1, 1)
+            xt = (1 - sigma) * zn + sigma * torch.randn_like(zn)
+            v = dit(hidden_states=xt, timestep=sigma.flatten() * 1000,
+                    encoder_hidden_states=encode_text(tok, te, [sc.caption for sc in items]), return_dict=False)[0]
+            z = (xt - sigma * v) * std + mean
+        y = decode_chunks(vae, z, True)
+        vae.clear_cache()
+        obj = ((x - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.1).float()
+        wgt = 1 + (args.vae3_obj_weight - 1) * obj
+        wgt = wgt / wgt.mean()
+        l1 = ((y - x).abs() * wgt).mean()
+        mse = ((y - x).pow(2) * wgt).mean()
+        opt.zero_grad(set_to_none=True)
+        (l1 + mse).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        acc.append((l1.item(), mse.item(), (y - x).abs().mean().item()))
+        if step % 25 == 0:
+            a = np.mean(acc, axis=0)
+            acc = []
+            hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1_weighted=float(a[0]),
+                             mse_weighted=float(a[1]), l1=float(a[2])))
+            log(f"vae5 step {step} ({hist[-1]['minutes']} min): weighted L1 {a[0]:.4f} MSE {a[1]:.5f}, L1 {a[2]:.4f}")
+    tmp = work / "vae5.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vae.save_pretrained(str(tmp), safe_serialization=True)
+    if (work / "vae5").exists():
+        shutil.rmtree(work / "vae5")
+    tmp.rename(work / "vae5")
+    (work / "vae5_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
+                                                           history=hist), indent=1))
+    log(f"vae5 done: {step} steps in {(time.time() - t0) / 60:.1f} min")
+    if is_last_vae_phase(args, "vae5"):
+        vae.eval()
+        with torch.no_grad():
+            recon_check(args, work, vae, "vae5_recon.json")
+
+
+def is_last_vae_phase(args, stage: str) -> bool:
+    """Whether `stage` is the last of the decoder phases (vae3, vae4, vae5) this run trains: only that one
+    checks its reconstructions (about half a minute each)."""
+    return [p for p in args.phase if p in ("vae3", "vae4", "vae5")][-1:] == [stage]
 
 
 def recon_check(args, work: Path, vae, name: str) -> None:
@@ -774,21 +871,29 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         export(args, work, ema, ema_te, dit_step=step)
 
 
+def trained_transformer(work: Path):
+    """The EMA transformer and text encoder of the most recently trained of phases dit, dir and opp (each
+    continues the one before), and its step."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    ckpts = [work / f"{st}_ckpt.pt" for st in ("dit", "dir", "opp") if (work / f"{st}_ckpt.pt").exists()]
+    ck = torch.load(max(ckpts, key=lambda f: f.stat().st_mtime))
+    dit = WanTransformer3DModel(**DIT_CFG)
+    dit.load_state_dict(ck["ema"])
+    te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
+    te.load_state_dict(ck["ema_te"])
+    return dit, te, ck["step"]
+
+
 def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from transformers import UMT5EncoderModel
 
     if dit is None:
-        # The most recently trained of phases dit, dir and opp (each continues the one before).
-        ckpts = [work / f"{st}_ckpt.pt" for st in ("dit", "dir", "opp") if (work / f"{st}_ckpt.pt").exists()]
-        ck = torch.load(max(ckpts, key=lambda f: f.stat().st_mtime))
-        dit = WanTransformer3DModel(**DIT_CFG)
-        dit.load_state_dict(ck["ema"])
-        te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
-        te.load_state_dict(ck["ema_te"])
-        dit_step = ck["step"]
+        dit, te, dit_step = trained_transformer(work)
     data = torch.load(work / "latents.pt")
-    vae_dir = next(work / d for d in ("vae4", "vae3", "vae") if (work / d).exists())
+    vae_dir = next(work / d for d in VAE_STAGES if (work / d).exists())
     vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=torch.float32)
     vae.register_to_config(latents_mean=[round(float(v), 6) for v in data["mean"]],
                            latents_std=[round(float(v), 6) for v in data["std"]])
@@ -961,8 +1066,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*",
-                    default=["text", "vae", "latents", "vae3", "vae4", "dit", "dir", "opp", "export", "eval", "long"],
-                    choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "dit", "dir", "opp", "export", "eval", "long"])
+                    default=["text", "vae", "latents", "vae3", "vae4", "dit", "dir", "opp", "vae5", "export", "eval", "long"],
+                    choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "vae5", "dit", "dir", "opp", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1086)
@@ -987,9 +1092,16 @@ def main() -> None:
     ap.add_argument("--vae3-noise", type=float, default=0.1)
     ap.add_argument("--vae3-obj-weight", type=float, default=4.0, help="vae3, vae4: loss weight of object pixels")
     ap.add_argument("--vae4-steps", type=int, default=450, help="vae4: step count")
-    ap.add_argument("--vae4-minutes", type=float, default=6, help="vae4: wall-time budget")
+    ap.add_argument("--vae4-minutes", type=float, default=5.5, help="vae4: wall-time budget")
     ap.add_argument("--vae4-lr", type=float, default=5e-4, help="vae4: peak learning rate")
     ap.add_argument("--vae4-noise", type=float, default=0.5, help="vae4: latent noise, times the latents' std")
+    ap.add_argument("--vae5-steps", type=int, default=250, help="vae5: step count")
+    ap.add_argument("--vae5-minutes", type=float, default=5, help="vae5: wall-time budget")
+    ap.add_argument("--vae5-lr", type=float, default=5e-4, help="vae5: peak learning rate")
+    ap.add_argument("--vae5-batch", type=int, default=2, help="vae5: clips per step")
+    ap.add_argument("--vae5-frames", type=int, default=33, help="vae5: pixel frames per clip, from frame 0 (1 + 4k)")
+    ap.add_argument("--vae5-sigma-max", type=float, default=0.5,
+                    help="vae5: highest noise level of the transformer's inputs")
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
     ap.add_argument("--clips-per-scene", type=int, default=2)
@@ -1015,13 +1127,13 @@ def main() -> None:
                     help="dit, dir: range of the noise level of ambiguous inputs")
     ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
-    ap.add_argument("--dir-minutes", type=float, default=15.5, help="dir: wall-time budget")
+    ap.add_argument("--dir-minutes", type=float, default=15, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=1e-3, help="dir: peak learning rate")
     ap.add_argument("--dir-full-prob", type=float, default=0.0,
                     help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
     ap.add_argument("--dir-steps", type=int, default=2000, help="dir: step count")
     ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
-    ap.add_argument("--opp-minutes", type=float, default=6.5, help="opp: wall-time budget")
+    ap.add_argument("--opp-minutes", type=float, default=6.2, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
@@ -1048,7 +1160,7 @@ def main() -> None:
     for ph in args.phase:
         tp = time.time()
         {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3,
-         "vae4": lambda a, w: phase_vae3(a, w, stage="vae4"), "latents": phase_latents, "dit": phase_dit,
+         "vae4": lambda a, w: phase_vae3(a, w, stage="vae4"), "vae5": phase_vae5, "latents": phase_latents, "dit": phase_dit,
          "dir": lambda a, w: phase_dit(a, w, stage="dir"),
          "opp": lambda a, w: phase_dit(a, w, stage="opp"),
          "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
