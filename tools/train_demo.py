@@ -1100,7 +1100,7 @@ def main() -> None:
     ap.add_argument("--vae5-lr", type=float, default=5e-4, help="vae5: peak learning rate")
     ap.add_argument("--vae5-batch", type=int, default=2, help="vae5: clips per step")
     ap.add_argument("--vae5-frames", type=int, default=33, help="vae5: pixel frames per clip, from frame 0 (1 + 4k)")
-    ap.add_argument("--vae5-sigma-max", type=float, default=0.5,
+    ap.add_argument("--vae5-sigma-max", type=float, default=0.8,
                     help="vae5: highest noise level of the transformer's inputs")
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
