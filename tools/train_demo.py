@@ -93,7 +93,7 @@ spin-waits whenever the other core is busy and runs several times slower than on
 step counts take about 90 minutes at two threads on an idle 2-core machine (measured: vae 17.7 min,
 latents 5.9 with its reconstruction check, vae3 8.0, vae4 5.4, dit 27.0 on its time budget at 2982 of 3400
 steps, dir 14.6, opp 5.8, vae5 about 5 with the final reconstruction check); the time budgets, there so
-that a slower machine still finishes in about that time, add up to 93 minutes with the latents phase. A
+that a slower machine still finishes in about that time, add up to about 94 minutes with the latents phase. A
 run that stops a phase on time is not step-for-step reproducible. The VAE needs its full step count: in
 a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the 8 held-out check clips came back
 with the object in the wrong colour in 90-96% of their frames.
