@@ -29,11 +29,12 @@ with --phase):
               with diffusers' own encode / decode and the per-frame L1 is written to vae_recon.json.
      vae3     decoder-only fine-tuning (encoder frozen, so the cached latents stay valid) on noisy posterior
               means, streamed like phase vae, with the object's pixels weighted 4x; writes work/vae3/, which
-              export uses, and vae3_recon.json. It does not depend on the dit phase (the two can run at once).
+              export uses. It does not depend on the dit phase (the two can run at once). The last decoder phase
+              of a run (vae3, vae4 or vae5) also writes <phase>_recon.json (as vae_recon.json above).
      vae4     phase vae3 continued (fresh schedule, --vae4-steps, peak --vae4-lr) with 5x the noise
               (--vae4-noise 0.5 x the std): a decoder that has seen more of the latent space around the
               encoder's codes draws generated latents with cleaner object colours. Writes work/vae4/ (export
-              prefers it) and vae4_recon.json.
+              prefers it).
   4. dit      WanTransformer3DModel and the text encoder trained together with Wan's flow matching on
               crops of the cached 41-frame latent sequences, as the render's windows are crops of one long
               latent sequence: 21 latent frames (the render window) with probability --dit-full-prob, else
@@ -64,10 +65,10 @@ with --phase):
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends.
-     vae5     (after the transformer) the latest decoder fine-tuned on the transformer's own latents: a training
+     vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
-              from that prediction. Writes work/vae5/ (export prefers it) and vae5_recon.json.
+              from that prediction. Writes work/vae5/ (export prefers it).
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32, from the EMA weights of the most recently trained of
               phases dit, dir and opp. Also written every --export-every DiT steps, so a usable model
@@ -396,33 +397,18 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
     log(f"vae{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
 
 
-def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
-    """Decoder-only fine-tuning after the latents are cached: the encoder (and so the latent space the
-    transformer learns) stays fixed; the decoder sees the posterior mean plus a little noise (--vae3-noise x
-    the latents' per-channel std), for robustness to imperfect generated latents, through the same streamed
-    steps as phase vae (warm-up prefixes included), with the pixels of the object (those that differ from the
-    clip's background colour) weighted --vae3-obj-weight times in the loss: the object is ~14% of a frame
-    and its colour is what the first stage learns last. Writes work/vae3/ (export prefers it to work/vae/)
-    and vae3_recon.json.
-
-    Stage vae4 continues phase vae3's decoder (work/vae3/) the same way with more noise (--vae4-noise x the
-    std): generated latents stray further from the encoder's than the posterior's own spread, and a decoder
-    that has seen more of that neighbourhood draws the objects' colours more faithfully (the demo model's
-    README). Writes work/vae4/ (export prefers it), vae4_losses.json and vae4_recon.json."""
-    from diffusers import AutoencoderKLWan
-
-    source, max_steps, minutes, lr, noise = {
-        "vae3": ("vae", args.vae3_steps, args.vae3_minutes, args.vae3_lr, args.vae3_noise),
-        "vae4": ("vae3", args.vae4_steps, args.vae4_minutes, args.vae4_lr, args.vae4_noise)}[stage]
-    torch.manual_seed(args.seed + 22)
-    rng = random.Random(args.seed + 22)
-    vae = AutoencoderKLWan.from_pretrained(str(work / source), torch_dtype=torch.float32)
-    std = torch.load(work / "latents.pt")["std"].view(1, -1, 1, 1, 1)
+def train_decoder(args, work: Path, stage: str, vae, max_steps: int, minutes: float, lr: float, batch) -> None:
+    """The loop of the decoder-only phases (vae3, vae4, vae5). The encoder stays frozen, so the cached latents
+    and the transformer trained on them stay valid. Each step `batch()` returns the decoder's output (with
+    gradients), the pixels it should match and each clip's background colour [B, 3]; the loss is L1 + MSE
+    on [-1, 1] pixels with the object's pixels (those that differ from the background) weighted
+    --vae3-obj-weight times: the object is ~14% of a frame and its colour is what a decoder learns last.
+    Saves work/<stage>/ every 100 steps and at the end, writes <stage>_losses.json and, when this is the
+    run's last decoder phase, <stage>_recon.json."""
     vae.encoder.requires_grad_(False)
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    train = scenes.train_scenes()
     t0 = time.time()
     budget = minutes * 60
     hist, acc, step = [], [], 0
@@ -442,36 +428,18 @@ def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(progress, lr, 0.03)
-        warm, bsz, n_pix = 0, args.vae_batch, args.vae_frames
-        if rng.random() < args.vae_warm_prob:
-            warm, bsz = rng.randint(1, args.vae_warm_max), args.vae_warm_batch
-            n_pix = 1 + 4 * (warm - 1) + args.vae_warm_frames
-        items = [rng.choice(train) for _ in range(bsz)]
-        x = torch.stack([to_pixels(scenes.render(sc, n_pix, SIZE, SIZE, seed=rng.getrandbits(32))) for sc in items])
-        bg = torch.stack([torch.tensor(scenes.COLOURS[sc.bg], dtype=torch.float32) / 127.5 - 1 for sc in items])
-        vae.clear_cache()
-        with torch.no_grad():
-            z = encode_chunks(vae, x, True)[:, :VAE_CFG["z_dim"]]
-            z = z + noise * std * torch.randn_like(z)
-            nw = 0
-            if warm > 0:
-                nw = 1 + 4 * (warm - 1)
-                decode_chunks(vae, z[:, :, :warm], True)
-                vae._feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._feat_map]
-        y = decode_chunks(vae, z[:, :, warm:], warm == 0)
-        vae.clear_cache()
-        xg = x[:, :, nw:]
-        obj = ((xg - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.1).float()
+        y, x, bg = batch()
+        obj = ((x - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.1).float()
         wgt = 1 + (args.vae3_obj_weight - 1) * obj
         wgt = wgt / wgt.mean()
-        l1 = ((y - xg).abs() * wgt).mean()
-        mse = ((y - xg).pow(2) * wgt).mean()
+        l1 = ((y - x).abs() * wgt).mean()
+        mse = ((y - x).pow(2) * wgt).mean()
         opt.zero_grad(set_to_none=True)
         (l1 + mse).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        acc.append((l1.item(), mse.item(), (y - xg).abs().mean().item()))
+        acc.append((l1.item(), mse.item(), (y - x).abs().mean().item()))
         if step % 25 == 0:
             a = np.mean(acc, axis=0)
             acc = []
@@ -490,15 +458,63 @@ def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
             recon_check(args, work, vae, f"{stage}_recon.json")
 
 
+def background_pixels(items: list[scenes.Scene]) -> torch.Tensor:
+    """Each scene's background colour in [-1, 1] pixels, [B, 3]."""
+    return torch.stack([torch.tensor(scenes.COLOURS[sc.bg], dtype=torch.float32) / 127.5 - 1 for sc in items])
+
+
+def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
+    """Decoder-only fine-tuning after the latents are cached (train_decoder): the decoder sees the posterior
+    mean plus a little noise (--vae3-noise x the latents' per-channel std), for robustness to imperfect
+    generated latents, through the same streamed steps as phase vae (warm-up prefixes included). Writes
+    work/vae3/ (export prefers it to work/vae/).
+
+    Stage vae4 continues phase vae3's decoder (work/vae3/) the same way with more noise (--vae4-noise x the
+    std): generated latents stray further from the encoder's than the posterior's own spread, and a decoder
+    that has seen more of that neighbourhood draws the objects' colours more faithfully (the demo model's
+    README). Writes work/vae4/ (export prefers it)."""
+    from diffusers import AutoencoderKLWan
+
+    source, max_steps, minutes, lr, noise = {
+        "vae3": ("vae", args.vae3_steps, args.vae3_minutes, args.vae3_lr, args.vae3_noise),
+        "vae4": ("vae3", args.vae4_steps, args.vae4_minutes, args.vae4_lr, args.vae4_noise)}[stage]
+    torch.manual_seed(args.seed + 22)
+    rng = random.Random(args.seed + 22)
+    vae = AutoencoderKLWan.from_pretrained(str(work / source), torch_dtype=torch.float32)
+    std = torch.load(work / "latents.pt")["std"].view(1, -1, 1, 1, 1)
+    train = scenes.train_scenes()
+
+    def batch():
+        warm, bsz, n_pix = 0, args.vae_batch, args.vae_frames
+        if rng.random() < args.vae_warm_prob:
+            warm, bsz = rng.randint(1, args.vae_warm_max), args.vae_warm_batch
+            n_pix = 1 + 4 * (warm - 1) + args.vae_warm_frames
+        items = [rng.choice(train) for _ in range(bsz)]
+        x = torch.stack([to_pixels(scenes.render(sc, n_pix, SIZE, SIZE, seed=rng.getrandbits(32))) for sc in items])
+        vae.clear_cache()
+        with torch.no_grad():
+            z = encode_chunks(vae, x, True)[:, :VAE_CFG["z_dim"]]
+            z = z + noise * std * torch.randn_like(z)
+            nw = 0
+            if warm > 0:
+                nw = 1 + 4 * (warm - 1)
+                decode_chunks(vae, z[:, :, :warm], True)
+                vae._feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._feat_map]
+        y = decode_chunks(vae, z[:, :, warm:], warm == 0)
+        vae.clear_cache()
+        return y, x[:, :, nw:], background_pixels(items)
+
+    train_decoder(args, work, stage, vae, max_steps, minutes, lr, batch)
+
+
 def phase_vae5(args, work: Path) -> None:
-    """Decoder-only fine-tuning on the transformer's own latents: a training clip of --vae5-frames frames is
-    encoded, normalised, noised to sigma ~ U(0.05, --vae5-sigma-max), and the trained transformer (the EMA
-    weights export takes) predicts its clean latents in one step, x_t - sigma v, with the clip's caption; the
-    decoder learns to draw the clip's pixels from that prediction (object pixels weighted --vae3-obj-weight
-    times). The transformer's latents differ from the encoder's in its own ways (objects too large, soft
-    edges that decode as dark or coloured fringes), and a decoder that has seen them draws cleaner objects.
-    Continues the latest decoder (work/vae4/ after phase vae4); writes work/vae5/ (export prefers it),
-    vae5_losses.json and vae5_recon.json."""
+    """Decoder-only fine-tuning (train_decoder) on the transformer's own latents: a training clip of
+    --vae5-frames frames is encoded, normalised, noised to sigma ~ U(0.05, --vae5-sigma-max), and the trained
+    transformer (the EMA weights export takes) predicts its clean latents in one step, x_t - sigma v, with the
+    clip's caption; the decoder learns to draw the clip's pixels from that prediction. The transformer's
+    latents differ from the encoder's in its own ways (objects too large, soft edges that decode as dark or
+    coloured fringes), and a decoder that has seen them draws cleaner objects. Continues the latest decoder
+    (work/vae4/ after phase vae4); writes work/vae5/ (export prefers it)."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(args.seed + 24)
@@ -511,25 +527,13 @@ def phase_vae5(args, work: Path) -> None:
     dit.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
     tok = load_tokenizer(work / "tokenizer")
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=args.vae5_lr, betas=(0.9, 0.99), weight_decay=0.0)
     train = scenes.train_scenes()
     log(f"vae5: decoder of {source.name}, transformer step {dit_step}")
-    t0 = time.time()
-    budget = args.vae5_minutes * 60
-    hist, acc, step = [], [], 0
-    while step < args.vae5_steps:
-        progress = max(step / args.vae5_steps, (time.time() - t0) / budget)
-        if progress >= 1:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress, args.vae5_lr, 0.03)
+
+    def batch():
         items = [rng.choice(train) for _ in range(args.vae5_batch)]
         x = torch.stack([to_pixels(scenes.render(sc, args.vae5_frames, SIZE, SIZE, seed=rng.getrandbits(32)))
                          for sc in items])
-        bg = torch.stack([torch.tensor(scenes.COLOURS[sc.bg], dtype=torch.float32) / 127.5 - 1 for sc in items])
         with torch.no_grad():
             vae.clear_cache()
             zn = (encode_chunks(vae, x, True)[:, :VAE_CFG["z_dim"]] - mean) / std
@@ -541,43 +545,15 @@ def phase_vae5(args, work: Path) -> None:
             z = (xt - sigma * v) * std + mean
         y = decode_chunks(vae, z, True)
         vae.clear_cache()
-        obj = ((x - bg.view(-1, 3, 1, 1, 1)).abs().sum(1, keepdim=True) > 0.1).float()
-        wgt = 1 + (args.vae3_obj_weight - 1) * obj
-        wgt = wgt / wgt.mean()
-        l1 = ((y - x).abs() * wgt).mean()
-        mse = ((y - x).pow(2) * wgt).mean()
-        opt.zero_grad(set_to_none=True)
-        (l1 + mse).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        acc.append((l1.item(), mse.item(), (y - x).abs().mean().item()))
-        if step % 25 == 0:
-            a = np.mean(acc, axis=0)
-            acc = []
-            hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), l1_weighted=float(a[0]),
-                             mse_weighted=float(a[1]), l1=float(a[2])))
-            log(f"vae5 step {step} ({hist[-1]['minutes']} min): weighted L1 {a[0]:.4f} MSE {a[1]:.5f}, L1 {a[2]:.4f}")
-    tmp = work / "vae5.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vae.save_pretrained(str(tmp), safe_serialization=True)
-    if (work / "vae5").exists():
-        shutil.rmtree(work / "vae5")
-    tmp.rename(work / "vae5")
-    (work / "vae5_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
-                                                           history=hist), indent=1))
-    log(f"vae5 done: {step} steps in {(time.time() - t0) / 60:.1f} min")
-    if is_last_vae_phase(args, "vae5"):
-        vae.eval()
-        with torch.no_grad():
-            recon_check(args, work, vae, "vae5_recon.json")
+        return y, x, background_pixels(items)
+
+    train_decoder(args, work, "vae5", vae, args.vae5_steps, args.vae5_minutes, args.vae5_lr, batch)
 
 
 def is_last_vae_phase(args, stage: str) -> bool:
     """Whether `stage` is the last of the decoder phases (vae3, vae4, vae5) this run trains: only that one
     checks its reconstructions (about half a minute each)."""
-    return [p for p in args.phase if p in ("vae3", "vae4", "vae5")][-1:] == [stage]
+    return [p for p in args.phase if p in VAE_STAGES[:3]][-1:] == [stage]
 
 
 def recon_check(args, work: Path, vae, name: str) -> None:
