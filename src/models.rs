@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use longtake_coordinator::geometry::{LatentGeometry, ModelCatalog, ModelDefaults, ModelInfo};
+use longtake_coordinator::validate::StitchingMode;
 use longtake_model::builtin::Builtin;
 use longtake_model::pipeline::ModelDir;
+use longtake_model::window::Stitching;
 
 /// Reads `vae/config.json`, `transformer/config.json` and `longtake.json` of the model named by a
 /// request: a built-in model's name (the empty name: `builtin:demo`), a name of the catalogue
@@ -133,7 +135,16 @@ pub fn info(dir: &ModelDir) -> ModelInfo {
             steps: d.steps.map_or(w.steps, |v| v as u32),
             guidance: d.guidance.map_or(w.guidance, |v| v as f32),
             window: native_window.min(w.window),
-            overlap: w.overlap.min(native_window.saturating_sub(1)),
+            overlap: d
+                .overlap
+                .map_or(w.overlap, |v| v as u32)
+                .min(native_window.saturating_sub(1)),
+            stitching: match d.stitching {
+                None => w.stitching,
+                Some(Stitching::Codenoise) => StitchingMode::Codenoise,
+                Some(Stitching::Independent) => StitchingMode::Independent,
+                Some(Stitching::Autoregressive) => StitchingMode::Autoregressive,
+            },
         },
     }
 }
@@ -156,6 +167,13 @@ mod tests {
             LocalModels::default().model_info("builtin:demo").unwrap()
         );
         assert_eq!((demo.defaults.width, demo.defaults.height), (64, 64));
+        // The demo model's longtake.json names its sampler and stitching settings.
+        assert_eq!((demo.defaults.steps, demo.defaults.guidance), (20, 2.0));
+        assert_eq!(
+            (demo.defaults.stitching, demo.defaults.overlap),
+            (StitchingMode::Autoregressive, 8)
+        );
+        assert_eq!(info.defaults.stitching, StitchingMode::Codenoise);
     }
 
     #[test]

@@ -69,23 +69,26 @@ pub struct RequestArgs {
     /// Seed of the initial noise (default: random, recorded in the manifest).
     #[arg(long)]
     seed: Option<u64>,
-    /// Sampler steps. Default: the model's `longtake.json`, else 50 (the built-in model: 4).
+    /// Sampler steps. Default: the model's `longtake.json`, else 50 (the built-in demo model:
+    /// 20, the smoke model: 4).
     #[arg(long)]
     steps: Option<u32>,
     /// Classifier-free guidance scale (1 or less disables it). Default: the model's
-    /// `longtake.json`, else 5.
+    /// `longtake.json`, else 5 (the built-in demo model: 2).
     #[arg(long)]
     guidance: Option<f32>,
     /// Override the scheduler's flow shift.
     #[arg(long)]
     flow_shift: Option<f32>,
-    /// How windows are joined: codenoise (default), independent or autoregressive.
-    #[arg(long, default_value = "codenoise")]
-    stitching: String,
+    /// How windows are joined: codenoise, independent or autoregressive. Default: the model's
+    /// `longtake.json`, else codenoise (the built-in demo model: autoregressive).
+    #[arg(long)]
+    stitching: Option<String>,
     /// Window length in latent frames (default 21, the model's native clip).
     #[arg(long)]
     window: Option<u32>,
-    /// Overlap between windows in latent frames (default 4; must be smaller than the window).
+    /// Overlap between windows in latent frames, smaller than the window. Default: the model's
+    /// `longtake.json`, else 4 (the built-in demo model: 8).
     #[arg(long)]
     overlap: Option<u32>,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
@@ -96,7 +99,10 @@ pub struct RequestArgs {
     png_frames: bool,
 }
 
-fn stitching(s: &str) -> Result<pb::Stitching> {
+fn stitching(s: Option<&str>) -> Result<pb::Stitching> {
+    let Some(s) = s else {
+        return Ok(pb::Stitching::Unspecified);
+    };
     Ok(match s {
         "codenoise" => pb::Stitching::Codenoise,
         "independent" => pb::Stitching::Independent,
@@ -113,7 +119,7 @@ impl RequestArgs {
     /// path is sent as given, as the workers see it.
     pub fn spec(&self, local_model: bool) -> Result<pb::RenderSpec> {
         let a = self;
-        let stitching = stitching(&a.stitching)?;
+        let stitching = stitching(a.stitching.as_deref())?;
         let model = match &a.model {
             Some(name) if let Some(b) = Builtin::lookup(name) => b.name().to_string(),
             Some(name) if name.starts_with("builtin:") => bail!(

@@ -68,7 +68,9 @@ with --phase):
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
-              from that prediction. Writes work/vae5/ (export prefers it).
+              from that prediction (with --vae5-guidance G > 1, the classifier-free-guided prediction, as the
+              sampler combines them; measured worse at G 2, so the default is 1). Writes work/vae5/ (export
+              prefers it).
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32, from the EMA weights of the most recently trained of
               phases dit, dir and opp. Also written every --export-every DiT steps, so a usable model
@@ -77,8 +79,8 @@ with --phase):
               some training captions; tools/scenes.py's checker scores them; eval.json + PNG strips go
               to the work directory.
   7. long     961-frame (60 s) videos of LONG_CAPTIONS (the example prompt, three held-out captions, two
-              training captions) with tools/reference_codenoise.py's window co-denoising (21-frame
-              windows, overlap 4), as longtake renders them, scored whole and per 81 frames, and checked
+              training captions) with tools/reference_codenoise.py's loops (21-frame windows, the
+              stitching and overlap of the model's longtake.json), as longtake renders them, scored whole and per 81 frames, and checked
               for jumps at the windows' seams.
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
@@ -137,8 +139,8 @@ UNIPC_WAN = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_tr
                  final_sigmas_type="zero", flow_shift=FLOW_SHIFT)
 VAE_STAGES = ("vae5", "vae4", "vae3", "vae")  # the VAE export takes: the latest of these in the work directory
 EXTRA_IDS = 4
-DEFAULT_STEPS = 10
-DEFAULT_GUIDANCE = 5.0
+DEFAULT_STEPS = 20  # the sampler defaults of the model's longtake.json (its README says why)
+DEFAULT_GUIDANCE = 2.0
 
 
 def log(msg: str) -> None:
@@ -540,8 +542,14 @@ def phase_vae5(args, work: Path) -> None:
             vae.clear_cache()
             sigma = torch.tensor([rng.uniform(0.05, args.vae5_sigma_max) for _ in items]).view(-1, 1, 1, 1, 1)
             xt = (1 - sigma) * zn + sigma * torch.randn_like(zn)
-            v = dit(hidden_states=xt, timestep=sigma.flatten() * 1000,
+            t = sigma.flatten() * 1000
+            v = dit(hidden_states=xt, timestep=t,
                     encoder_hidden_states=encode_text(tok, te, [sc.caption for sc in items]), return_dict=False)[0]
+            if args.vae5_guidance > 1:
+                # Classifier-free guidance, as the sampler combines the two predictions.
+                v_u = dit(hidden_states=xt, timestep=t, encoder_hidden_states=encode_text(tok, te, [""] * len(items)),
+                          return_dict=False)[0]
+                v = v_u + args.vae5_guidance * (v - v_u)
             z = (xt - sigma * v) * std + mean
         y = decode_chunks(vae, z, True)
         vae.clear_cache()
@@ -996,26 +1004,36 @@ def boundary_jumps(frames: np.ndarray, starts: list[int], length: int, a: dict) 
 
 @torch.no_grad()
 def phase_long(args, work: Path) -> None:
-    """Long videos as longtake renders them: tools/reference_codenoise.py's window co-denoising (21-frame
-    windows, overlap 4, one scheduler step per timestep over the whole sequence), then one VAE decode; scored
-    whole and per 81 frames, and checked for jumps at the windows' seams (boundary_jumps)."""
+    """Long videos as longtake renders them: 21-frame windows joined by the reference loops of
+    tools/reference_codenoise.py with the stitching and overlap of the model's longtake.json (else co-denoising,
+    overlap 4), then one VAE decode; scored whole and per 81 frames, and checked for jumps at the windows'
+    seams (boundary_jumps)."""
     from diffusers import WanPipeline
     from PIL import Image
-    from reference_codenoise import codenoise
+    from reference_codenoise import autoregressive, codenoise, independent, window_plan
 
     pipe = WanPipeline.from_pretrained(args.out, torch_dtype=torch.float32)
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    declared = Path(args.out) / "longtake.json"
+    declared = json.loads(declared.read_text()) if declared.exists() else {}
+    stitching, overlap = declared.get("stitching", "codenoise"), declared.get("overlap", 4)
+    log(f"long: {stitching} stitching, overlap {overlap}")
     out = []
     for k, cap in enumerate(LONG_CAPTIONS[:args.long_captions]):
         scene = scenes.parse_caption(cap)
         t_lat = (args.long_frames - 1) // 4 + 1
         noise = torch.randn(1, 16, t_lat, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(args.seed + 200 + k))
         run = dict(prompt=cap, negative_prompt="", guidance_scale=args.eval_guidance,
-                   num_inference_steps=args.eval_steps, window=WINDOW, overlap=4)
+                   num_inference_steps=args.eval_steps, window=WINDOW, overlap=overlap)
         t = time.time()
-        res = codenoise(pipe, run, noise)
+        if stitching == "codenoise":
+            res = codenoise(pipe, run, noise)
+        else:
+            starts, length, _ = window_plan(t_lat, WINDOW, overlap)
+            loop = {"independent": independent, "autoregressive": autoregressive}[stitching]
+            res = dict(latents=loop(pipe, run, noise), starts=starts, length=length)
         t_dit = time.time() - t
         video = vae.decode(res["latents"] / inv_std + mean).sample
         t_all = time.time() - t
@@ -1078,6 +1096,8 @@ def main() -> None:
     ap.add_argument("--vae5-frames", type=int, default=33, help="vae5: pixel frames per clip, from frame 0 (1 + 4k)")
     ap.add_argument("--vae5-sigma-max", type=float, default=0.8,
                     help="vae5: highest noise level of the transformer's inputs")
+    ap.add_argument("--vae5-guidance", type=float, default=1.0,
+                    help="vae5: classifier-free guidance of the transformer's predictions (1: the captioned one alone)")
     ap.add_argument("--vae-kl", type=float, default=1e-4)
     ap.add_argument("--vae-anchor", type=float, default=1.0)
     ap.add_argument("--clips-per-scene", type=int, default=2)

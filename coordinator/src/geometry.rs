@@ -6,6 +6,7 @@
 //! `transformer/config.json`, and `longtake.json` for the defaults) with the same code that loads
 //! the model; [`Wan21Catalog`] answers with Wan2.1's published geometry, for embedding and tests.
 
+use crate::validate::StitchingMode;
 use serde::{Deserialize, Serialize};
 
 /// The model a request without one gets: the demo model compiled into the binary.
@@ -68,10 +69,13 @@ pub struct ModelDefaults {
     pub window: u32,
     /// Window overlap in latent frames.
     pub overlap: u32,
+    /// How windows are joined when a request leaves it unset.
+    pub stitching: StitchingMode,
 }
 
 impl ModelDefaults {
-    /// Wan2.1's published settings: 832×480 at 16 fps, 50 steps, guidance 5, 81-frame clips.
+    /// Wan2.1's published settings: 832×480 at 16 fps, 50 steps, guidance 5, 81-frame clips;
+    /// codenoise with an overlap of 4 latent frames.
     pub const WAN21: ModelDefaults = ModelDefaults {
         width: 832,
         height: 480,
@@ -80,6 +84,7 @@ impl ModelDefaults {
         guidance: 5.0,
         window: 21,
         overlap: 4,
+        stitching: StitchingMode::Codenoise,
     };
 }
 
@@ -140,6 +145,7 @@ impl Wan21Catalog {
             guidance: 5.0,
             window: 21,
             overlap: 4,
+            stitching: StitchingMode::Codenoise,
         },
     };
 }

@@ -328,7 +328,8 @@ pub fn validate(
     }
 
     let stitching = match Stitching::try_from(spec.stitching) {
-        Ok(Stitching::Unspecified | Stitching::Codenoise) => StitchingMode::Codenoise,
+        Ok(Stitching::Unspecified) => d.stitching,
+        Ok(Stitching::Codenoise) => StitchingMode::Codenoise,
         Ok(Stitching::Independent) => StitchingMode::Independent,
         Ok(Stitching::Autoregressive) => StitchingMode::Autoregressive,
         Err(_) => {
@@ -527,6 +528,7 @@ mod tests {
                 guidance: 3.0,
                 window: 9,
                 overlap: 2,
+                stitching: StitchingMode::Autoregressive,
             },
         };
         let run = |spec: RenderSpec| validate(&spec, &Limits::default(), &info, "renders", 7);
@@ -539,6 +541,15 @@ mod tests {
         assert_eq!(v.num_frames, 17);
         assert_eq!(v.latent_shape(), [8, 9, 72 / 4, 96 / 4]);
         assert_eq!((v.steps, v.guidance, v.window, v.overlap), (7, 3.0, 9, 2));
+        // The model's stitching when the request leaves it unset; the request's when it names one.
+        assert_eq!(v.stitching, StitchingMode::Autoregressive);
+        let v = run(RenderSpec {
+            length: Some(Length::DurationS(2.0)),
+            stitching: Stitching::Codenoise as i32,
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(v.stitching, StitchingMode::Codenoise);
         let e = run(RenderSpec {
             length: Some(Length::NumFrames(20)),
             ..base()

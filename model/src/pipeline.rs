@@ -17,6 +17,7 @@ use crate::text::{PromptEmbeds, PromptEncoder};
 use crate::umt5::Umt5Config;
 use crate::vae::{VaeConfig, WanVaeDecoder};
 use crate::wan::{DitInputs, TextContext, WanConfig, WanTransformer};
+use crate::window::Stitching;
 
 /// A backend that runs every part of the pipeline.
 pub trait PipelineBackend: Backend + TextOps + VideoOps {}
@@ -37,9 +38,10 @@ pub struct ModelDir {
 }
 
 /// The request defaults a model directory declares in its optional `longtake.json` (a file
-/// diffusers ignores): the size, frame rate, step count and guidance it was made for, and its
-/// native clip length in latent frames. Absent fields fall back to Wan2.1's published settings
-/// (832×480, 16 fps, 50 steps, guidance 5, 21 latent frames).
+/// diffusers ignores): the size, frame rate, step count and guidance it was made for, its
+/// native clip length in latent frames, and how its windows are best joined (stitching strategy
+/// and overlap). Absent fields fall back to Wan2.1's published settings (832×480, 16 fps, 50
+/// steps, guidance 5, 21 latent frames) and codenoise with an overlap of 4 latent frames.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RenderDefaults {
     pub width: Option<usize>,
@@ -49,6 +51,10 @@ pub struct RenderDefaults {
     pub guidance: Option<f64>,
     /// Native clip length in latent frames (the longest window).
     pub native_window: Option<usize>,
+    /// Window overlap in latent frames (less than the native clip).
+    pub overlap: Option<usize>,
+    /// How windows are joined.
+    pub stitching: Option<Stitching>,
 }
 
 impl RenderDefaults {
@@ -72,13 +78,43 @@ impl RenderDefaults {
                 _ => return Err(c.error("guidance", format!("{v} must be a number >= 0"))),
             },
         };
+        let native_window = positive("native_window")?;
+        let overlap = c.opt_usize("overlap")?;
+        if let Some(o) = overlap {
+            let window = native_window.unwrap_or(21);
+            if o >= window {
+                return Err(c.error(
+                    "overlap",
+                    format!(
+                        "is {o}; allowed: 0..={} (less than the native clip, {window} latent frames)",
+                        window - 1
+                    ),
+                ));
+            }
+        }
+        let stitching = match c.raw("stitching") {
+            None => None,
+            Some(v) => {
+                match v.as_str().and_then(Stitching::parse) {
+                    Some(st) => Some(st),
+                    None => {
+                        return Err(c.error(
+                        "stitching",
+                        format!("is {v}; allowed: \"codenoise\", \"independent\", \"autoregressive\""),
+                    ));
+                    }
+                }
+            }
+        };
         Ok(RenderDefaults {
             width: positive("width")?,
             height: positive("height")?,
             fps: positive("fps")?,
             steps: positive("steps")?,
             guidance,
-            native_window: positive("native_window")?,
+            native_window,
+            overlap,
+            stitching,
         })
     }
 }
@@ -619,5 +655,55 @@ impl<'a, B: PipelineBackend> Guided<'a, B> {
         } else {
             out
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults(json: &str) -> Result<RenderDefaults> {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("longtake.json"), json).expect("write longtake.json");
+        RenderDefaults::from_dir(dir.path())
+    }
+
+    #[test]
+    fn longtake_json_declares_stitching_and_overlap() {
+        let d = defaults(
+            r#"{"steps": 20, "guidance": 2.0, "stitching": "autoregressive", "overlap": 8}"#,
+        )
+        .unwrap();
+        assert_eq!(d.steps, Some(20));
+        assert_eq!(d.guidance, Some(2.0));
+        assert_eq!(d.stitching, Some(Stitching::Autoregressive));
+        assert_eq!(d.overlap, Some(8));
+        let d = defaults("{}").unwrap();
+        assert_eq!(d, RenderDefaults::default());
+        let none = tempfile::tempdir().unwrap();
+        assert_eq!(
+            RenderDefaults::from_dir(none.path()).unwrap(),
+            RenderDefaults::default()
+        );
+    }
+
+    #[test]
+    fn longtake_json_refuses_bad_values_by_name() {
+        for (json, key, allowed) in [
+            (
+                r#"{"stitching": "zigzag"}"#,
+                "stitching",
+                "\"autoregressive\"",
+            ),
+            (r#"{"stitching": 3}"#, "stitching", "\"codenoise\""),
+            (r#"{"overlap": 21}"#, "overlap", "0..=20"),
+            (r#"{"native_window": 9, "overlap": 9}"#, "overlap", "0..=8"),
+            (r#"{"overlap": -1}"#, "overlap", "non-negative"),
+            (r#"{"guidance": "high"}"#, "guidance", ">= 0"),
+            (r#"{"steps": 0}"#, "steps", "positive"),
+        ] {
+            let e = defaults(json).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(allowed), "{json}: {e}");
+        }
     }
 }
