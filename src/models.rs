@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use longtake_coordinator::geometry::{LatentGeometry, ModelCatalog, ModelDefaults, ModelInfo};
 use longtake_coordinator::validate::StitchingMode;
 use longtake_model::builtin::Builtin;
-use longtake_model::pipeline::ModelDir;
+use longtake_model::pipeline::{ModelDir, WAN21_NATIVE_WINDOW};
 use longtake_model::window::Stitching;
 
 /// Reads `vae/config.json`, `transformer/config.json` and `longtake.json` of the model named by a
@@ -119,7 +119,7 @@ fn read_info(model: &str) -> Result<ModelInfo, String> {
 pub fn info(dir: &ModelDir) -> ModelInfo {
     let d = &dir.defaults;
     let w = ModelDefaults::WAN21;
-    let native_window = d.native_window.map_or(21, |n| n as u32);
+    let native_window = d.native_window.unwrap_or(WAN21_NATIVE_WINDOW) as u32;
     ModelInfo {
         latent: LatentGeometry {
             channels: dir.vae.z_dim as u32,

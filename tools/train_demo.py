@@ -80,8 +80,9 @@ with --phase):
               to the work directory.
   7. long     961-frame (60 s) videos of LONG_CAPTIONS (the example prompt, three held-out captions, two
               training captions) with tools/reference_codenoise.py's loops (21-frame windows, the
-              stitching and overlap of the model's longtake.json), as longtake renders them, scored whole and per 81 frames, and checked
-              for jumps at the windows' seams.
+              stitching and overlap of the model's longtake.json), as longtake renders them, scored whole
+              and per 81 frames, and checked for jumps at the windows' seams. Phases eval and long sample
+              with the steps and guidance of that longtake.json unless --eval-steps / --eval-guidance say.
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
 --vae4-minutes, --vae5-minutes, --dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the
@@ -139,8 +140,8 @@ UNIPC_WAN = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_tr
                  final_sigmas_type="zero", flow_shift=FLOW_SHIFT)
 VAE_STAGES = ("vae5", "vae4", "vae3", "vae")  # the VAE export takes: the latest of these in the work directory
 EXTRA_IDS = 4
-DEFAULT_STEPS = 20  # the sampler defaults of the model's longtake.json (its README says why)
-DEFAULT_GUIDANCE = 2.0
+# What longtake renders a model directory with when its longtake.json does not say (eval and long follow it).
+RENDER_FALLBACK = dict(steps=50, guidance=5.0, stitching="codenoise", overlap=4)
 
 
 def log(msg: str) -> None:
@@ -1016,9 +1017,7 @@ def phase_long(args, work: Path) -> None:
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    declared = Path(args.out) / "longtake.json"
-    declared = json.loads(declared.read_text()) if declared.exists() else {}
-    stitching, overlap = declared.get("stitching", "codenoise"), declared.get("overlap", 4)
+    stitching, overlap = args.render["stitching"], args.render["overlap"]
     log(f"long: {stitching} stitching, overlap {overlap}")
     out = []
     for k, cap in enumerate(LONG_CAPTIONS[:args.long_captions]):
@@ -1136,13 +1135,17 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--export-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true", help="dit: continue from the work directory's checkpoint")
-    ap.add_argument("--eval-steps", type=int, default=DEFAULT_STEPS)
-    ap.add_argument("--eval-guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--eval-steps", type=int, help="eval, long: sampler steps (default: --out's longtake.json)")
+    ap.add_argument("--eval-guidance", type=float, help="eval, long: guidance (default: --out's longtake.json)")
     ap.add_argument("--eval-frames", type=int, default=81)
     ap.add_argument("--long-frames", type=int, default=961, help="long: frames of the co-denoised video")
     ap.add_argument("--long-captions", type=int, default=len(LONG_CAPTIONS), help="long: how many of LONG_CAPTIONS")
     ap.add_argument("--eval-train", type=int, default=10, help="training captions evaluated besides the held-out")
     args = ap.parse_args()
+    declared = Path(args.out) / "longtake.json"
+    args.render = {**RENDER_FALLBACK, **(json.loads(declared.read_text()) if declared.exists() else {})}
+    args.eval_steps = args.eval_steps or args.render["steps"]
+    args.eval_guidance = args.eval_guidance if args.eval_guidance is not None else args.render["guidance"]
 
     torch.set_num_threads(args.threads)
     import diffusers

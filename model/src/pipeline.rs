@@ -57,6 +57,10 @@ pub struct RenderDefaults {
     pub stitching: Option<Stitching>,
 }
 
+/// Wan2.1's clip in latent frames (81 pixel frames): the native window of a model that does not
+/// declare one.
+pub const WAN21_NATIVE_WINDOW: usize = 21;
+
 impl RenderDefaults {
     /// `root/longtake.json`, or all defaults unset when the file is absent.
     pub fn from_dir(root: &Path) -> Result<Self> {
@@ -81,7 +85,7 @@ impl RenderDefaults {
         let native_window = positive("native_window")?;
         let overlap = c.opt_usize("overlap")?;
         if let Some(o) = overlap {
-            let window = native_window.unwrap_or(21);
+            let window = native_window.unwrap_or(WAN21_NATIVE_WINDOW);
             if o >= window {
                 return Err(c.error(
                     "overlap",
@@ -92,20 +96,19 @@ impl RenderDefaults {
                 ));
             }
         }
-        let stitching = match c.raw("stitching") {
-            None => None,
-            Some(v) => {
-                match v.as_str().and_then(Stitching::parse) {
-                    Some(st) => Some(st),
-                    None => {
-                        return Err(c.error(
+        let stitching = c
+            .raw("stitching")
+            .map(|v| {
+                v.as_str().and_then(Stitching::parse).ok_or_else(|| {
+                    c.error(
                         "stitching",
-                        format!("is {v}; allowed: \"codenoise\", \"independent\", \"autoregressive\""),
-                    ));
-                    }
-                }
-            }
-        };
+                        format!(
+                            "is {v}; allowed: \"codenoise\", \"independent\", \"autoregressive\""
+                        ),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(RenderDefaults {
             width: positive("width")?,
             height: positive("height")?,
