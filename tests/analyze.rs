@@ -80,6 +80,10 @@ fn a_known_scene_reads_as_what_it_shows() {
     let s = &r["scene"];
     assert_eq!(s["background_frac"], 1.0, "{s}");
     assert_eq!(s["object_frac"], 1.0, "{s}");
+    // The 24-px square (H.264 may blur an edge by a pixel).
+    for e in s["median_extent"].as_array().unwrap() {
+        assert!((23.0..=26.0).contains(&e.as_f64().unwrap()), "{s}");
+    }
     assert!(s["motion_frac"].as_f64().unwrap() >= 0.99, "{s}");
     let step = s["median_step"].as_array().unwrap();
     assert!((step[0].as_f64().unwrap() - 2.0).abs() < 0.25, "{s}");

@@ -81,9 +81,42 @@ pub fn wrap(d: f64, period: f64) -> f64 {
 pub struct FrameObject {
     /// Palette index of the background (the colour nearest the frame's median).
     pub background: usize,
-    /// Palette index of the object's colour, its centroid (x, y) and its area in pixels; `None`
-    /// when fewer than 4 pixels differ from the background.
-    pub object: Option<(usize, f64, f64, usize)>,
+    /// The object; `None` when fewer than 4 pixels differ from the background.
+    pub object: Option<Blob>,
+}
+
+/// The pixels of a frame that differ from its background.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blob {
+    /// Palette index of their median colour.
+    pub colour: usize,
+    /// Wrap-aware centroid (x, y), px.
+    pub centre: [f64; 2],
+    /// Pixel count.
+    pub area: usize,
+    /// Wrap-aware extent (columns, rows): the shortest arc of the frame's width (height) that
+    /// holds every column (row) they occupy.
+    pub extent: [usize; 2],
+}
+
+/// Shortest arc of `0..period` (wrapping) that holds every occupied coordinate: `period` minus
+/// the longest circular run of unoccupied ones.
+fn circular_extent(occupied: &[bool]) -> usize {
+    let n = occupied.len();
+    if !occupied.iter().any(|o| *o) {
+        return 0;
+    }
+    let (mut longest, mut run) = (0, 0);
+    // Twice round, so that a gap across the edge counts as one run.
+    for i in 0..2 * n {
+        if occupied[i % n] {
+            run = 0;
+        } else {
+            run += 1;
+            longest = longest.max(run.min(n));
+        }
+    }
+    n - longest
 }
 
 /// Find the background and the object of a packed RGB8 frame.
@@ -108,9 +141,19 @@ pub fn frame_object(frame: &[u8], width: usize, height: usize) -> FrameObject {
     let colour = nearest_colour(median_rgb(frame, mask.iter().copied()));
     let cx = circular_mean(mask.iter().map(|p| (p % width) as f64), width as f64);
     let cy = circular_mean(mask.iter().map(|p| (p / width) as f64), height as f64);
+    let (mut cols, mut rows) = (vec![false; width], vec![false; height]);
+    for p in &mask {
+        cols[p % width] = true;
+        rows[p / width] = true;
+    }
     FrameObject {
         background,
-        object: Some((colour, cx, cy, mask.len())),
+        object: Some(Blob {
+            colour,
+            centre: [cx, cy],
+            area: mask.len(),
+            extent: [circular_extent(&cols), circular_extent(&rows)],
+        }),
     }
 }
 
@@ -418,14 +461,45 @@ mod tests {
         let f = frame([0, 0, 255], [255, 0, 0], 15, 4);
         let o = frame_object(&f, 16, 12);
         assert_eq!(PALETTE[o.background].0, "blue");
-        let (c, cx, cy, area) = o.object.unwrap();
-        assert_eq!(PALETTE[c].0, "red");
-        assert_eq!(area, 9);
+        let b = o.object.unwrap();
+        assert_eq!(PALETTE[b.colour].0, "red");
+        assert_eq!(b.area, 9);
         // Columns 15, 0, 1: centred on 0 (wrap-aware), rows 4..=6.
-        assert!(wrap(cx, 16.0).abs() < 1e-9, "{cx}");
-        assert!((cy - 5.0).abs() < 1e-9);
+        assert!(wrap(b.centre[0], 16.0).abs() < 1e-9, "{:?}", b.centre);
+        assert!((b.centre[1] - 5.0).abs() < 1e-9);
+        assert_eq!(b.extent, [3, 3]);
         let plain = frame_object(&frame([0, 0, 0], [0, 0, 0], 0, 0), 16, 12);
         assert_eq!(plain.object, None);
+    }
+
+    #[test]
+    fn a_band_spans_the_frame() {
+        // Rows 2..=4 white across the whole width of a red frame: a band, not an object.
+        let (w, h) = (16, 12);
+        let f: Vec<u8> = (0..w * h)
+            .flat_map(|p| {
+                if (2..=4).contains(&(p / w)) {
+                    [255, 255, 255]
+                } else {
+                    [255, 0, 0]
+                }
+            })
+            .collect();
+        let b = frame_object(&f, w, h).object.unwrap();
+        assert_eq!(PALETTE[b.colour].0, "white");
+        assert_eq!(b.extent, [16, 3]);
+    }
+
+    #[test]
+    fn circular_extents() {
+        let occ = |s: &str| s.chars().map(|c| c == '#').collect::<Vec<_>>();
+        assert_eq!(circular_extent(&occ("........")), 0);
+        assert_eq!(circular_extent(&occ("..##....")), 2);
+        // Across the edge: columns 7, 0, 1.
+        assert_eq!(circular_extent(&occ("##.....#")), 3);
+        // Two pieces: the longest gap (4) is left out.
+        assert_eq!(circular_extent(&occ("#..#....")), 4);
+        assert_eq!(circular_extent(&occ("########")), 8);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! - For prompts of the demo world ("a red circle moves left on a blue background"): per frame
 //!   the background and object colours and the object's wrap-aware centroid; the fractions of
 //!   frames that show the named colours, the fraction of steps that move in the named direction,
-//!   and whether the track stays continuous across window boundaries (no jump there larger than
+//!   the object's median extent (a band across the frame spans all of it), and whether the track stays continuous across window boundaries (no jump there larger than
 //!   the largest inside a window).
 //!
 //! `--sheet PNG` draws it (see [`sheet`]); `--json` prints one JSON object instead of the table.
@@ -50,6 +50,9 @@ pub struct SceneReport {
     pub background_frac: f64,
     /// Frames that show an object of the named colour.
     pub object_frac: f64,
+    /// Median wrap-aware extent (width, height) of the object over the frames that show one, px:
+    /// the demo world draws 24 px at 64 × 64; a band across the frame spans all of it.
+    pub median_extent: [f64; 2],
     /// Steps (frame to frame) whose object moves in the named direction (a frame without the
     /// object counts against it).
     pub motion_frac: f64,
@@ -290,12 +293,13 @@ fn scene_report(
         / n;
     let object_frac = objs
         .iter()
-        .filter(|o| o.object.is_some_and(|(c, ..)| c == cap.object))
+        .filter(|o| o.object.as_ref().is_some_and(|b| b.colour == cap.object))
         .count() as f64
         / n;
+
     let track: Vec<Option<[f64; 2]>> = objs
         .iter()
-        .map(|o| o.object.map(|(_, x, y, _)| [x, y]))
+        .map(|o| o.object.as_ref().map(|b| b.centre))
         .collect();
     let steps: Vec<Option<(f64, f64)>> = track
         .windows(2)
@@ -337,6 +341,12 @@ fn scene_report(
         caption: caption.to_string(),
         background_frac,
         object_frac,
+        median_extent: [0, 1].map(|k| {
+            med(objs
+                .iter()
+                .filter_map(|o| o.object.as_ref().map(|b| b.extent[k] as f64))
+                .collect())
+        }),
         motion_frac,
         median_step: [mdx, mdy],
         max_boundary_jump: max_b,
@@ -392,6 +402,10 @@ pub fn rows(r: &Report) -> Vec<(String, String)> {
             (
                 "frames with an object of the named colour".to_string(),
                 format!("{:.1} %", 100.0 * s.object_frac),
+            ),
+            (
+                "object extent, median (w × h px)".to_string(),
+                format!("{:.0} × {:.0}", s.median_extent[0], s.median_extent[1]),
             ),
             (
                 "steps moving in the named direction".to_string(),
