@@ -6,10 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use longtake_model::window::Stitching;
 use longtake_proto::v1 as pb;
 
 use crate::analyze;
-use crate::render::{RequestArgs, local_config, render};
+use crate::render::{RequestArgs, local_config, pb_stitching, render};
 
 #[derive(Args)]
 pub struct CompareArgs {
@@ -33,12 +34,6 @@ pub struct CompareArgs {
     json: bool,
 }
 
-const STRATEGIES: [(&str, pb::Stitching); 3] = [
-    ("codenoise", pb::Stitching::Codenoise),
-    ("independent", pb::Stitching::Independent),
-    ("autoregressive", pb::Stitching::Autoregressive),
-];
-
 pub fn run(a: &CompareArgs) -> Result<()> {
     let backends = crate::render::worker_backends(&a.device, a.workers)?;
     let mut spec = a.request.spec(true)?;
@@ -50,11 +45,12 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     spec.output = output;
     let rt = crate::cluster::runtime()?;
     let mut reports = Vec::new();
-    for (name, mode) in STRATEGIES {
+    for mode in Stitching::ALL {
+        let name = mode.name();
         eprintln!("rendering with {name} stitching");
         let config = config.clone();
         let spec = pb::RenderSpec {
-            stitching: mode as i32,
+            stitching: pb_stitching(mode) as i32,
             ..spec.clone()
         };
         let location = rt.block_on(render(spec, config, &backends))?;
@@ -74,7 +70,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     } else {
         let columns: Vec<Vec<(String, String)>> = reports.iter().map(analyze::rows).collect();
         let mut header = vec!["measure".to_string()];
-        header.extend(STRATEGIES.iter().map(|(n, _)| n.to_string()));
+        header.extend(Stitching::ALL.iter().map(|m| m.name().to_string()));
         let rows: Vec<Vec<String>> = columns[0]
             .iter()
             .enumerate()

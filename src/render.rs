@@ -11,6 +11,7 @@ use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
 use longtake_model::builtin::Builtin;
 use longtake_model::device::Placement;
+use longtake_model::window::Stitching;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
 use longtake_worker::WorkerBackend;
@@ -103,14 +104,23 @@ fn stitching(s: Option<&str>) -> Result<pb::Stitching> {
     let Some(s) = s else {
         return Ok(pb::Stitching::Unspecified);
     };
-    Ok(match s {
-        "codenoise" => pb::Stitching::Codenoise,
-        "independent" => pb::Stitching::Independent,
-        "autoregressive" => pb::Stitching::Autoregressive,
-        other => bail!(
-            "stitching: {other:?} is not a strategy; allowed: codenoise, independent, autoregressive"
-        ),
-    })
+    let Some(mode) = Stitching::parse(s) else {
+        let allowed: Vec<&str> = Stitching::ALL.iter().map(|m| m.name()).collect();
+        bail!(
+            "stitching: {s:?} is not a strategy; allowed: {}",
+            allowed.join(", ")
+        )
+    };
+    Ok(pb_stitching(mode))
+}
+
+/// The request's value for a strategy.
+pub fn pb_stitching(mode: Stitching) -> pb::Stitching {
+    match mode {
+        Stitching::Codenoise => pb::Stitching::Codenoise,
+        Stitching::Independent => pb::Stitching::Independent,
+        Stitching::Autoregressive => pb::Stitching::Autoregressive,
+    }
 }
 
 impl RequestArgs {
@@ -455,5 +465,27 @@ impl ProgressDisplay {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stitching_names_parse_and_a_bad_one_lists_the_allowed() {
+        assert_eq!(stitching(None).unwrap(), pb::Stitching::Unspecified);
+        for (name, want) in [
+            ("codenoise", pb::Stitching::Codenoise),
+            ("independent", pb::Stitching::Independent),
+            ("autoregressive", pb::Stitching::Autoregressive),
+        ] {
+            assert_eq!(stitching(Some(name)).unwrap(), want);
+        }
+        let e = stitching(Some("zigzag")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "stitching: \"zigzag\" is not a strategy; allowed: codenoise, independent, autoregressive"
+        );
     }
 }

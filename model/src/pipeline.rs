@@ -100,11 +100,13 @@ impl RenderDefaults {
             .raw("stitching")
             .map(|v| {
                 v.as_str().and_then(Stitching::parse).ok_or_else(|| {
+                    let allowed: Vec<String> = Stitching::ALL
+                        .iter()
+                        .map(|m| format!("{:?}", m.name()))
+                        .collect();
                     c.error(
                         "stitching",
-                        format!(
-                            "is {v}; allowed: \"codenoise\", \"independent\", \"autoregressive\""
-                        ),
+                        format!("is {v}; allowed: {}", allowed.join(", ")),
                     )
                 })
             })

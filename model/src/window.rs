@@ -28,13 +28,16 @@ pub enum Stitching {
 }
 
 impl Stitching {
+    /// Every strategy, in the order the docs and `longtake compare` list them.
+    pub const ALL: [Stitching; 3] = [
+        Stitching::Codenoise,
+        Stitching::Independent,
+        Stitching::Autoregressive,
+    ];
+
+    /// The strategy named `s` (its [`name`](Self::name)).
     pub fn parse(s: &str) -> Option<Stitching> {
-        match s {
-            "codenoise" => Some(Stitching::Codenoise),
-            "independent" => Some(Stitching::Independent),
-            "autoregressive" => Some(Stitching::Autoregressive),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|m| m.name() == s)
     }
 
     pub fn name(self) -> &'static str {
