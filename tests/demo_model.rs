@@ -58,11 +58,13 @@ fn the_default_model_renders_the_prompt() {
         let s = &r["scene"];
         let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
         eprintln!(
-            "{prompt}{}: background {:.1} %, object {:.1} %, motion {:.1} %, boundary jump {:.2} \
-             px (inside {:.2}); rendered in {seconds:.1} s",
+            "{prompt}{}: background {:.1} %, object {:.1} % ({} × {} px), motion {:.1} %, \
+             boundary jump {:.2} px (inside {:.2}); rendered in {seconds:.1} s",
             if *held_out { " (held out)" } else { "" },
             100.0 * f("background_frac"),
             100.0 * f("object_frac"),
+            s["median_extent"][0],
+            s["median_extent"][1],
             100.0 * f("motion_frac"),
             f("max_boundary_jump"),
             f("max_inside_jump"),
