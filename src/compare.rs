@@ -10,7 +10,7 @@ use longtake_model::window::Stitching;
 use longtake_proto::v1 as pb;
 
 use crate::analyze;
-use crate::render::{RequestArgs, local_config, pb_stitching, render};
+use crate::render::{RequestArgs, local_config, render};
 
 #[derive(Args)]
 pub struct CompareArgs {
@@ -50,7 +50,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         eprintln!("rendering with {name} stitching");
         let config = config.clone();
         let spec = pb::RenderSpec {
-            stitching: pb_stitching(mode) as i32,
+            stitching: longtake_worker::stitching_to_pb(mode) as i32,
             ..spec.clone()
         };
         let location = rt.block_on(render(spec, config, &backends))?;

@@ -111,16 +111,7 @@ fn stitching(s: Option<&str>) -> Result<pb::Stitching> {
             allowed.join(", ")
         )
     };
-    Ok(pb_stitching(mode))
-}
-
-/// The request's value for a strategy.
-pub fn pb_stitching(mode: Stitching) -> pb::Stitching {
-    match mode {
-        Stitching::Codenoise => pb::Stitching::Codenoise,
-        Stitching::Independent => pb::Stitching::Independent,
-        Stitching::Autoregressive => pb::Stitching::Autoregressive,
-    }
+    Ok(longtake_worker::stitching_to_pb(mode))
 }
 
 impl RequestArgs {
@@ -481,6 +472,10 @@ mod tests {
             ("autoregressive", pb::Stitching::Autoregressive),
         ] {
             assert_eq!(stitching(Some(name)).unwrap(), want);
+        }
+        for mode in Stitching::ALL {
+            let v = longtake_worker::stitching_to_pb(mode) as i32;
+            assert_eq!(longtake_worker::stitching_from_pb(v), mode);
         }
         let e = stitching(Some("zigzag")).unwrap_err().to_string();
         assert_eq!(

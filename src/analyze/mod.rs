@@ -10,8 +10,9 @@
 //! - For prompts of the demo world ("a red circle moves left on a blue background"): per frame
 //!   the background and object colours and the object's wrap-aware centroid; the fractions of
 //!   frames that show the named colours, the fraction of steps that move in the named direction,
-//!   the object's median extent (a band across the frame spans all of it), and whether the track stays continuous across window boundaries (no jump there larger than
-//!   the largest inside a window).
+//!   the object's median extent (a band across the frame spans all of it), and whether the
+//!   track stays continuous across window boundaries (no jump there larger than the largest
+//!   inside a window).
 //!
 //! `--sheet PNG` draws it (see [`sheet`]); `--json` prints one JSON object instead of the table.
 
@@ -296,7 +297,6 @@ fn scene_report(
         .filter(|o| o.object.as_ref().is_some_and(|b| b.colour == cap.object))
         .count() as f64
         / n;
-
     let track: Vec<Option<[f64; 2]>> = objs
         .iter()
         .map(|o| o.object.as_ref().map(|b| b.centre))

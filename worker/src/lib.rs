@@ -9,4 +9,7 @@
 pub mod media;
 pub mod runtime;
 pub use longtake_model as model;
-pub use runtime::{Exit, WorkerBackend, WorkerError, WorkerMetrics, WorkerOptions, run};
+pub use runtime::{
+    Exit, WorkerBackend, WorkerError, WorkerMetrics, WorkerOptions, run, stitching_from_pb,
+    stitching_to_pb,
+};

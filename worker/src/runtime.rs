@@ -550,12 +550,7 @@ impl<B: PipelineBackend> Compute<B> {
         let pipe = self.pipeline(&spec.model)?;
         let geo = geometry(shape);
         let plan = window_specs(plan_pb);
-        let stitching =
-            match pb::Stitching::try_from(spec.stitching).unwrap_or(pb::Stitching::Codenoise) {
-                pb::Stitching::Independent => Stitching::Independent,
-                pb::Stitching::Autoregressive => Stitching::Autoregressive,
-                _ => Stitching::Codenoise,
-            };
+        let stitching = stitching_from_pb(spec.stitching);
         let steps = spec.steps.unwrap_or(50) as usize;
         let req = ClipRequest {
             prompt: spec.prompt.clone(),
@@ -1150,4 +1145,23 @@ fn object_key(prefix: &StorePath, rel: &str) -> StorePath {
 /// A local directory or `s3://bucket[/prefix]`: the store and the key prefix.
 fn open_store(url: &str) -> TaskResult<(Arc<dyn ObjectStore>, StorePath)> {
     longtake_objects::open_store(url).map_err(|e| format!("output {url}: {e}"))
+}
+
+/// A request's stitching as the model crate names it (the coordinator resolves `Unspecified`
+/// before a task reaches a worker; an unknown value falls back to codenoise).
+pub fn stitching_from_pb(v: i32) -> Stitching {
+    match pb::Stitching::try_from(v).unwrap_or(pb::Stitching::Codenoise) {
+        pb::Stitching::Independent => Stitching::Independent,
+        pb::Stitching::Autoregressive => Stitching::Autoregressive,
+        pb::Stitching::Codenoise | pb::Stitching::Unspecified => Stitching::Codenoise,
+    }
+}
+
+/// The request's value for a strategy (the inverse of [`stitching_from_pb`]).
+pub fn stitching_to_pb(mode: Stitching) -> pb::Stitching {
+    match mode {
+        Stitching::Codenoise => pb::Stitching::Codenoise,
+        Stitching::Independent => pb::Stitching::Independent,
+        Stitching::Autoregressive => pb::Stitching::Autoregressive,
+    }
 }
