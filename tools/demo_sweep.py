@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Render demo-world prompts over several seeds with `longtake render` and score each with `longtake
+analyze`: the figures of the demo model's README tables, one row per prompt and seed, and how many
+renders meet the acceptance bar (tests/demo_model.rs): the named background and an object of the named
+colour in at least 90 % of the frames, the named motion in at least 75 % of the steps, and no larger
+step of the object's track at a window boundary than inside a window.
+
+    .venv/bin/python tools/demo_sweep.py --set held-out --seeds 1 2
+    .venv/bin/python tools/demo_sweep.py --set readme --seeds 1-6 -- --stitching codenoise --overlap 8
+    .venv/bin/python tools/demo_sweep.py --prompt "a red circle moves left on a blue background" --seeds 1-4
+
+Arguments after `--` go to every `longtake render` (sampler flags, --model). Each render's directory is
+removed once analyzed. A cell reads "background / object colour / named motion (%) / object extent
+w×h (px)", with "/ jump" when the track steps further at a boundary than inside, in bold when short of
+the bar. Progress goes to stderr; the table to stdout; --json FILE keeps every render's scene measures.
+Needs only the standard library (tools/scenes.py for the held-out list)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+# The six prompts of the demo model README's tables: the acceptance test's four, then two training scenes.
+README_PROMPTS = [
+    "a yellow square moves right on a green background",
+    "a red circle moves left on a blue background",
+    "a blue square moves down on a yellow background",
+    "a green circle stays still on a red background",
+    "a white circle moves up on a black background",
+    "a black square moves down on a white background",
+]
+
+BAR_COLOUR = 0.90
+BAR_MOTION = 0.75
+
+
+def held_out_prompts() -> list[str]:
+    import scenes
+
+    return [sc.caption for sc in scenes.held_out_scenes()]
+
+
+def seeds_arg(text: list[str]) -> list[int]:
+    """'1 2 5' or '1-6' (or a mix) -> the seeds."""
+    out = []
+    for part in text:
+        lo, _, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise SystemExit(f"--seeds: {part!r} is not a seed or a range of seeds (e.g. 3 or 1-6)")
+    return out
+
+
+def meets_bar(s: dict) -> bool:
+    return (s["background_frac"] >= BAR_COLOUR and s["object_frac"] >= BAR_COLOUR
+            and s["motion_frac"] >= BAR_MOTION and s["continuous"])
+
+
+def cell(s: dict) -> str:
+    w, h = s["median_extent"]
+    text = (f"{100 * s['background_frac']:.0f} / {100 * s['object_frac']:.1f} / {100 * s['motion_frac']:.1f}"
+            f" / {w:.0f}×{h:.0f}" + ("" if s["continuous"] else " / jump"))
+    return text if meets_bar(s) else f"**{text}**"
+
+
+def run(cmd: list[str]) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr.strip()}")
+    return p.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--longtake", default=str(REPO / "target" / "release" / "longtake"),
+                    help="the longtake binary (default: the release build)")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--set", choices=["held-out", "readme"], default="held-out",
+                      help="held-out: the 12 scenes of HELD_OUT_TUPLES; readme: the six prompts of the model "
+                           "README (default: held-out)")
+    what.add_argument("--prompt", action="append", help="a prompt (repeatable) instead of a set")
+    ap.add_argument("--seeds", nargs="+", default=["1", "2"], help="seeds: numbers or ranges, e.g. 1 2 or 1-6")
+    ap.add_argument("--duration", default="60", help="seconds per render (default 60)")
+    ap.add_argument("--json", help="also write every render's scene measures to this file")
+    ap.add_argument("render_args", nargs="*", help="after --: flags for every longtake render")
+    args = ap.parse_args()
+    if not Path(args.longtake).is_file():
+        raise SystemExit(f"--longtake: {args.longtake} does not exist (build it: cargo build --release)")
+    prompts = args.prompt or (held_out_prompts() if args.set == "held-out" else README_PROMPTS)
+    seeds = seeds_arg(args.seeds)
+    results: dict[tuple[str, int], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (seed, prompt) in enumerate((s, p) for s in seeds for p in prompts):
+            t0 = time.time()
+            out = Path(tmp) / str(k)
+            rdir = run([args.longtake, "render", "--prompt", prompt, "--duration", args.duration,
+                        "--seed", str(seed), "--out", str(out), *args.render_args]).strip().splitlines()[-1]
+            report = json.loads(run([args.longtake, "analyze", "--json", rdir]))
+            shutil.rmtree(out, ignore_errors=True)
+            scene = report.get("scene")
+            if scene is None:
+                raise SystemExit(f"{prompt!r} is not a prompt of the demo world (analyze found no scene)")
+            scene["seconds"] = round(time.time() - t0, 1)
+            results[(prompt, seed)] = scene
+            print(f"[{k + 1}/{len(seeds) * len(prompts)}] seed {seed} {prompt}: {cell(scene)} "
+                  f"({scene['seconds']} s)", file=sys.stderr, flush=True)
+    print("| prompt | seed | background / object / motion % / extent px |")
+    print("|---|---|---|")
+    for prompt in prompts:
+        for i, seed in enumerate(seeds):
+            print(f"| {prompt if i == 0 else ''} | {seed} | {cell(results[(prompt, seed)])} |")
+    ok = sum(meets_bar(s) for s in results.values())
+    print(f"\n{ok} of {len(results)} renders meet the bar.")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(prompt=p, seed=s, **v) for (p, s), v in results.items()],
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
