@@ -46,7 +46,7 @@ BAR_MOTION = 0.75
 def held_out_prompts() -> list[str]:
     import scenes
 
-    return [sc.caption for sc in scenes.held_out_scenes()]
+    return [scenes.Scene(*key).caption for key in scenes.HELD_OUT_TUPLES]  # in the README's order
 
 
 def seeds_arg(text: list[str]) -> list[int]:
