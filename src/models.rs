@@ -9,7 +9,6 @@ use longtake_coordinator::geometry::{LatentGeometry, ModelCatalog, ModelDefaults
 use longtake_coordinator::validate::StitchingMode;
 use longtake_model::builtin::Builtin;
 use longtake_model::pipeline::{ModelDir, WAN21_NATIVE_WINDOW};
-use longtake_model::window::Stitching;
 
 /// Reads `vae/config.json`, `transformer/config.json` and `longtake.json` of the model named by a
 /// request: a built-in model's name (the empty name: `builtin:demo`), a name of the catalogue
@@ -139,12 +138,10 @@ pub fn info(dir: &ModelDir) -> ModelInfo {
                 .overlap
                 .map_or(w.overlap, |v| v as u32)
                 .min(native_window.saturating_sub(1)),
-            stitching: match d.stitching {
-                None => w.stitching,
-                Some(Stitching::Codenoise) => StitchingMode::Codenoise,
-                Some(Stitching::Independent) => StitchingMode::Independent,
-                Some(Stitching::Autoregressive) => StitchingMode::Autoregressive,
-            },
+            stitching: d
+                .stitching
+                .and_then(|s| StitchingMode::from_proto(longtake_worker::stitching_to_pb(s)))
+                .unwrap_or(w.stitching),
         },
     }
 }

@@ -47,6 +47,16 @@ pub enum StitchingMode {
 }
 
 impl StitchingMode {
+    /// The mode a request names; `None` for `Unspecified` (the model's default applies).
+    pub fn from_proto(s: Stitching) -> Option<StitchingMode> {
+        match s {
+            Stitching::Unspecified => None,
+            Stitching::Codenoise => Some(StitchingMode::Codenoise),
+            Stitching::Independent => Some(StitchingMode::Independent),
+            Stitching::Autoregressive => Some(StitchingMode::Autoregressive),
+        }
+    }
+
     pub fn to_proto(self) -> Stitching {
         match self {
             StitchingMode::Codenoise => Stitching::Codenoise,
@@ -328,10 +338,7 @@ pub fn validate(
     }
 
     let stitching = match Stitching::try_from(spec.stitching) {
-        Ok(Stitching::Unspecified) => d.stitching,
-        Ok(Stitching::Codenoise) => StitchingMode::Codenoise,
-        Ok(Stitching::Independent) => StitchingMode::Independent,
-        Ok(Stitching::Autoregressive) => StitchingMode::Autoregressive,
+        Ok(s) => StitchingMode::from_proto(s).unwrap_or(d.stitching),
         Err(_) => {
             return Err(invalid(
                 "stitching",
