@@ -8,13 +8,18 @@ work directory: normalised latents and their captions), the transformer's flow l
 with the true caption against the same caption with each other object colour (same latents, same noise),
 at each noise level: "+60" means the wrong word costs 60 % more loss. Where a colour word costs next to
 nothing at the highest noise (where a sampler settles what it draws), the model picks the object's colour
-there without the text. Prompts go through WanPipeline's own text path (512 rows)."""
+there without the text. Prompts go through WanPipeline's text path (train_demo.encode_text: 512 rows)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_demo as td  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 DEFAULT_PAIRS = ["red/blue", "black/white", "red/green", "green/blue", "yellow/blue", "white/black"]
@@ -39,19 +44,22 @@ def main() -> None:
     if not all(0 < s < 1 for s in args.sigmas):
         raise SystemExit(f"--sigmas: {args.sigmas} must lie strictly between 0 and 1")
 
-    from diffusers import WanPipeline
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
 
     torch.set_num_threads(args.threads)
-    pipe = WanPipeline.from_pretrained(args.model)
-    dit = pipe.transformer.eval()
+    model = Path(args.model)
+    tok = td.load_tokenizer(model / "tokenizer")
+    te = UMT5EncoderModel.from_pretrained(str(model / "text_encoder")).eval()
+    dit = WanTransformer3DModel.from_pretrained(str(model / "transformer")).eval()
     data = torch.load(args.latents)
     lat, caps = data["latents"], data["captions"]
     embeds: dict[str, torch.Tensor] = {}
 
     def embed(caption: str) -> torch.Tensor:
         if caption not in embeds:
-            embeds[caption] = pipe.encode_prompt(caption, do_classifier_free_guidance=False,
-                                                 max_sequence_length=512)[0]
+            with torch.no_grad():
+                embeds[caption] = td.encode_text(tok, te, [caption])
         return embeds[caption]
 
     print(f"| pair | clips | σ | " + " | ".join(f"{c} word" for c in COLOURS) + " |")
