@@ -64,7 +64,14 @@ with --phase):
               fastest in the measured runs (the demo model's README).
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
-              has that scene: the sign. Phases dir and opp export to --out at their ends.
+              has that scene: the sign. Phases dir and opp export to --out at their ends. With
+              --contrast-frac F (phases --contrast-phases, default opp), a share F of each step's crops also
+              goes in twice more as a colour pair: the plain crop at a noise level in --contrast-sigma (0.8-1)
+              with its caption and with the object's colour word replaced by another colour; the first copy
+              joins the flow loss, and a hinge asks the object cells' error with the wrong word to exceed the
+              true word's by --contrast-margin (relative). Where a sampler settles the object's colour, at
+              the highest noise, a transformer trained on the flow loss alone ignored the colour word for
+              some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
@@ -713,6 +720,13 @@ class Ambiguity:
         return a * x0 + (1 - a) * other
 
 
+def wrong_colour(rng: random.Random, caption: str) -> str:
+    """The caption with the object's colour replaced by another colour that is not the background's."""
+    s = scenes.parse_caption(caption)
+    other = rng.choice([c for c in scenes.COLOURS if c not in (s.obj, s.bg)])
+    return scenes.Scene(other, s.shape, s.bg, s.motion).caption
+
+
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     u = torch.rand(n, generator=gen)
     return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
@@ -776,7 +790,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     log(f"{stage}: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
     t0 = time.time() - spent
     budget = minutes * 60
-    acc = []
+    acc, acc_c = [], []
     ema_pairs = list(zip(list(ema.parameters()) + list(ema_te.parameters()), params))
 
     def save_ckpt():
@@ -812,6 +826,22 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 if prompts[k] and rng.random() < args.dit_mix_frac:
                     x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, opposite)
                     sigma[k] = rng.uniform(*args.dit_mix_sigma)
+        n_flow = len(idx)
+        if args.contrast_frac > 0 and stage in args.contrast_phases:
+            # Colour pairs (see --contrast-frac): plain crops at high noise, each twice, once with its caption
+            # and once with the object's colour word replaced; the first copy joins the flow loss.
+            pairs = [(i, s) for i, s in zip(idx, starts) if rng.random() < args.contrast_frac]
+            if pairs:
+                px0 = torch.stack([lat[i, :, s:s + win] for i, s in pairs])
+                pnoise = torch.randn(px0.shape, generator=gen)
+                psig = torch.tensor([rng.uniform(*args.contrast_sigma) for _ in pairs])
+                x_in = None if x_in is x0 else torch.cat([x_in, px0, px0])
+                x0 = torch.cat([x0, px0, px0])
+                x_in = x0 if x_in is None else x_in
+                noise = torch.cat([noise, pnoise, pnoise])
+                sigma = torch.cat([sigma, psig, psig])
+                prompts = prompts + [caps[i] for i, _ in pairs] + [wrong_colour(rng, caps[i]) for i, _ in pairs]
+                n_flow += len(pairs)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
         # The velocity that takes x_t to the captioned clip: noise - x0 when the input is the clip itself.
@@ -819,16 +849,29 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
         err = (v - target).pow(2)
+        n_pair = len(prompts) - n_flow  # the wrong-colour copies, last in the batch
+        pair_err = err[n_flow:]
+        err = err[:n_flow]
         loss = err.mean()
         # The object covers about a seventh of a frame and the background is learnt first, so latent cells
         # that differ from their frame's background (per-channel spatial median) weigh up to
         # 1 + --dit-obj-weight; the loss logged is the plain flow loss.
         with torch.no_grad():
             # x0 [B, C, T, H, W] -> per cell [B, 1, T, H, W]
-            obj = (background_distance(x0.transpose(1, 2)).unsqueeze(1) / OBJ_DEV).clamp(max=1.0)
+            obj_all = (background_distance(x0.transpose(1, 2)).unsqueeze(1) / OBJ_DEV).clamp(max=1.0)
+            obj = obj_all[:n_flow]
             weight = 1 + args.dit_obj_weight * obj
             weight = weight / weight.mean()
         train_loss = (err * weight).mean()
+        if n_pair:
+            # Hinge on the object cells' error: the wrong colour word must cost at least --contrast-margin
+            # more than the true one (relative), else both predictions are pushed apart.
+            w_obj = obj_all[n_flow - n_pair:n_flow]
+            e_true = (err[n_flow - n_pair:] * w_obj).sum((1, 2, 3, 4)) / w_obj.sum((1, 2, 3, 4)).clamp(min=1e-6)
+            e_wrong = (pair_err * w_obj).sum((1, 2, 3, 4)) / w_obj.sum((1, 2, 3, 4)).clamp(min=1e-6)
+            hinge = torch.relu((1 + args.contrast_margin) * e_true - e_wrong) / e_true.detach().clamp(min=1e-6)
+            train_loss = train_loss + args.contrast_weight * hinge.mean()
+            acc_c.append(float((e_wrong / e_true).mean().detach()))
         opt.zero_grad(set_to_none=True)
         train_loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -843,7 +886,11 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), loss=float(np.mean(acc)),
                              lr=lr))
             acc = []
-            log(f"{stage} step {step} ({hist[-1]['minutes']} min): flow loss {hist[-1]['loss']:.4f} lr {lr:.2e}")
+            if acc_c:
+                hist[-1]["wrong_colour_ratio"] = float(np.mean(acc_c))
+                acc_c = []
+            log(f"{stage} step {step} ({hist[-1]['minutes']} min): flow loss {hist[-1]['loss']:.4f} lr {lr:.2e}"
+                + (f", wrong/true colour {hist[-1]['wrong_colour_ratio']:.2f}" if "wrong_colour_ratio" in hist[-1] else ""))
         if step % args.ckpt_every == 0:
             save_ckpt()
         if step % args.export_every == 0:
@@ -1130,6 +1177,16 @@ def main() -> None:
     ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
     ap.add_argument("--opp-minutes", type=float, default=6.2, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
+    ap.add_argument("--contrast-frac", type=float, default=0.0,
+                    help="share of a step's items that also go in as a colour pair: a plain crop at noise "
+                         "--contrast-sigma with its caption and with another object colour")
+    ap.add_argument("--contrast-sigma", type=float, nargs=2, default=(0.8, 1.0),
+                    help="noise-level range of the colour pairs")
+    ap.add_argument("--contrast-margin", type=float, default=0.5,
+                    help="how much more object-cell loss (relative) the wrong colour word must cost")
+    ap.add_argument("--contrast-weight", type=float, default=1.0, help="weight of the colour pairs' hinge")
+    ap.add_argument("--contrast-phases", nargs="+", default=["opp"], choices=["dit", "dir", "opp"],
+                    help="transformer phases that train on colour pairs")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
