@@ -67,8 +67,8 @@ with --phase):
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
               --contrast-frac F (phases --contrast-phases, default opp), a share F of each step's crops also
               goes in twice more as a colour pair: the plain crop at a noise level in --contrast-sigma (0.8-1)
-              with its caption and with the object's colour word replaced by another colour; the first copy
-              joins the flow loss, and a hinge asks the object cells' error with the wrong word to exceed the
+              with its caption and with the object's colour word replaced by another colour (the first copy
+              joins the flow loss only with --contrast-flow), and a hinge asks the object cells' error with the wrong word to exceed the
               true word's by --contrast-margin (relative). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
@@ -826,10 +826,10 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 if prompts[k] and rng.random() < args.dit_mix_frac:
                     x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, opposite)
                     sigma[k] = rng.uniform(*args.dit_mix_sigma)
-        n_flow = len(idx)
+        n_flow, n_pair = len(idx), 0
         if args.contrast_frac > 0 and stage in args.contrast_phases:
             # Colour pairs (see --contrast-frac): plain crops at high noise, each twice, once with its caption
-            # and once with the object's colour word replaced; the first copy joins the flow loss.
+            # and once with the object's colour word replaced.
             pairs = [(i, s) for i, s in zip(idx, starts) if rng.random() < args.contrast_frac]
             if pairs:
                 px0 = torch.stack([lat[i, :, s:s + win] for i, s in pairs])
@@ -841,17 +841,19 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 noise = torch.cat([noise, pnoise, pnoise])
                 sigma = torch.cat([sigma, psig, psig])
                 prompts = prompts + [caps[i] for i, _ in pairs] + [wrong_colour(rng, caps[i]) for i, _ in pairs]
-                n_flow += len(pairs)
+                n_pair = len(pairs)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
         # The velocity that takes x_t to the captioned clip: noise - x0 when the input is the clip itself.
         target = noise - x0 if x_in is x0 else (xt - x0) / s5
         ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
-        err = (v - target).pow(2)
-        n_pair = len(prompts) - n_flow  # the wrong-colour copies, last in the batch
-        pair_err = err[n_flow:]
-        err = err[:n_flow]
+        err_all = (v - target).pow(2)
+        # [the step's crops, the colour pairs' true copies, their wrong copies]; the true copies join the flow
+        # loss with --contrast-flow.
+        if args.contrast_flow:
+            n_flow += n_pair
+        err = err_all[:n_flow]
         loss = err.mean()
         # The object covers about a seventh of a frame and the background is learnt first, so latent cells
         # that differ from their frame's background (per-channel spatial median) weigh up to
@@ -866,9 +868,10 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         if n_pair:
             # Hinge on the object cells' error: the wrong colour word must cost at least --contrast-margin
             # more than the true one (relative), else both predictions are pushed apart.
-            w_obj = obj_all[n_flow - n_pair:n_flow]
-            e_true = (err[n_flow - n_pair:] * w_obj).sum((1, 2, 3, 4)) / w_obj.sum((1, 2, 3, 4)).clamp(min=1e-6)
-            e_wrong = (pair_err * w_obj).sum((1, 2, 3, 4)) / w_obj.sum((1, 2, 3, 4)).clamp(min=1e-6)
+            w_obj = obj_all[-n_pair:]
+            area = w_obj.sum((1, 2, 3, 4)).clamp(min=1e-6)
+            e_true = (err_all[-2 * n_pair:-n_pair] * w_obj).sum((1, 2, 3, 4)) / area
+            e_wrong = (err_all[-n_pair:] * w_obj).sum((1, 2, 3, 4)) / area
             hinge = torch.relu((1 + args.contrast_margin) * e_true - e_wrong) / e_true.detach().clamp(min=1e-6)
             train_loss = train_loss + args.contrast_weight * hinge.mean()
             acc_c.append(float((e_wrong / e_true).mean().detach()))
@@ -1185,6 +1188,8 @@ def main() -> None:
     ap.add_argument("--contrast-margin", type=float, default=0.5,
                     help="how much more object-cell loss (relative) the wrong colour word must cost")
     ap.add_argument("--contrast-weight", type=float, default=1.0, help="weight of the colour pairs' hinge")
+    ap.add_argument("--contrast-flow", action="store_true",
+                    help="the colour pairs' true copies also join the flow loss (else only the hinge)")
     ap.add_argument("--contrast-phases", nargs="+", default=["opp"], choices=["dit", "dir", "opp"],
                     help="transformer phases that train on colour pairs")
     ap.add_argument("--ema", type=float, default=0.998)
