@@ -34,7 +34,8 @@ with --phase):
      vae4     phase vae3 continued (fresh schedule, --vae4-steps, peak --vae4-lr) with 5x the noise
               (--vae4-noise 0.5 x the std): a decoder that has seen more of the latent space around the
               encoder's codes draws generated latents with cleaner object colours. Writes work/vae4/ (export
-              prefers it).
+              prefers it). --vae4-from vae starts it from phase vae's decoder instead, for runs that leave
+              phase vae3 out.
   4. dit      WanTransformer3DModel and the text encoder trained together with Wan's flow matching on
               crops of the cached 41-frame latent sequences, as the render's windows are crops of one long
               latent sequence: 21 latent frames (the render window) with probability --dit-full-prob, else
@@ -55,7 +56,8 @@ with --phase):
               captioned items get an ambiguous input (class Ambiguity): a blend of the clip and a clip of
               the same object with another motion (another direction or still), the target the velocity
               towards the captioned clip alone, so that only the text tells which motion to keep;
-              --dit-mix-opposite is the share of blends whose other clip moves the opposite way. Trained
+              --dit-mix-opposite is the share of blends whose other clip moves the opposite way where the
+              training set has that scene (else any other motion, partners of the other axis too). Trained
               only on real clips, the transformer learns the scenes' motion but not to take its direction
               from the text; this phase teaches it the axis (left/right against up/down against still).
               (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
@@ -65,10 +67,10 @@ with --phase):
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
-              --contrast-frac F (phases --contrast-phases, default opp), a share F of each step's crops also
-              goes in twice more as a colour pair: the plain crop at a noise level in --contrast-sigma (0.8-1)
-              with its caption and with the object's colour word replaced by another colour (the first copy
-              joins the flow loss only with --contrast-flow), and a hinge asks the object cells' error with the wrong word to exceed the
+              --contrast-frac F (default 0: off; phases --contrast-phases, default opp), a share F of each
+              step's crops also goes in twice more as a colour pair: the plain crop at a noise level in
+              --contrast-sigma (0.8-1) with its caption and with the object's colour word replaced by another
+              colour (the first copy joins the flow loss only with --contrast-flow), and a hinge asks the object cells' error with the wrong word to exceed the
               true word's by --contrast-margin (relative). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
@@ -487,7 +489,7 @@ def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
 
     source, max_steps, minutes, lr, noise = {
         "vae3": ("vae", args.vae3_steps, args.vae3_minutes, args.vae3_lr, args.vae3_noise),
-        "vae4": ("vae3", args.vae4_steps, args.vae4_minutes, args.vae4_lr, args.vae4_noise)}[stage]
+        "vae4": (args.vae4_from, args.vae4_steps, args.vae4_minutes, args.vae4_lr, args.vae4_noise)}[stage]
     torch.manual_seed(args.seed + 22)
     rng = random.Random(args.seed + 22)
     vae = AutoencoderKLWan.from_pretrained(str(work / source), torch_dtype=torch.float32)
@@ -1134,6 +1136,8 @@ def main() -> None:
     ap.add_argument("--vae3-lr", type=float, default=5e-4)
     ap.add_argument("--vae3-noise", type=float, default=0.1)
     ap.add_argument("--vae3-obj-weight", type=float, default=4.0, help="vae3, vae4: loss weight of object pixels")
+    ap.add_argument("--vae4-from", default="vae3", choices=["vae3", "vae"],
+                    help="vae4: the decoder it continues (phase vae3's, or phase vae's when vae3 is left out)")
     ap.add_argument("--vae4-steps", type=int, default=450, help="vae4: step count")
     ap.add_argument("--vae4-minutes", type=float, default=5.5, help="vae4: wall-time budget")
     ap.add_argument("--vae4-lr", type=float, default=5e-4, help="vae4: peak learning rate")
