@@ -70,8 +70,9 @@ with --phase):
               --contrast-frac F (default 0: off; phases --contrast-phases, default opp), a share F of each
               step's crops also goes in twice more as a colour pair: the plain crop at a noise level in
               --contrast-sigma (0.8-1) with its caption and with the object's colour word replaced by another
-              colour (the first copy joins the flow loss only with --contrast-flow), and a hinge asks the object cells' error with the wrong word to exceed the
-              true word's by --contrast-margin (relative). Where a sampler settles the object's colour, at
+              colour (the first copy joins the flow loss only with --contrast-flow), and a hinge asks the
+              object cells' error with the wrong word to exceed the true word's by --contrast-margin
+              (relative). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
@@ -490,6 +491,9 @@ def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
     source, max_steps, minutes, lr, noise = {
         "vae3": ("vae", args.vae3_steps, args.vae3_minutes, args.vae3_lr, args.vae3_noise),
         "vae4": (args.vae4_from, args.vae4_steps, args.vae4_minutes, args.vae4_lr, args.vae4_noise)}[stage]
+    if not (work / source).is_dir():
+        flag = " (--vae4-from: vae3 or vae)" if stage == "vae4" else ""
+        raise SystemExit(f"{stage}: {work / source} is missing; run phase {source} first{flag}")
     torch.manual_seed(args.seed + 22)
     rng = random.Random(args.seed + 22)
     vae = AutoencoderKLWan.from_pretrained(str(work / source), torch_dtype=torch.float32)
