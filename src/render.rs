@@ -105,10 +105,9 @@ fn stitching(s: Option<&str>) -> Result<pb::Stitching> {
         return Ok(pb::Stitching::Unspecified);
     };
     let Some(mode) = Stitching::parse(s) else {
-        let allowed: Vec<&str> = Stitching::ALL.iter().map(|m| m.name()).collect();
         bail!(
             "stitching: {s:?} is not a strategy; allowed: {}",
-            allowed.join(", ")
+            Stitching::allowed()
         )
     };
     Ok(longtake_worker::stitching_to_pb(mode))

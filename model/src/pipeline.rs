@@ -100,13 +100,9 @@ impl RenderDefaults {
             .raw("stitching")
             .map(|v| {
                 v.as_str().and_then(Stitching::parse).ok_or_else(|| {
-                    let allowed: Vec<String> = Stitching::ALL
-                        .iter()
-                        .map(|m| format!("{:?}", m.name()))
-                        .collect();
                     c.error(
                         "stitching",
-                        format!("is {v}; allowed: {}", allowed.join(", ")),
+                        format!("is {v}; allowed: {}", Stitching::allowed()),
                     )
                 })
             })

@@ -40,6 +40,11 @@ impl Stitching {
         Self::ALL.into_iter().find(|m| m.name() == s)
     }
 
+    /// The strategies' names, comma-separated, for error messages.
+    pub fn allowed() -> String {
+        Self::ALL.map(Stitching::name).join(", ")
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stitching::Codenoise => "codenoise",
