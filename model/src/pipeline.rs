@@ -694,9 +694,9 @@ mod tests {
             (
                 r#"{"stitching": "zigzag"}"#,
                 "stitching",
-                "\"autoregressive\"",
+                "independent, autoregressive",
             ),
-            (r#"{"stitching": 3}"#, "stitching", "\"codenoise\""),
+            (r#"{"stitching": 3}"#, "stitching", "allowed: codenoise"),
             (r#"{"overlap": 21}"#, "overlap", "0..=20"),
             (r#"{"native_window": 9, "overlap": 9}"#, "overlap", "0..=8"),
             (r#"{"overlap": -1}"#, "overlap", "non-negative"),
