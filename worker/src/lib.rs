@@ -3,9 +3,12 @@
 //!
 //! # Layout
 //!
-//! - [`runtime`]: register, heartbeat, pull tasks, run them on a compute thread, report.
+//! - [`runtime`]: register, heartbeat, pull tasks and hand them to the compute thread.
+//! - `compute`: the compute thread: denoise and decode tasks on the worker's devices, results
+//!   and progress reported.
 //! - [`media`]: decoded frames to H.264/MP4 and PNG.
 
+mod compute;
 pub mod media;
 pub mod runtime;
 pub use longtake_model as model;
