@@ -113,8 +113,7 @@ impl<B: PipelineBackend> Compute<B> {
         // decoder finds the same bytes there and leaves them; a finished render never changes.
         let put = |name: &str, bytes: Vec<u8>| -> TaskResult<String> {
             let key = object_key(&prefix, name);
-            self.handle
-                .block_on(longtake_objects::write_once(&*store, &key, bytes))
+            self.create_object(&*store, &key, bytes)
                 .map_err(|e| format!("writing {name} to {}: {e}", t.output_uri))?;
             Ok(name.to_string())
         };

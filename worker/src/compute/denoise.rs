@@ -305,19 +305,16 @@ impl<B: PipelineBackend> Compute<B> {
         k: usize,
         windows: &[usize],
     ) {
-        let mut rpc = self.rpc.clone();
-        let _ = self.handle.block_on(rpc.report_progress(pb::TaskProgress {
-            worker_id: self.worker_id.clone(),
+        self.report(pb::TaskProgress {
             task_id: task_id.to_string(),
             render_id: t.render_id.clone(),
             epoch: t.epoch,
             phase: pb::RenderState::Denoising as i32,
             window_steps_done: done,
-            frames_done: 0,
-            message: String::new(),
             checkpoint_step: k as u32,
             checkpoint_windows: windows.iter().map(|w| *w as u32).collect(),
-        }));
+            ..Default::default()
+        });
     }
 
     /// Send each owned window's prediction over the frames it shares with remote windows, and

@@ -69,35 +69,27 @@ impl<B: PipelineBackend> Compute<B> {
             };
             longtake_telemetry::traces::set_parent(&span, &task.traceparent);
             let _entered = span.enter();
-            let (render_id, epoch, outcome, identity, timings) = match &task.kind {
-                Some(pb::task::Kind::Denoise(d)) => {
-                    let mut timings = HashMap::new();
-                    let r = self.denoise(&task.task_id, d, &mut timings);
-                    (
-                        d.render_id.clone(),
-                        d.epoch,
-                        r.map(pb::task_result::Outcome::Denoise),
-                        self.identity(d.spec.as_ref()),
-                        timings,
-                    )
-                }
-                Some(pb::task::Kind::Decode(d)) => {
-                    let mut timings = HashMap::new();
-                    let r = self.decode(&task.task_id, d, &mut timings);
-                    (
-                        d.render_id.clone(),
-                        d.epoch,
-                        r.map(pb::task_result::Outcome::Decode),
-                        self.identity(d.spec.as_ref()),
-                        timings,
-                    )
-                }
+            let mut timings = HashMap::new();
+            let (kind, render_id, epoch, spec, outcome) = match &task.kind {
+                Some(pb::task::Kind::Denoise(d)) => (
+                    "denoise",
+                    &d.render_id,
+                    d.epoch,
+                    d.spec.as_ref(),
+                    self.denoise(&task.task_id, d, &mut timings)
+                        .map(pb::task_result::Outcome::Denoise),
+                ),
+                Some(pb::task::Kind::Decode(d)) => (
+                    "decode",
+                    &d.render_id,
+                    d.epoch,
+                    d.spec.as_ref(),
+                    self.decode(&task.task_id, d, &mut timings)
+                        .map(pb::task_result::Outcome::Decode),
+                ),
                 _ => continue,
             };
-            let kind = match &task.kind {
-                Some(pb::task::Kind::Denoise(_)) => "denoise",
-                _ => "decode",
-            };
+            let identity = self.identity(spec);
             let ended = match &outcome {
                 Ok(_) => "done",
                 Err(e) if e == CANCELLED => "cancelled",
@@ -116,12 +108,11 @@ impl<B: PipelineBackend> Compute<B> {
                 }
                 Err(e) => tracing::warn!(task = %task.task_id, error = %e, "task failed"),
             }
-            let mut timings = timings;
             timings.insert("task_total".into(), started.elapsed().as_secs_f64());
             let result = pb::TaskResult {
                 worker_id: self.worker_id.clone(),
                 task_id: task.task_id.clone(),
-                render_id,
+                render_id: render_id.clone(),
                 epoch,
                 outcome: Some(outcome.unwrap_or_else(pb::task_result::Outcome::Error)),
                 model_identity: identity,
@@ -130,7 +121,7 @@ impl<B: PipelineBackend> Compute<B> {
             self.cancelled
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .remove(&(result.render_id.clone(), epoch));
+                .remove(&(render_id.clone(), epoch));
             let mut rpc = self.rpc.clone();
             // A coordinator that is gone cannot be told; the task stream ends and so do we.
             let _ = self.handle.block_on(rpc.complete_task(result));
@@ -188,9 +179,7 @@ impl<B: PipelineBackend> Compute<B> {
         frames: u64,
         message: String,
     ) {
-        let mut rpc = self.rpc.clone();
-        let _ = self.handle.block_on(rpc.report_progress(pb::TaskProgress {
-            worker_id: self.worker_id.clone(),
+        self.report(pb::TaskProgress {
             task_id: task_id.to_string(),
             render_id: render_id.to_string(),
             epoch,
@@ -199,7 +188,18 @@ impl<B: PipelineBackend> Compute<B> {
             frames_done: frames,
             message,
             ..Default::default()
-        }));
+        });
+    }
+
+    /// Send a progress report as this worker (a lost report is made good by the next one, or by
+    /// the task's result).
+    fn report(&self, progress: pb::TaskProgress) {
+        let mut rpc = self.rpc.clone();
+        let progress = pb::TaskProgress {
+            worker_id: self.worker_id.clone(),
+            ..progress
+        };
+        let _ = self.handle.block_on(rpc.report_progress(progress));
     }
 
     /// The bytes of object `key`.
