@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use longtake_coordinator::geometry::{LatentGeometry, ModelCatalog, ModelDefaults, ModelInfo};
-use longtake_coordinator::validate::StitchingMode;
+use longtake_coordinator::validate::{NoiseMode, StitchingMode};
 use longtake_model::builtin::Builtin;
+use longtake_model::noise::NoiseLayout;
 use longtake_model::pipeline::{ModelDir, WAN21_NATIVE_WINDOW};
 
 /// Reads `vae/config.json`, `transformer/config.json` and `longtake.json` of the model named by a
@@ -142,6 +143,11 @@ pub fn info(dir: &ModelDir) -> ModelInfo {
                 .stitching
                 .and_then(|s| StitchingMode::from_proto(longtake_worker::stitching_to_pb(s)))
                 .unwrap_or(w.stitching),
+            noise_layout: match d.noise_layout {
+                Some(NoiseLayout::Independent) => NoiseMode::Independent,
+                Some(NoiseLayout::Rescheduled) => NoiseMode::Rescheduled,
+                None => w.noise_layout,
+            },
         },
     }
 }

@@ -11,6 +11,7 @@ use clap::Args;
 use longtake_coordinator::CoordinatorConfig;
 use longtake_model::builtin::Builtin;
 use longtake_model::device::Placement;
+use longtake_model::noise::NoiseLayout;
 use longtake_model::window::Stitching;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::render_service_client::RenderServiceClient;
@@ -92,6 +93,12 @@ pub struct RequestArgs {
     /// `longtake.json`, else 4 (the built-in demo model: 8).
     #[arg(long)]
     overlap: Option<u32>,
+    /// How the seeded noise is laid out over the latent frames: independent (every frame its
+    /// own) or rescheduled (after the first window, each window reuses the first window's noise
+    /// frames, shuffled, so the windows agree on where they place things). Default: the model's
+    /// `longtake.json`, else independent (the built-in demo model: DEMO_NOISE).
+    #[arg(long)]
+    noise_layout: Option<String>,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
     #[arg(long)]
     noise_file: Option<PathBuf>,
@@ -113,6 +120,19 @@ fn stitching(s: Option<&str>) -> Result<pb::Stitching> {
     Ok(longtake_worker::stitching_to_pb(mode))
 }
 
+fn noise_layout(s: Option<&str>) -> Result<pb::NoiseLayout> {
+    let Some(s) = s else {
+        return Ok(pb::NoiseLayout::Unspecified);
+    };
+    let Some(layout) = NoiseLayout::parse(s) else {
+        bail!(
+            "noise-layout: {s:?} is not a layout; allowed: {}",
+            NoiseLayout::allowed()
+        )
+    };
+    Ok(longtake_worker::noise_layout_to_pb(layout))
+}
+
 impl RequestArgs {
     /// The request as a spec (no output: the caller sets it). `local_model` checks a model
     /// directory here and sends its absolute path (this machine's workers read it); otherwise the
@@ -120,6 +140,12 @@ impl RequestArgs {
     pub fn spec(&self, local_model: bool) -> Result<pb::RenderSpec> {
         let a = self;
         let stitching = stitching(a.stitching.as_deref())?;
+        let noise_layout = noise_layout(a.noise_layout.as_deref())?;
+        if a.noise_file.is_some() && a.noise_layout.is_some() {
+            bail!(
+                "noise-layout: lays out seeded noise; --noise-file gives the noise itself, so name one of them"
+            );
+        }
         let model = match &a.model {
             Some(name) if let Some(b) = Builtin::lookup(name) => b.name().to_string(),
             Some(name) if name.starts_with("builtin:") => bail!(
@@ -177,6 +203,7 @@ impl RequestArgs {
             png_frames: a.png_frames,
             initial_noise,
             priority: 0,
+            noise_layout: noise_layout as i32,
         })
     }
 }
@@ -480,6 +507,28 @@ mod tests {
         assert_eq!(
             e,
             "stitching: \"zigzag\" is not a strategy; allowed: codenoise, independent, autoregressive"
+        );
+    }
+
+    #[test]
+    fn noise_layout_names_parse_and_a_bad_one_lists_the_allowed() {
+        assert_eq!(noise_layout(None).unwrap(), pb::NoiseLayout::Unspecified);
+        assert_eq!(
+            noise_layout(Some("rescheduled")).unwrap(),
+            pb::NoiseLayout::Rescheduled
+        );
+        assert_eq!(
+            noise_layout(Some("independent")).unwrap(),
+            pb::NoiseLayout::Independent
+        );
+        for layout in [NoiseLayout::Independent, NoiseLayout::Rescheduled] {
+            let v = longtake_worker::noise_layout_to_pb(layout) as i32;
+            assert_eq!(longtake_worker::noise_layout_from_pb(v), layout);
+        }
+        let e = noise_layout(Some("fresh")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "noise-layout: \"fresh\" is not a layout; allowed: independent, rescheduled"
         );
     }
 }

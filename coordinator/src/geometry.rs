@@ -6,7 +6,7 @@
 //! `transformer/config.json`, and `longtake.json` for the defaults) with the same code that loads
 //! the model; [`Wan21Catalog`] answers with Wan2.1's published geometry, for embedding and tests.
 
-use crate::validate::StitchingMode;
+use crate::validate::{NoiseMode, StitchingMode};
 use serde::{Deserialize, Serialize};
 
 /// The model a request without one gets: the demo model compiled into the binary.
@@ -71,6 +71,9 @@ pub struct ModelDefaults {
     pub overlap: u32,
     /// How windows are joined when a request leaves it unset.
     pub stitching: StitchingMode,
+    /// How the initial noise is laid out when a request leaves it unset.
+    #[serde(default)]
+    pub noise_layout: NoiseMode,
 }
 
 impl ModelDefaults {
@@ -85,6 +88,7 @@ impl ModelDefaults {
         window: 21,
         overlap: 4,
         stitching: StitchingMode::Codenoise,
+        noise_layout: NoiseMode::Independent,
     };
 }
 
@@ -146,6 +150,7 @@ impl Wan21Catalog {
             window: 21,
             overlap: 4,
             stitching: StitchingMode::Codenoise,
+            noise_layout: NoiseMode::Independent,
         },
     };
 }

@@ -442,7 +442,7 @@ pub fn decode_job(key: &str, bytes: &[u8]) -> Result<JobRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::StitchingMode;
+    use crate::validate::{NoiseMode, StitchingMode};
 
     #[test]
     fn memory_store_conforms() {
@@ -524,6 +524,13 @@ mod tests {
         assert_eq!(r.spec.stitching, StitchingMode::Codenoise);
         assert_eq!(r.plan.as_ref().unwrap().windows[1], [17, 21]);
         assert_eq!(String::from_utf8(encode_job(&r)).unwrap(), V1_GOLDEN);
+        assert_eq!(r.spec.noise_layout, NoiseMode::Independent);
+        // A rescheduled layout is written and read back.
+        let mut r2 = r.clone();
+        r2.spec.noise_layout = NoiseMode::Rescheduled;
+        let bytes = encode_job(&r2);
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""noise_layout":"rescheduled""#));
+        assert_eq!(decode_job("jobs/r1", &bytes).unwrap(), r2);
         assert!(matches!(
             decode_job("jobs/x", br#"{"version":"9"}"#),
             Err(StoreError::Corrupt { .. })

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use longtake_proto::v1::{RenderSpec, Stitching, render_spec::Length};
+use longtake_proto::v1::{NoiseLayout, RenderSpec, Stitching, render_spec::Length};
 use serde::{Deserialize, Serialize};
 
 use crate::geometry::{DEFAULT_MODEL, LatentGeometry, ModelInfo, SMOKE_MODEL};
@@ -66,6 +66,49 @@ impl StitchingMode {
     }
 }
 
+/// How the initial noise is laid out over the latent frames (the proto enum, with `UNSPECIFIED`
+/// resolved to the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseMode {
+    /// Every latent frame draws its own noise.
+    #[default]
+    Independent,
+    /// After the first window, runs of (window − overlap) frames reuse the first window's noise
+    /// frames, shuffled (FreeNoise's noise rescheduling).
+    Rescheduled,
+}
+
+impl NoiseMode {
+    /// The layout a request names; `None` for `Unspecified` (the model's default applies).
+    pub fn from_proto(n: NoiseLayout) -> Option<NoiseMode> {
+        match n {
+            NoiseLayout::Unspecified => None,
+            NoiseLayout::Independent => Some(NoiseMode::Independent),
+            NoiseLayout::Rescheduled => Some(NoiseMode::Rescheduled),
+        }
+    }
+
+    pub fn to_proto(self) -> NoiseLayout {
+        match self {
+            NoiseMode::Independent => NoiseLayout::Independent,
+            NoiseMode::Rescheduled => NoiseLayout::Rescheduled,
+        }
+    }
+
+    pub fn is_independent(&self) -> bool {
+        *self == NoiseMode::Independent
+    }
+
+    /// The name the model crate, `longtake.json` and the manifest use.
+    pub fn name(self) -> &'static str {
+        match self {
+            NoiseMode::Independent => "independent",
+            NoiseMode::Rescheduled => "rescheduled",
+        }
+    }
+}
+
 /// A validated render request with every default applied: what the render actually uses.
 /// Stored in job records (versioned JSON) and echoed in `Render.spec`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +133,10 @@ pub struct ValidSpec {
     pub stitching: StitchingMode,
     pub window: u32,
     pub overlap: u32,
+    /// Records written before the layout was stored used independent noise, which is therefore
+    /// left out of the record.
+    #[serde(default, skip_serializing_if = "NoiseMode::is_independent")]
+    pub noise_layout: NoiseMode,
     /// A local directory path or `s3://bucket[/prefix]`.
     pub output: String,
     pub png_frames: bool,
@@ -156,6 +203,7 @@ impl ValidSpec {
             png_frames: self.png_frames,
             initial_noise,
             priority: self.priority,
+            noise_layout: self.noise_layout.to_proto() as i32,
         }
     }
 }
@@ -372,6 +420,19 @@ pub fn validate(
         ));
     }
 
+    let noise_layout = match NoiseLayout::try_from(spec.noise_layout) {
+        Ok(n) => NoiseMode::from_proto(n).unwrap_or(d.noise_layout),
+        Err(_) => {
+            return Err(invalid(
+                "noise_layout",
+                format!(
+                    "is {}; allowed: INDEPENDENT (1), RESCHEDULED (2) or unset",
+                    spec.noise_layout
+                ),
+            ));
+        }
+    };
+
     let output = if spec.output.trim().is_empty() {
         default_output.to_string()
     } else {
@@ -409,6 +470,7 @@ pub fn validate(
         stitching,
         window,
         overlap,
+        noise_layout,
         output,
         png_frames: spec.png_frames,
         priority: spec.priority,
@@ -536,6 +598,7 @@ mod tests {
                 window: 9,
                 overlap: 2,
                 stitching: StitchingMode::Autoregressive,
+                noise_layout: NoiseMode::Rescheduled,
             },
         };
         let run = |spec: RenderSpec| validate(&spec, &Limits::default(), &info, "renders", 7);
@@ -548,8 +611,20 @@ mod tests {
         assert_eq!(v.num_frames, 17);
         assert_eq!(v.latent_shape(), [8, 9, 72 / 4, 96 / 4]);
         assert_eq!((v.steps, v.guidance, v.window, v.overlap), (7, 3.0, 9, 2));
-        // The model's stitching when the request leaves it unset; the request's when it names one.
+        // The model's stitching and noise layout when the request leaves them unset; the
+        // request's when it names them.
         assert_eq!(v.stitching, StitchingMode::Autoregressive);
+        assert_eq!(v.noise_layout, NoiseMode::Rescheduled);
+        assert_eq!(
+            run(RenderSpec {
+                length: Some(Length::DurationS(2.0)),
+                noise_layout: NoiseLayout::Independent as i32,
+                ..base()
+            })
+            .unwrap()
+            .noise_layout,
+            NoiseMode::Independent
+        );
         let v = run(RenderSpec {
             length: Some(Length::DurationS(2.0)),
             stitching: Stitching::Codenoise as i32,
@@ -871,6 +946,35 @@ mod tests {
         })
         .unwrap();
         assert_eq!((v.window, v.overlap), (3, 2));
+    }
+
+    #[test]
+    fn noise_layout() {
+        for bad in [3, -1] {
+            let e = check(RenderSpec {
+                noise_layout: bad,
+                ..base()
+            })
+            .unwrap_err();
+            assert_eq!(e.field, "noise_layout");
+            assert!(
+                e.to_string().contains("INDEPENDENT (1), RESCHEDULED (2)"),
+                "{e}"
+            );
+        }
+        // Unset: independent (the model's default here); the request's layout otherwise, and it
+        // travels on the wire.
+        assert_eq!(check(base()).unwrap().noise_layout, NoiseMode::Independent);
+        let v = check(RenderSpec {
+            noise_layout: NoiseLayout::Rescheduled as i32,
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(v.noise_layout, NoiseMode::Rescheduled);
+        assert_eq!(
+            v.to_proto(None).noise_layout,
+            NoiseLayout::Rescheduled as i32
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::comm::Comm;
 use crate::config::ConfigReader;
 use crate::error::{Error, Result};
 use crate::group::DitGroup;
-use crate::noise::latent_noise;
+use crate::noise::{NoiseLayout, latent_noise};
 use crate::sched::SchedulerConfig;
 use crate::text::{PromptEmbeds, PromptEncoder};
 use crate::umt5::Umt5Config;
@@ -55,6 +55,8 @@ pub struct RenderDefaults {
     pub overlap: Option<usize>,
     /// How windows are joined.
     pub stitching: Option<Stitching>,
+    /// How the initial noise is laid out over the latent frames.
+    pub noise_layout: Option<NoiseLayout>,
 }
 
 /// Wan2.1's clip in latent frames (81 pixel frames): the native window of a model that does not
@@ -107,6 +109,17 @@ impl RenderDefaults {
                 })
             })
             .transpose()?;
+        let noise_layout = c
+            .raw("noise_layout")
+            .map(|v| {
+                v.as_str().and_then(NoiseLayout::parse).ok_or_else(|| {
+                    c.error(
+                        "noise_layout",
+                        format!("is {v}; allowed: {}", NoiseLayout::allowed()),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(RenderDefaults {
             width: positive("width")?,
             height: positive("height")?,
@@ -116,6 +129,7 @@ impl RenderDefaults {
             native_window,
             overlap,
             stitching,
+            noise_layout,
         })
     }
 }
@@ -672,9 +686,11 @@ mod tests {
     #[test]
     fn longtake_json_declares_stitching_and_overlap() {
         let d = defaults(
-            r#"{"steps": 20, "guidance": 2.0, "stitching": "autoregressive", "overlap": 8}"#,
+            r#"{"steps": 20, "guidance": 2.0, "stitching": "autoregressive", "overlap": 8,
+                "noise_layout": "rescheduled"}"#,
         )
         .unwrap();
+        assert_eq!(d.noise_layout, Some(NoiseLayout::Rescheduled));
         assert_eq!(d.steps, Some(20));
         assert_eq!(d.guidance, Some(2.0));
         assert_eq!(d.stitching, Some(Stitching::Autoregressive));
@@ -697,6 +713,11 @@ mod tests {
                 "independent, autoregressive",
             ),
             (r#"{"stitching": 3}"#, "stitching", "allowed: codenoise"),
+            (
+                r#"{"noise_layout": "fresh"}"#,
+                "noise_layout",
+                "allowed: independent, rescheduled",
+            ),
             (r#"{"overlap": 21}"#, "overlap", "0..=20"),
             (r#"{"native_window": 9, "overlap": 9}"#, "overlap", "0..=8"),
             (r#"{"overlap": -1}"#, "overlap", "non-negative"),

@@ -142,6 +142,11 @@ fn render_json(r: &pb::Render) -> serde_json::Value {
                 .to_lowercase(),
             "window": spec.window,
             "overlap": spec.overlap,
+            "noise_layout": pb::NoiseLayout::try_from(spec.noise_layout)
+                .unwrap_or(pb::NoiseLayout::Unspecified)
+                .as_str_name()
+                .trim_start_matches("NOISE_LAYOUT_")
+                .to_lowercase(),
             "output": spec.output,
             "png_frames": spec.png_frames,
             "priority": spec.priority,

@@ -13,6 +13,6 @@ pub mod media;
 pub mod runtime;
 pub use longtake_model as model;
 pub use runtime::{
-    Exit, WorkerBackend, WorkerError, WorkerMetrics, WorkerOptions, run, stitching_from_pb,
-    stitching_to_pb,
+    Exit, WorkerBackend, WorkerError, WorkerMetrics, WorkerOptions, noise_layout_from_pb,
+    noise_layout_to_pb, run, stitching_from_pb, stitching_to_pb,
 };

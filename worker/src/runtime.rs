@@ -13,6 +13,7 @@ use longtake_model::backend::cpu::Cpu;
 use longtake_model::backend::cuda::Cuda;
 use longtake_model::backend::cuda::nccl::NcclComm;
 use longtake_model::comm::{Comm, ThreadComm};
+use longtake_model::noise::NoiseLayout;
 use longtake_model::window::Stitching;
 use longtake_proto::v1 as pb;
 use longtake_proto::v1::worker_service_client::WorkerServiceClient;
@@ -359,6 +360,23 @@ pub fn stitching_from_pb(v: i32) -> Stitching {
         pb::Stitching::Independent => Stitching::Independent,
         pb::Stitching::Autoregressive => Stitching::Autoregressive,
         pb::Stitching::Codenoise | pb::Stitching::Unspecified => Stitching::Codenoise,
+    }
+}
+
+/// A request's noise layout as the model crate names it (resolved by the coordinator; an
+/// unknown value falls back to independent noise).
+pub fn noise_layout_from_pb(v: i32) -> NoiseLayout {
+    match pb::NoiseLayout::try_from(v).unwrap_or(pb::NoiseLayout::Independent) {
+        pb::NoiseLayout::Rescheduled => NoiseLayout::Rescheduled,
+        pb::NoiseLayout::Independent | pb::NoiseLayout::Unspecified => NoiseLayout::Independent,
+    }
+}
+
+/// The request's value for a noise layout (the inverse of [`noise_layout_from_pb`]).
+pub fn noise_layout_to_pb(layout: NoiseLayout) -> pb::NoiseLayout {
+    match layout {
+        NoiseLayout::Independent => pb::NoiseLayout::Independent,
+        NoiseLayout::Rescheduled => pb::NoiseLayout::Rescheduled,
     }
 }
 

@@ -270,6 +270,7 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
             "overlap": run.plan.overlap,
             "latent_shape": [1, run.shape[0], run.shape[1], run.shape[2], run.shape[3]],
             "stitching": spec.stitching,
+            "noise_layout": spec.noise_layout,
             "windows": windows,
         },
         "model": {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use longtake_model::comm::SoloComm;
 use longtake_model::io::read_f32_bytes;
-use longtake_model::noise::latent_noise;
+use longtake_model::noise::{NoisePlan, laid_out_noise};
 use longtake_model::pipeline::{ClipRequest, PipelineBackend};
 use longtake_model::window::{self, Geometry, Part, Stitching, WindowSpec, WindowState};
 use longtake_proto::v1 as pb;
@@ -18,7 +18,7 @@ use super::{
     CANCELLED, Compute, TaskResult, f32_from_le, f32_le, geometry, object_key, open_store,
     window_specs,
 };
-use crate::runtime::{flag, stitching_from_pb};
+use crate::runtime::{flag, noise_layout_from_pb, stitching_from_pb};
 
 impl<B: PipelineBackend> Compute<B> {
     pub(super) fn denoise(
@@ -72,7 +72,21 @@ impl<B: PipelineBackend> Compute<B> {
                 }
                 data
             }
-            None => latent_noise(req.seed, geo.channels, 0..geo.frames, geo.height, geo.width),
+            None => {
+                let layout = NoisePlan {
+                    layout: noise_layout_from_pb(spec.noise_layout),
+                    window: spec.window.unwrap_or(21) as usize,
+                    overlap: spec.overlap.unwrap_or(0) as usize,
+                };
+                laid_out_noise(
+                    req.seed,
+                    layout,
+                    geo.channels,
+                    0..geo.frames,
+                    geo.height,
+                    geo.width,
+                )
+            }
         };
         let cancel = flag(&self.cancelled, &t.render_id, t.epoch);
         let comm = SoloComm::new(&self.backend);
