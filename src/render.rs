@@ -94,9 +94,9 @@ pub struct RequestArgs {
     #[arg(long)]
     overlap: Option<u32>,
     /// How the seeded noise is laid out over the latent frames: independent (every frame its
-    /// own) or rescheduled (after the first window, each window reuses the first window's noise
-    /// frames, shuffled, so the windows agree on where they place things). Default: the model's
-    /// `longtake.json`, else independent (the built-in demo model: DEMO_NOISE).
+    /// own) or rescheduled (after the first window, each run of window − overlap frames reuses
+    /// the first window's noise frames in a shuffled order: FreeNoise). Default: the model's
+    /// `longtake.json`, else independent.
     #[arg(long)]
     noise_layout: Option<String>,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.

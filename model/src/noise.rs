@@ -2,10 +2,11 @@
 //! (seed, latent frame, channel, row, column), so a render's noise does not depend on how it is
 //! split into windows or spread over workers.
 //!
-//! [`NoiseLayout::Rescheduled`] lays a long render's noise out as FreeNoise does (Qiu et al.,
-//! "FreeNoise: Tuning-Free Longer Video Diffusion via Noise Rescheduling"): the frames after the
-//! first window reuse the first window's noise frames in shuffled orders, so that every window
-//! starts from the same noise and the windows agree on what they draw.
+//! [`NoiseLayout::Rescheduled`] reschedules a long render's noise in the manner of FreeNoise (Qiu
+//! et al., "FreeNoise: Tuning-Free Longer Video Diffusion via Noise Rescheduling"): the frames
+//! after the first window reuse the first window's noise frames in shuffled orders, so that every
+//! window starts from the same noise. (FreeNoise shuffles the run of frames one window back, in
+//! the end copies of the first window's too; each run here draws from the whole first window.)
 
 /// SplitMix64's finaliser: a bijective 64-bit mix.
 fn mix(mut z: u64) -> u64 {
