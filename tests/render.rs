@@ -101,6 +101,9 @@ fn smoke_render_writes_every_promised_frame() {
     );
     assert_eq!(manifest["smoke_test"], true);
     assert_eq!(manifest["seed"], 5);
+    // The worker's identity of the model it loaded: the built-in model's fingerprint.
+    let identity = manifest["model"]["identity"].as_str().unwrap_or_default();
+    assert!(identity.contains(" fingerprint "), "{identity:?}");
     assert_eq!(latents(&dir).len(), 16 * 13 * 8 * 8);
 }
 

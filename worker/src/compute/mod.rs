@@ -34,11 +34,18 @@ pub(crate) struct Compute<B: PipelineBackend> {
     pub(crate) rpc: Client,
     pub(crate) handle: Handle,
     pub(crate) worker_id: String,
-    /// Loaded pipelines by model name (a directory, or a built-in model's name).
-    pub(crate) models: HashMap<String, Arc<WanPipeline<B>>>,
+    /// Loaded pipelines by model name (a directory, or a built-in model's name), each with its
+    /// identity as it was when loaded.
+    pub(crate) models: HashMap<String, Loaded<B>>,
     pub(crate) cancelled: Arc<CancelFlags>,
     pub(crate) cancel_all: Arc<AtomicBool>,
     pub(crate) metrics: Arc<WorkerMetrics>,
+}
+
+/// A loaded model and its identity for the manifest ([`identity`]), taken when it was loaded.
+pub(crate) struct Loaded<B: PipelineBackend> {
+    pipe: Arc<WanPipeline<B>>,
+    identity: String,
 }
 
 /// A task failure: the message sent to the coordinator.
@@ -128,37 +135,26 @@ impl<B: PipelineBackend> Compute<B> {
         }
     }
 
-    /// The model's identity for the manifest: the built-in model's fingerprint, or the directory
-    /// and a hash of each component's config file.
+    /// The identity of the task's model: the loaded one's, else (a model that failed to load)
+    /// as the files on disk say.
     fn identity(&self, spec: Option<&pb::RenderSpec>) -> String {
         let model = spec.map(|s| s.model.as_str()).unwrap_or("");
-        if let Some(b) = Builtin::lookup(model) {
-            return format!("{} fingerprint {}", b.description(), b.fingerprint());
+        match self.models.get(model) {
+            Some(l) => l.identity.clone(),
+            None => identity(model),
         }
-        let hashes: Vec<String> = [
-            "model_index.json",
-            "transformer/config.json",
-            "vae/config.json",
-            "text_encoder/config.json",
-            "scheduler/scheduler_config.json",
-        ]
-        .iter()
-        .map(|f| match std::fs::read(PathBuf::from(model).join(f)) {
-            Ok(bytes) => format!("{f}={:016x}", fnv1a(&bytes)),
-            Err(_) => format!("{f}=missing"),
-        })
-        .collect();
-        format!("{model} [{}]", hashes.join(" "))
     }
 
     fn pipeline(&mut self, model: &str) -> TaskResult<Arc<WanPipeline<B>>> {
-        if let Some(p) = self.models.get(model) {
-            return Ok(Arc::clone(p));
+        if let Some(l) = self.models.get(model) {
+            return Ok(Arc::clone(&l.pipe));
         }
         let dir = match Builtin::lookup(model) {
             Some(b) => b.model_dir().map_err(|e| e.to_string())?,
             None => PathBuf::from(model),
         };
+        // The files as this load reads them: later edits on disk do not change what was loaded.
+        let id = identity(model);
         let loaded = if self.ranks.len() > 1 {
             (self.make_comms)(&self.ranks).and_then(|comms| {
                 WanPipeline::load_group(&dir, self.ranks.iter().cloned().zip(comms).collect())
@@ -167,7 +163,13 @@ impl<B: PipelineBackend> Compute<B> {
             WanPipeline::load(&dir, &self.backend)
         };
         let pipe = Arc::new(loaded.map_err(|e| format!("loading model {}: {e}", dir.display()))?);
-        self.models.insert(model.to_string(), Arc::clone(&pipe));
+        self.models.insert(
+            model.to_string(),
+            Loaded {
+                pipe: Arc::clone(&pipe),
+                identity: id,
+            },
+        );
         Ok(pipe)
     }
 
@@ -270,4 +272,26 @@ fn object_key(prefix: &StorePath, rel: &str) -> StorePath {
 /// A local directory or `s3://bucket[/prefix]`: the store and the key prefix.
 fn open_store(url: &str) -> TaskResult<(Arc<dyn ObjectStore>, StorePath)> {
     longtake_objects::open_store(url).map_err(|e| format!("output {url}: {e}"))
+}
+
+/// A model's identity for the manifest: the built-in model's fingerprint, or the directory and a
+/// hash of each component's config file.
+fn identity(model: &str) -> String {
+    if let Some(b) = Builtin::lookup(model) {
+        return format!("{} fingerprint {}", b.description(), b.fingerprint());
+    }
+    let hashes: Vec<String> = [
+        "model_index.json",
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ]
+    .iter()
+    .map(|f| match std::fs::read(PathBuf::from(model).join(f)) {
+        Ok(bytes) => format!("{f}={:016x}", fnv1a(&bytes)),
+        Err(_) => format!("{f}=missing"),
+    })
+    .collect();
+    format!("{model} [{}]", hashes.join(" "))
 }
