@@ -47,6 +47,18 @@ impl WorkerBackend {
     fn gpus(first: &Cuda, rest: &[Cuda]) -> Vec<Cuda> {
         std::iter::once(first).chain(rest).cloned().collect()
     }
+
+    /// What the worker reports as its kernel family: workers whose families differ compute
+    /// slightly different numbers.
+    fn kernel_family(&self) -> String {
+        match self {
+            WorkerBackend::Cpu { .. } => longtake_model::backend::cpu_kernel_family().to_string(),
+            WorkerBackend::Cuda(c, _) => {
+                let (major, minor) = c.capability();
+                format!("cuda-sm{major}{minor}-{:?}", c.precision()).to_lowercase()
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for WorkerBackend {
@@ -60,20 +72,6 @@ impl std::fmt::Debug for WorkerBackend {
                     .map(|c| c.ordinal().to_string())
                     .collect();
                 write!(f, "cuda:{}", ids.join(","))
-            }
-        }
-    }
-}
-
-impl WorkerBackend {
-    /// What the worker reports as its kernel family: workers whose families differ compute
-    /// slightly different numbers.
-    fn kernel_family(&self) -> String {
-        match self {
-            WorkerBackend::Cpu { .. } => longtake_model::backend::cpu_kernel_family().to_string(),
-            WorkerBackend::Cuda(c, _) => {
-                let (major, minor) = c.capability();
-                format!("cuda-sm{major}{minor}-{:?}", c.precision()).to_lowercase()
             }
         }
     }
