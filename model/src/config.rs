@@ -67,6 +67,23 @@ impl ConfigReader {
         self.raw(key).map(|_| self.usize_or(key, 0)).transpose()
     }
 
+    /// An optional value named by a string: `parse` turns the name into the value; anything else
+    /// is an error listing `allowed`.
+    pub fn opt_named<T>(
+        &self,
+        key: &str,
+        parse: impl Fn(&str) -> Option<T>,
+        allowed: &str,
+    ) -> Result<Option<T>> {
+        self.raw(key)
+            .map(|v| {
+                v.as_str()
+                    .and_then(&parse)
+                    .ok_or_else(|| self.error(key, format!("is {v}; allowed: {allowed}")))
+            })
+            .transpose()
+    }
+
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.raw(key) {
             None => Ok(default),

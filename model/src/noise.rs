@@ -127,17 +127,12 @@ pub fn latent_noise(
     height: usize,
     width: usize,
 ) -> Vec<f32> {
-    let mut out = Vec::with_capacity(channels * frames.len() * height * width);
-    for c in 0..channels {
-        for f in frames.clone() {
-            for y in 0..height {
-                for x in 0..width {
-                    out.push(gaussian(seed, f, c, y, x));
-                }
-            }
-        }
-    }
-    out
+    let plan = NoisePlan {
+        layout: NoiseLayout::Independent,
+        window: 0,
+        overlap: 0,
+    };
+    laid_out_noise(seed, plan, channels, frames, height, width)
 }
 
 #[cfg(test)]

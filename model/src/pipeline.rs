@@ -98,28 +98,9 @@ impl RenderDefaults {
                 ));
             }
         }
-        let stitching = c
-            .raw("stitching")
-            .map(|v| {
-                v.as_str().and_then(Stitching::parse).ok_or_else(|| {
-                    c.error(
-                        "stitching",
-                        format!("is {v}; allowed: {}", Stitching::allowed()),
-                    )
-                })
-            })
-            .transpose()?;
-        let noise_layout = c
-            .raw("noise_layout")
-            .map(|v| {
-                v.as_str().and_then(NoiseLayout::parse).ok_or_else(|| {
-                    c.error(
-                        "noise_layout",
-                        format!("is {v}; allowed: {}", NoiseLayout::allowed()),
-                    )
-                })
-            })
-            .transpose()?;
+        let stitching = c.opt_named("stitching", Stitching::parse, &Stitching::allowed())?;
+        let noise_layout =
+            c.opt_named("noise_layout", NoiseLayout::parse, &NoiseLayout::allowed())?;
         Ok(RenderDefaults {
             width: positive("width")?,
             height: positive("height")?,

@@ -99,14 +99,6 @@ impl NoiseMode {
     pub fn is_independent(&self) -> bool {
         *self == NoiseMode::Independent
     }
-
-    /// The name the model crate, `longtake.json` and the manifest use.
-    pub fn name(self) -> &'static str {
-        match self {
-            NoiseMode::Independent => "independent",
-            NoiseMode::Rescheduled => "rescheduled",
-        }
-    }
 }
 
 /// A validated render request with every default applied: what the render actually uses.

@@ -75,8 +75,8 @@ impl<B: PipelineBackend> Compute<B> {
             None => {
                 let layout = NoisePlan {
                     layout: noise_layout_from_pb(spec.noise_layout),
-                    window: spec.window.unwrap_or(21) as usize,
-                    overlap: spec.overlap.unwrap_or(0) as usize,
+                    window: plan_pb.window as usize,
+                    overlap: plan_pb.overlap as usize,
                 };
                 laid_out_noise(
                     req.seed,
