@@ -14,7 +14,8 @@ use crate::render::{RequestArgs, local_config, render};
 
 #[derive(Args)]
 pub struct CompareArgs {
-    /// The request (its --stitching is ignored: every strategy is rendered).
+    /// The request (its --stitching is ignored: every strategy is rendered; --hold-noise goes to
+    /// the autoregressive render only).
     #[command(flatten)]
     request: RequestArgs,
     /// In-process workers for each render (default: one per device: each GPU of --device, or
@@ -51,6 +52,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         let config = config.clone();
         let spec = pb::RenderSpec {
             stitching: longtake_worker::stitching_to_pb(mode) as i32,
+            hold_noise: spec
+                .hold_noise
+                .filter(|_| mode == Stitching::Autoregressive),
             ..spec.clone()
         };
         let location = rt.block_on(render(spec, config, &backends))?;

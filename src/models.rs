@@ -148,6 +148,7 @@ pub fn info(dir: &ModelDir) -> ModelInfo {
                 Some(NoiseLayout::Rescheduled) => NoiseMode::Rescheduled,
                 None => w.noise_layout,
             },
+            hold_noise: d.hold_noise.map_or(w.hold_noise, |h| h as f32),
         },
     }
 }

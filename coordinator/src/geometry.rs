@@ -74,6 +74,14 @@ pub struct ModelDefaults {
     /// How the initial noise is laid out when a request leaves it unset.
     #[serde(default)]
     pub noise_layout: NoiseMode,
+    /// The share of a step's noise level that autoregressive windows re-noise their held frames
+    /// to, when a request leaves it unset (0..=1).
+    #[serde(default = "full_hold_noise")]
+    pub hold_noise: f32,
+}
+
+fn full_hold_noise() -> f32 {
+    1.0
 }
 
 impl ModelDefaults {
@@ -89,6 +97,7 @@ impl ModelDefaults {
         overlap: 4,
         stitching: StitchingMode::Codenoise,
         noise_layout: NoiseMode::Independent,
+        hold_noise: 1.0,
     };
 }
 
@@ -151,6 +160,7 @@ impl Wan21Catalog {
             overlap: 4,
             stitching: StitchingMode::Codenoise,
             noise_layout: NoiseMode::Independent,
+            hold_noise: 1.0,
         },
     };
 }

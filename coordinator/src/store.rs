@@ -525,11 +525,17 @@ mod tests {
         assert_eq!(r.plan.as_ref().unwrap().windows[1], [17, 21]);
         assert_eq!(String::from_utf8(encode_job(&r)).unwrap(), V1_GOLDEN);
         assert_eq!(r.spec.noise_layout, NoiseMode::Independent);
+        assert_eq!(r.spec.hold_noise, 1.0);
         // A rescheduled layout is written and read back.
         let mut r2 = r.clone();
         r2.spec.noise_layout = NoiseMode::Rescheduled;
         let bytes = encode_job(&r2);
         assert!(String::from_utf8_lossy(&bytes).contains(r#""noise_layout":"rescheduled""#));
+        assert_eq!(decode_job("jobs/r1", &bytes).unwrap(), r2);
+        // So is a hold_noise below 1.
+        r2.spec.hold_noise = 0.5;
+        let bytes = encode_job(&r2);
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""hold_noise":0.5"#));
         assert_eq!(decode_job("jobs/r1", &bytes).unwrap(), r2);
         assert!(matches!(
             decode_job("jobs/x", br#"{"version":"9"}"#),

@@ -57,6 +57,9 @@ pub struct RenderDefaults {
     pub stitching: Option<Stitching>,
     /// How the initial noise is laid out over the latent frames.
     pub noise_layout: Option<NoiseLayout>,
+    /// The share of each step's noise level that autoregressive windows re-noise their held
+    /// frames to (0..=1).
+    pub hold_noise: Option<f64>,
 }
 
 /// Wan2.1's clip in latent frames (81 pixel frames): the native window of a model that does not
@@ -77,13 +80,21 @@ impl RenderDefaults {
                 v => Ok(v),
             }
         };
-        let guidance = match c.raw("guidance") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => match v.as_f64() {
-                Some(g) if g.is_finite() && g >= 0.0 => Some(g),
-                _ => return Err(c.error("guidance", format!("{v} must be a number >= 0"))),
-            },
+        let number = |key: &str, ok: fn(f64) -> bool, allowed: &str| -> Result<Option<f64>> {
+            match c.raw(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() && ok(x) => Ok(Some(x)),
+                    _ => Err(c.error(key, format!("{v} must be {allowed}"))),
+                },
+            }
         };
+        let guidance = number("guidance", |g| g >= 0.0, "a number >= 0")?;
+        let hold_noise = number(
+            "hold_noise",
+            |h| (0.0..=1.0).contains(&h),
+            "a number from 0 to 1",
+        )?;
         let native_window = positive("native_window")?;
         let overlap = c.opt_usize("overlap")?;
         if let Some(o) = overlap {
@@ -111,6 +122,7 @@ impl RenderDefaults {
             overlap,
             stitching,
             noise_layout,
+            hold_noise,
         })
     }
 }
@@ -668,9 +680,10 @@ mod tests {
     fn longtake_json_declares_stitching_and_overlap() {
         let d = defaults(
             r#"{"steps": 20, "guidance": 2.0, "stitching": "autoregressive", "overlap": 8,
-                "noise_layout": "rescheduled"}"#,
+                "noise_layout": "rescheduled", "hold_noise": 0.5}"#,
         )
         .unwrap();
+        assert_eq!(d.hold_noise, Some(0.5));
         assert_eq!(d.noise_layout, Some(NoiseLayout::Rescheduled));
         assert_eq!(d.steps, Some(20));
         assert_eq!(d.guidance, Some(2.0));
@@ -703,6 +716,8 @@ mod tests {
             (r#"{"native_window": 9, "overlap": 9}"#, "overlap", "0..=8"),
             (r#"{"overlap": -1}"#, "overlap", "non-negative"),
             (r#"{"guidance": "high"}"#, "guidance", ">= 0"),
+            (r#"{"hold_noise": 1.5}"#, "hold_noise", "from 0 to 1"),
+            (r#"{"hold_noise": "low"}"#, "hold_noise", "from 0 to 1"),
             (r#"{"steps": 0}"#, "steps", "positive"),
         ] {
             let e = defaults(json).unwrap_err().to_string();

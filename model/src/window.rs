@@ -23,7 +23,8 @@ pub enum Stitching {
     /// Windows sampled alone; their final latents fused with the same weights.
     Independent,
     /// Windows in order; each window's frames shared with the previous one are held to that
-    /// window's clean result, re-noised to every step's noise level.
+    /// window's clean result, re-noised at every step to a share (`hold_noise`) of the step's
+    /// noise level.
     Autoregressive,
 }
 
@@ -332,15 +333,18 @@ impl WindowState {
         Ok(())
     }
 
-    /// Hold frames `range` (absolute) to `clean` (`[C, range.len(), hw]`), re-noised to the
-    /// current step's noise level: `(1 − σ)·clean + σ·noise`; after the last step, `clean`.
-    pub fn hold(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32]) {
-        let sigma = self
-            .sampler
-            .sigmas()
-            .get(self.sampler.step_index())
-            .copied()
-            .unwrap_or(0.0);
+    /// Hold frames `range` (absolute) to `clean` (`[C, range.len(), hw]`), re-noised to
+    /// `hold_noise` times the current step's noise level σ: `(1 − s)·clean + s·noise` with
+    /// `s = hold_noise·σ`; after the last step, `clean`. At `hold_noise` 1 the held frames are
+    /// as noisy as the rest of the window; below 1 the model sees them cleaner than the rest.
+    pub fn hold(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32], hold_noise: f32) {
+        let sigma = hold_noise
+            * self
+                .sampler
+                .sigmas()
+                .get(self.sampler.step_index())
+                .copied()
+                .unwrap_or(0.0);
         let local = range.start - self.spec.start..range.end - self.spec.start;
         let wgeo = Geometry {
             frames: self.spec.len,
@@ -375,7 +379,9 @@ pub fn overlap(a: &WindowSpec, b: &WindowSpec) -> Range<usize> {
 
 /// Denoise a whole sequence in one process: the reference for the distributed run, and the
 /// single-worker path. `noise` is `[C, T, h, w]`; returns the final latents in the same layout.
-/// `progress(done, total)` counts window-steps.
+/// `progress(done, total)` counts window-steps. `hold_noise` (0..=1) is the share of each step's
+/// noise level that autoregressive windows re-noise their held frames to (see
+/// [`WindowState::hold`]); the other strategies hold nothing.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise<B: PipelineBackend>(
     guided: &Guided<'_, B>,
@@ -386,6 +392,7 @@ pub fn denoise<B: PipelineBackend>(
     noise: &[f32],
     plan: &[WindowSpec],
     stitching: Stitching,
+    hold_noise: f32,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<f32>> {
     if noise.len() != geo.channels * geo.frames * geo.plane() {
@@ -454,7 +461,7 @@ pub fn denoise<B: PipelineBackend>(
                 });
                 for _ in 0..steps {
                     if let Some((r, clean)) = &held {
-                        w.hold(geo, r.clone(), clean);
+                        w.hold(geo, r.clone(), clean, hold_noise);
                     }
                     let p = w.predict(guided, comm, geo)?;
                     w.step(&p.data)?;
@@ -462,7 +469,7 @@ pub fn denoise<B: PipelineBackend>(
                     progress(done, total);
                 }
                 if let Some((r, clean)) = &held {
-                    w.hold(geo, r.clone(), clean);
+                    w.hold(geo, r.clone(), clean, hold_noise);
                 }
                 geo.put(&mut out, w.spec.start, &w.x);
                 prev = Some(w.latents());

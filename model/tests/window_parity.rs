@@ -50,6 +50,18 @@ fn run_windows(
     plan: &[WindowSpec],
     stitching: Stitching,
 ) -> Vec<f32> {
+    run_held(pipe, req, plan, stitching, 1.0)
+}
+
+/// [`run_windows`] with autoregressive windows re-noising their held frames to `hold_noise` of
+/// each step's noise level.
+fn run_held(
+    pipe: &WanPipeline<Cpu>,
+    req: &ClipRequest,
+    plan: &[WindowSpec],
+    stitching: Stitching,
+    hold_noise: f32,
+) -> Vec<f32> {
     let comm = ThreadComm::group(1).unwrap().remove(0);
     let [c, t, h, w] = latent_shape(&pipe.dir, req, &mut Vec::new()).unwrap();
     let geo = Geometry {
@@ -71,6 +83,7 @@ fn run_windows(
         noise,
         plan,
         stitching,
+        hold_noise,
         |d, n| {
             calls += 1;
             assert!(d <= n);
@@ -224,4 +237,69 @@ fn strategies_differ_but_share_the_first_window_frames_where_expected() {
     );
     assert_eq!(geo.take(&ar, 0..3), alone);
     assert!(co.iter().chain(&ind).chain(&ar).all(|v| v.is_finite()));
+}
+
+/// Held frames re-noised below the step's noise level: the first window is untouched, every
+/// window hands its clean frames on unchanged, and what the later windows draw depends on it.
+#[test]
+fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
+    let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
+    let t = 7;
+    let req = ClipRequest {
+        prompt: "a fox".into(),
+        negative_prompt: None,
+        num_frames: 25,
+        height: 32,
+        width: 48,
+        steps: 3,
+        guidance: 3.0,
+        flow_shift: None,
+        seed: 3,
+        noise: Some((
+            vec![1, 16, t, 4, 6],
+            longtake_model::noise::latent_noise(5, 16, 0..t, 4, 6),
+        )),
+    };
+    let w = |s| WindowSpec {
+        start: s,
+        len: 4,
+        weights: vec![1.0; 4],
+    };
+    // Windows 0..4 and 3..7: frame 3 is held.
+    let plan = vec![w(0), w(3)];
+    let geo = Geometry {
+        channels: 16,
+        frames: t,
+        height: 4,
+        width: 6,
+    };
+    let full = run_held(&pipe, &req, &plan, Stitching::Autoregressive, 1.0);
+    let half = run_held(&pipe, &req, &plan, Stitching::Autoregressive, 0.5);
+    let clean = run_held(&pipe, &req, &plan, Stitching::Autoregressive, 0.0);
+    // The first window (frames 0..4, the held frame included) is the same whatever the share.
+    assert_eq!(geo.take(&full, 0..4), geo.take(&half, 0..4));
+    assert_eq!(geo.take(&full, 0..4), geo.take(&clean, 0..4));
+    // The second window's own frames differ with the share.
+    let (f, h, c) = (
+        geo.take(&full, 4..7),
+        geo.take(&half, 4..7),
+        geo.take(&clean, 4..7),
+    );
+    assert!(
+        rel_l2(&f, &h) > 1e-4,
+        "0.5 against 1: {:.3e}",
+        rel_l2(&f, &h)
+    );
+    assert!(
+        rel_l2(&h, &c) > 1e-4,
+        "0 against 0.5: {:.3e}",
+        rel_l2(&h, &c)
+    );
+    // The other strategies hold nothing, so the share does not touch them.
+    for s in [Stitching::Codenoise, Stitching::Independent] {
+        assert_eq!(
+            run_held(&pipe, &req, &plan, s, 1.0),
+            run_held(&pipe, &req, &plan, s, 0.25)
+        );
+    }
 }

@@ -147,6 +147,7 @@ fn render_json(r: &pb::Render) -> serde_json::Value {
                 .as_str_name()
                 .trim_start_matches("NOISE_LAYOUT_")
                 .to_lowercase(),
+            "hold_noise": spec.hold_noise,
             "output": spec.output,
             "png_frames": spec.png_frames,
             "priority": spec.priority,

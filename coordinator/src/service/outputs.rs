@@ -271,6 +271,8 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
             "latent_shape": [1, run.shape[0], run.shape[1], run.shape[2], run.shape[3]],
             "stitching": spec.stitching,
             "noise_layout": spec.noise_layout,
+            // Autoregressive windows only (null for the others, which hold nothing).
+            "hold_noise": (spec.stitching == StitchingMode::Autoregressive).then_some(spec.hold_noise),
             "windows": windows,
         },
         "model": {

@@ -129,6 +129,14 @@ pub struct ValidSpec {
     /// left out of the record.
     #[serde(default, skip_serializing_if = "NoiseMode::is_independent")]
     pub noise_layout: NoiseMode,
+    /// Autoregressive windows re-noise their held frames to this share of each step's noise
+    /// level. Records written before it was stored held them at the full level (1), which is
+    /// therefore left out of the record.
+    #[serde(
+        default = "full_hold_noise",
+        skip_serializing_if = "is_full_hold_noise"
+    )]
+    pub hold_noise: f32,
     /// A local directory path or `s3://bucket[/prefix]`.
     pub output: String,
     pub png_frames: bool,
@@ -138,6 +146,14 @@ pub struct ValidSpec {
     /// stored are Wan2.1's, which is therefore left out of the record).
     #[serde(default, skip_serializing_if = "LatentGeometry::is_wan21")]
     pub latent: LatentGeometry,
+}
+
+fn full_hold_noise() -> f32 {
+    1.0
+}
+
+fn is_full_hold_noise(v: &f32) -> bool {
+    *v == 1.0
 }
 
 impl ValidSpec {
@@ -196,6 +212,9 @@ impl ValidSpec {
             initial_noise,
             priority: self.priority,
             noise_layout: self.noise_layout.to_proto() as i32,
+            // Only autoregressive windows hold frames (and only they accept the field).
+            hold_noise: (self.stitching == StitchingMode::Autoregressive)
+                .then_some(self.hold_noise),
         }
     }
 }
@@ -425,6 +444,31 @@ pub fn validate(
         }
     };
 
+    let hold_noise = match spec.hold_noise {
+        None if stitching == StitchingMode::Autoregressive => d.hold_noise,
+        None => 1.0,
+        Some(h) if !(0.0..=1.0).contains(&h) => {
+            return Err(invalid(
+                "hold_noise",
+                format!("is {h}; allowed: a number from 0 to 1"),
+            ));
+        }
+        Some(_) if stitching != StitchingMode::Autoregressive => {
+            return Err(invalid(
+                "hold_noise",
+                format!(
+                    "is set, but the stitching is {}; allowed only with AUTOREGRESSIVE windows \
+                     (the only strategy that holds frames)",
+                    stitching
+                        .to_proto()
+                        .as_str_name()
+                        .trim_start_matches("STITCHING_")
+                ),
+            ));
+        }
+        Some(h) => h,
+    };
+
     let output = if spec.output.trim().is_empty() {
         default_output.to_string()
     } else {
@@ -463,6 +507,7 @@ pub fn validate(
         window,
         overlap,
         noise_layout,
+        hold_noise,
         output,
         png_frames: spec.png_frames,
         priority: spec.priority,

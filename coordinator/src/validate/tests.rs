@@ -44,6 +44,7 @@ fn geometry_and_defaults_come_from_the_model() {
             overlap: 2,
             stitching: StitchingMode::Autoregressive,
             noise_layout: NoiseMode::Rescheduled,
+            hold_noise: 0.4,
         },
     };
     let run = |spec: RenderSpec| validate(&spec, &Limits::default(), &info, "renders", 7);
@@ -60,6 +61,7 @@ fn geometry_and_defaults_come_from_the_model() {
     // request's when it names them.
     assert_eq!(v.stitching, StitchingMode::Autoregressive);
     assert_eq!(v.noise_layout, NoiseMode::Rescheduled);
+    assert_eq!(v.hold_noise, 0.4);
     assert_eq!(
         run(RenderSpec {
             length: Some(Length::DurationS(2.0)),
@@ -77,6 +79,8 @@ fn geometry_and_defaults_come_from_the_model() {
     })
     .unwrap();
     assert_eq!(v.stitching, StitchingMode::Codenoise);
+    // The model's hold_noise is for its autoregressive windows; codenoise holds nothing.
+    assert_eq!(v.hold_noise, 1.0);
     let e = run(RenderSpec {
         length: Some(Length::NumFrames(20)),
         ..base()
@@ -420,6 +424,50 @@ fn noise_layout() {
         v.to_proto(None).noise_layout,
         NoiseLayout::Rescheduled as i32
     );
+}
+
+#[test]
+fn hold_noise() {
+    let ar = Stitching::Autoregressive as i32;
+    for bad in [-0.1, 1.5, f32::NAN, f32::INFINITY] {
+        let e = check(RenderSpec {
+            stitching: ar,
+            hold_noise: Some(bad),
+            ..base()
+        })
+        .unwrap_err();
+        assert_eq!(e.field, "hold_noise");
+        assert!(e.reason.contains("from 0 to 1"), "{e}");
+    }
+    // Only autoregressive windows hold frames: set with another strategy, it is refused.
+    let e = check(RenderSpec {
+        stitching: Stitching::Codenoise as i32,
+        hold_noise: Some(0.5),
+        ..base()
+    })
+    .unwrap_err();
+    assert_eq!(e.field, "hold_noise");
+    assert!(
+        e.reason.contains("CODENOISE") && e.reason.contains("AUTOREGRESSIVE"),
+        "{e}"
+    );
+    // Unset: the model's (1 here); the request's otherwise, on the wire too.
+    let v = check(RenderSpec {
+        stitching: ar,
+        ..base()
+    })
+    .unwrap();
+    assert_eq!(v.hold_noise, 1.0);
+    for h in [0.0, 0.5, 1.0] {
+        let v = check(RenderSpec {
+            stitching: ar,
+            hold_noise: Some(h),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(v.hold_noise, h);
+        assert_eq!(v.to_proto(None).hold_noise, Some(h));
+    }
 }
 
 #[test]

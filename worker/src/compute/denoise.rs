@@ -131,6 +131,7 @@ impl<B: PipelineBackend> Compute<B> {
                 &noise,
                 &plan,
                 stitching,
+                spec.hold_noise.unwrap_or(1.0),
                 |d, _| {
                     if d % plan.len() == 0 {
                         report(d as u64);
