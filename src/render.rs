@@ -102,7 +102,7 @@ pub struct RequestArgs {
     /// Autoregressive windows only: the share (0 to 1) of each step's noise level that the frames
     /// held to the previous window are re-noised to. 1 makes them as noisy as the window's own
     /// frames; lower shows them to the model more clearly, so the new frames follow them more
-    /// closely. Default: the model's `longtake.json`, else 1 (the built-in demo model: 0.5).
+    /// closely. Default: the model's `longtake.json`, else 1.
     #[arg(long, value_name = "SHARE")]
     hold_noise: Option<f32>,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
