@@ -178,24 +178,31 @@ fn independent_and_autoregressive_match_their_reference_loops() {
     }
 }
 
-#[test]
-fn strategies_differ_but_share_the_first_window_frames_where_expected() {
-    let dir = fixture("pipeline/tiny");
-    let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
-    let t = 7;
-    let noise = longtake_model::noise::latent_noise(3, 16, 0..t, 4, 6);
-    let req = ClipRequest {
+/// A 25-frame 48×32 request (7 latent frames of 4×6) over seeded noise, for the tiny pipeline.
+fn fox(steps: usize, noise_seed: u64) -> ClipRequest {
+    ClipRequest {
         prompt: "a fox".into(),
         negative_prompt: None,
         num_frames: 25,
         height: 32,
         width: 48,
-        steps: 2,
+        steps,
         guidance: 3.0,
         flow_shift: None,
         seed: 3,
-        noise: Some((vec![1, 16, t, 4, 6], noise)),
-    };
+        noise: Some((
+            vec![1, 16, 7, 4, 6],
+            longtake_model::noise::latent_noise(noise_seed, 16, 0..7, 4, 6),
+        )),
+    }
+}
+
+#[test]
+fn strategies_differ_but_share_the_first_window_frames_where_expected() {
+    let dir = fixture("pipeline/tiny");
+    let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
+    let t = 7;
+    let req = fox(2, 3);
     // Windows 0..3, 2..5, 4..7 with the plan's linear weights (overlap 1: ½ / ½).
     let w = |s| WindowSpec {
         start: s,
@@ -245,21 +252,7 @@ fn strategies_differ_but_share_the_first_window_frames_where_expected() {
 fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
     let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
     let t = 7;
-    let req = ClipRequest {
-        prompt: "a fox".into(),
-        negative_prompt: None,
-        num_frames: 25,
-        height: 32,
-        width: 48,
-        steps: 3,
-        guidance: 3.0,
-        flow_shift: None,
-        seed: 3,
-        noise: Some((
-            vec![1, 16, t, 4, 6],
-            longtake_model::noise::latent_noise(5, 16, 0..t, 4, 6),
-        )),
-    };
+    let req = fox(3, 5);
     let w = |s| WindowSpec {
         start: s,
         len: 4,
