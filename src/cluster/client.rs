@@ -1,11 +1,14 @@
 //! The client commands: `submit`, `get`, `watch`, `cancel`, `delete` and `list`, each calling
 //! the coordinators through [`Coordinators`].
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Args;
+use longtake_proto::AuthedChannel;
 use longtake_proto::v1 as pb;
+use longtake_proto::v1::render_service_client::RenderServiceClient;
 use serde_json::json;
 
 use super::{Coordinators, Target, retryable, runtime};
@@ -320,18 +323,11 @@ fn uuid_like() -> String {
 }
 
 pub fn get(a: &IdArgs) -> Result<()> {
-    let mut coords = Coordinators::new(&a.target)?;
-    runtime()?.block_on(async {
-        let r = coords
-            .call(|mut c| {
-                let id = a.render_id.clone();
-                async move { c.get_render(pb::GetRenderRequest { render_id: id }).await }
-            })
-            .await
-            .map_err(status_error)?;
-        print_render(&r, a.json);
-        Ok(())
-    })
+    let r = by_id(a, |mut c, render_id| async move {
+        c.get_render(pb::GetRenderRequest { render_id }).await
+    })?;
+    print_render(&r, a.json);
+    Ok(())
 }
 
 pub fn watch(a: &IdArgs) -> Result<()> {
@@ -363,45 +359,41 @@ pub fn watch(a: &IdArgs) -> Result<()> {
 }
 
 pub fn cancel(a: &IdArgs) -> Result<()> {
-    let mut coords = Coordinators::new(&a.target)?;
-    runtime()?.block_on(async {
-        let r = coords
-            .call(|mut c| {
-                let id = a.render_id.clone();
-                async move {
-                    c.cancel_render(pb::CancelRenderRequest { render_id: id })
-                        .await
-                }
-            })
-            .await
-            .map_err(status_error)?;
-        print_render(&r, a.json);
-        Ok(())
-    })
+    let r = by_id(a, |mut c, render_id| async move {
+        c.cancel_render(pb::CancelRenderRequest { render_id }).await
+    })?;
+    print_render(&r, a.json);
+    Ok(())
 }
 
 pub fn delete(a: &IdArgs) -> Result<()> {
+    let r = by_id(a, |mut c, render_id| async move {
+        c.delete_render(pb::DeleteRenderRequest { render_id }).await
+    })?;
+    if a.json {
+        out!(
+            "{}",
+            json!({"render_id": a.render_id, "objects_deleted": r.objects_deleted})
+        );
+    } else {
+        out!("deleted {} ({} objects)", a.render_id, r.objects_deleted);
+    }
+    Ok(())
+}
+
+/// One call about the render `a` names, through whichever listed coordinator leads (retried
+/// on the next one as [`Coordinators::call`] does); `f` gets a client and the render id.
+fn by_id<T, F, Fut>(a: &IdArgs, f: F) -> Result<T>
+where
+    F: Fn(RenderServiceClient<AuthedChannel>, String) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let mut coords = Coordinators::new(&a.target)?;
     runtime()?.block_on(async {
-        let r = coords
-            .call(|mut c| {
-                let id = a.render_id.clone();
-                async move {
-                    c.delete_render(pb::DeleteRenderRequest { render_id: id })
-                        .await
-                }
-            })
+        coords
+            .call(|c| f(c, a.render_id.clone()))
             .await
-            .map_err(status_error)?;
-        if a.json {
-            out!(
-                "{}",
-                json!({"render_id": a.render_id, "objects_deleted": r.objects_deleted})
-            );
-        } else {
-            out!("deleted {} ({} objects)", a.render_id, r.objects_deleted);
-        }
-        Ok(())
+            .map_err(status_error)
     })
 }
 
