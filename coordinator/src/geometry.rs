@@ -76,12 +76,8 @@ pub struct ModelDefaults {
     pub noise_layout: NoiseMode,
     /// The share of a step's noise level that autoregressive windows re-noise their held frames
     /// to, when a request leaves it unset (0..=1).
-    #[serde(default = "full_hold_noise")]
+    #[serde(default = "crate::validate::full_hold_noise")]
     pub hold_noise: f32,
-}
-
-fn full_hold_noise() -> f32 {
-    1.0
 }
 
 impl ModelDefaults {

@@ -148,7 +148,8 @@ pub struct ValidSpec {
     pub latent: LatentGeometry,
 }
 
-fn full_hold_noise() -> f32 {
+/// The hold noise of records and catalogue entries written before it was stored: the full level.
+pub(crate) fn full_hold_noise() -> f32 {
     1.0
 }
 
