@@ -397,18 +397,13 @@ pub fn validate(
         ));
     }
 
-    let stitching = match Stitching::try_from(spec.stitching) {
-        Ok(s) => StitchingMode::from_proto(s).unwrap_or(d.stitching),
-        Err(_) => {
-            return Err(invalid(
-                "stitching",
-                format!(
-                    "is {}; allowed: CODENOISE (1), INDEPENDENT (2), AUTOREGRESSIVE (3) or unset",
-                    spec.stitching
-                ),
-            ));
-        }
-    };
+    let stitching = proto_enum(
+        "stitching",
+        spec.stitching,
+        "CODENOISE (1), INDEPENDENT (2), AUTOREGRESSIVE (3)",
+        |s: Stitching| StitchingMode::from_proto(s),
+    )?
+    .unwrap_or(d.stitching);
 
     let window = spec.window.unwrap_or(d_window.min(max_window));
     if window == 0 || window > max_window {
@@ -432,18 +427,13 @@ pub fn validate(
         ));
     }
 
-    let noise_layout = match NoiseLayout::try_from(spec.noise_layout) {
-        Ok(n) => NoiseMode::from_proto(n).unwrap_or(d.noise_layout),
-        Err(_) => {
-            return Err(invalid(
-                "noise_layout",
-                format!(
-                    "is {}; allowed: INDEPENDENT (1), RESCHEDULED (2) or unset",
-                    spec.noise_layout
-                ),
-            ));
-        }
-    };
+    let noise_layout = proto_enum(
+        "noise_layout",
+        spec.noise_layout,
+        "INDEPENDENT (1), RESCHEDULED (2)",
+        |n: NoiseLayout| NoiseMode::from_proto(n),
+    )?
+    .unwrap_or(d.noise_layout);
 
     let hold_noise = match spec.hold_noise {
         None if stitching == StitchingMode::Autoregressive => d.hold_noise,
@@ -515,6 +505,23 @@ pub fn validate(
         has_initial_noise: spec.initial_noise.is_some(),
         latent: geometry,
     })
+}
+
+/// A proto enum field's value resolved by `resolve` (`None`: unset, so the default applies); a
+/// number the enum does not have is refused with the allowed values.
+fn proto_enum<P: TryFrom<i32>, M>(
+    field: &'static str,
+    value: i32,
+    allowed: &str,
+    resolve: impl Fn(P) -> Option<M>,
+) -> Result<Option<M>, InvalidField> {
+    match P::try_from(value) {
+        Ok(p) => Ok(resolve(p)),
+        Err(_) => Err(invalid(
+            field,
+            format!("is {value}; allowed: {allowed} or unset"),
+        )),
+    }
 }
 
 /// A local directory path or `s3://bucket[/prefix]`.
