@@ -75,6 +75,13 @@ with --phase):
               (relative). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
+     ar       (optional, not in the default phases) --ar-steps (1000) more from phase opp's weights (or
+              those of an exported model directory, --ar-from DIR; fresh optimiser, peak --ar-lr 2e-4) on
+              21-frame crops, the render's window, --ar-mix-frac (30%) of the captioned items ambiguous as in
+              phase opp; of the other crops that do not start at latent frame 0, a share --ar-ctx-frac has
+              its first --ar-hold (8) latent frames replaced by the transformer's own one-step prediction of
+              them from a noise level in --ar-ctx-sigma, as an autoregressive window holds the previous
+              window's result, and the loss leaves those frames out; exports to --out at its end. Measured in the demo model's README (it does not replace phase opp's weights there).
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
@@ -83,7 +90,7 @@ with --phase):
               prefers it).
   5. export   WanPipeline(...).save_pretrained(--out) with UniPCMultistepScheduler (Wan's settings,
               flow_shift 3.0), all weights f32, from the EMA weights of the most recently trained of
-              phases dit, dir and opp. Also written every --export-every DiT steps, so a usable model
+              phases dit, dir, opp and ar. Also written every --export-every DiT steps, so a usable model
               exists while training runs.
   6. eval     WanPipeline.from_pretrained(--out) generates 81 frames (64x64) for every held-out caption and
               some training captions; tools/scenes.py's checker scores them; eval.json + PNG strips go
@@ -758,7 +765,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 args.dit_mix_opposite, None, 5),
         "dir": (args.dir_steps, args.dir_minutes, args.dir_lr, args.dir_full_prob, 0.0, args.dit_mix_opposite,
                 "dit", 9),
-        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, args.dir_full_prob, 0.0, 1.0, "dir", 11)}[stage]
+        "opp": (args.opp_steps, args.opp_minutes, args.opp_lr, args.dir_full_prob, 0.0, 1.0, "dir", 11),
+        "ar": (args.ar_steps, args.ar_minutes, args.ar_lr, 1.0, 0.0, 1.0, "opp", 13)}[stage]
     torch.manual_seed(args.seed + 4)
     dit = WanTransformer3DModel(**DIT_CFG)
     te = UMT5EncoderModel.from_pretrained(str(work / "text_encoder_init"), torch_dtype=torch.float32)
@@ -777,6 +785,15 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     step, hist, spent = 0, [], 0.0
+    if stage == "ar" and args.ar_from and not (ckpt_path.exists() and args.resume):
+        # An exported model directory instead of phase opp's checkpoint (its weights are EMA weights).
+        ck = dict(dit=WanTransformer3DModel.from_pretrained(str(Path(args.ar_from) / "transformer")).state_dict(),
+                  te=UMT5EncoderModel.from_pretrained(str(Path(args.ar_from) / "text_encoder")).state_dict(), step=0)
+        ck.update(ema=ck["dit"], ema_te=ck["te"])
+        source = None
+        for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
+            m.load_state_dict(ck[key])
+        log(f"{stage}: from the model directory {args.ar_from}")
     if source and not (ckpt_path.exists() and args.resume):
         ck = torch.load(work / f"{source}_ckpt.pt")
         for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
@@ -825,13 +842,34 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(len(idx), gen)
         x_in = x0
-        if progress >= mix_start and args.dit_mix_frac > 0:
+        plain = [True] * len(idx)
+        mix_frac = args.ar_mix_frac if stage == "ar" else args.dit_mix_frac
+        if progress >= mix_start and mix_frac > 0:
             # Ambiguous inputs (class Ambiguity) for a share of the captioned items.
             x_in = x0.clone()
             for k, (i, s) in enumerate(zip(idx, starts)):
-                if prompts[k] and rng.random() < args.dit_mix_frac:
+                if prompts[k] and rng.random() < mix_frac:
                     x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, opposite)
                     sigma[k] = rng.uniform(*args.dit_mix_sigma)
+                    plain[k] = False
+        held = []
+        if stage == "ar":
+            # Hand-overs: a share of the plain crops (not starting at frame 0) get their first --ar-hold latent
+            # frames replaced by the model's own one-step prediction of them from noise level --ar-ctx-sigma,
+            # as an autoregressive window holds the previous window's result; the loss is on the other frames.
+            held = [k for k in range(len(idx)) if plain[k] and starts[k] > 0 and rng.random() < args.ar_ctx_frac]
+            if held:
+                with torch.no_grad():
+                    sub = x0[held]
+                    sp = torch.tensor([rng.uniform(*args.ar_ctx_sigma) for _ in held]).view(-1, 1, 1, 1, 1)
+                    xp = (1 - sp) * sub + sp * torch.randn(sub.shape, generator=gen)
+                    ctx_p, cross.bias = encode_text_compact(tok, te, [caps[idx[k]] for k in held])
+                    vp = dit(hidden_states=xp, timestep=sp.flatten() * 1000, encoder_hidden_states=ctx_p,
+                             return_dict=False)[0]
+                    pred = xp - sp * vp
+                x_in = x0.clone() if x_in is x0 else x_in
+                for j, k in enumerate(held):
+                    x_in[k, :, :args.ar_hold] = pred[j, :, :args.ar_hold]
         n_flow, n_pair = len(idx), 0
         if args.contrast_frac > 0 and stage in args.contrast_phases:
             # Colour pairs (see --contrast-frac): plain crops at high noise, each twice, once with its caption
@@ -852,6 +890,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         xt = (1 - s5) * x_in + s5 * noise
         # The velocity that takes x_t to the captioned clip: noise - x0 when the input is the clip itself.
         target = noise - x0 if x_in is x0 else (xt - x0) / s5
+        for k in held:  # their free frames are the clip's own; the held frames are left out of the loss
+            target[k] = noise[k] - x0[k]
         ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
         err_all = (v - target).pow(2)
@@ -861,6 +901,11 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             n_flow += n_pair
         err = err_all[:n_flow]
         loss = err.mean()
+        if held:
+            free = torch.ones_like(err[:, :1])
+            for k in held:
+                free[k, :, :args.ar_hold] = 0
+            loss = (err * free).sum() / (free.sum() * err.shape[1])
         # The object covers about a seventh of a frame and the background is learnt first, so latent cells
         # that differ from their frame's background (per-channel spatial median) weigh up to
         # 1 + --dit-obj-weight; the loss logged is the plain flow loss.
@@ -869,6 +914,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             obj_all = (background_distance(x0.transpose(1, 2)).unsqueeze(1) / OBJ_DEV).clamp(max=1.0)
             obj = obj_all[:n_flow]
             weight = 1 + args.dit_obj_weight * obj
+            for k in held:
+                weight[k, :, :args.ar_hold] = 0
             weight = weight / weight.mean()
         train_loss = (err * weight).mean()
         if n_pair:
@@ -908,17 +955,17 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     (work / f"{stage}_losses.json").write_text(json.dumps(dict(steps=step, minutes=(time.time() - t0) / 60,
                                                                history=hist), indent=1))
     log(f"{stage} done: {step} steps in {(time.time() - t0) / 60:.1f} min")
-    if source:
+    if stage != "dit":
         export(args, work, ema, ema_te, dit_step=step)
 
 
 def trained_transformer(work: Path):
-    """The EMA transformer and text encoder of the most recently trained of phases dit, dir and opp (each
+    """The EMA transformer and text encoder of the most recently trained of phases dit, dir, opp and ar (each
     continues the one before), and its step."""
     from diffusers import WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    ckpts = [work / f"{st}_ckpt.pt" for st in ("dit", "dir", "opp") if (work / f"{st}_ckpt.pt").exists()]
+    ckpts = [work / f"{st}_ckpt.pt" for st in ("dit", "dir", "opp", "ar") if (work / f"{st}_ckpt.pt").exists()]
     ck = torch.load(max(ckpts, key=lambda f: f.stat().st_mtime))
     dit = WanTransformer3DModel(**DIT_CFG)
     dit.load_state_dict(ck["ema"])
@@ -1116,7 +1163,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*",
                     default=["text", "vae", "latents", "vae3", "vae4", "dit", "dir", "opp", "vae5", "export", "eval", "long"],
-                    choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "vae5", "dit", "dir", "opp", "export", "eval", "long"])
+                    choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "vae5", "dit", "dir", "opp", "ar", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1086)
@@ -1188,6 +1235,17 @@ def main() -> None:
     ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
     ap.add_argument("--opp-minutes", type=float, default=6.2, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
+    ap.add_argument("--ar-steps", type=int, default=1000, help="ar: step count")
+    ap.add_argument("--ar-minutes", type=float, default=6, help="ar: wall-time budget")
+    ap.add_argument("--ar-lr", type=float, default=2e-4, help="ar: peak learning rate")
+    ap.add_argument("--ar-mix-frac", type=float, default=0.3, help="ar: share of captioned items made ambiguous")
+    ap.add_argument("--ar-ctx-frac", type=float, default=0.6,
+                    help="ar: share of the other crops whose held frames are the model's own prediction")
+    ap.add_argument("--ar-ctx-sigma", type=float, nargs=2, default=(0.2, 0.7),
+                    help="ar: noise-level range of the held frames' one-step prediction")
+    ap.add_argument("--ar-from", help="ar: start from this exported model directory's transformer and text "
+                                      "encoder instead of phase opp's checkpoint")
+    ap.add_argument("--ar-hold", type=int, default=8, help="ar: held latent frames (the render's overlap)")
     ap.add_argument("--contrast-frac", type=float, default=0.0,
                     help="share of a step's items that also go in as a colour pair: a plain crop at noise "
                          "--contrast-sigma with its caption and with another object colour")
@@ -1198,7 +1256,7 @@ def main() -> None:
     ap.add_argument("--contrast-weight", type=float, default=1.0, help="weight of the colour pairs' hinge")
     ap.add_argument("--contrast-flow", action="store_true",
                     help="the colour pairs' true copies also join the flow loss (else only the hinge)")
-    ap.add_argument("--contrast-phases", nargs="+", default=["opp"], choices=["dit", "dir", "opp"],
+    ap.add_argument("--contrast-phases", nargs="+", default=["opp"], choices=["dit", "dir", "opp", "ar"],
                     help="transformer phases that train on colour pairs")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
@@ -1232,6 +1290,7 @@ def main() -> None:
          "vae4": lambda a, w: phase_vae3(a, w, stage="vae4"), "vae5": phase_vae5, "latents": phase_latents, "dit": phase_dit,
          "dir": lambda a, w: phase_dit(a, w, stage="dir"),
          "opp": lambda a, w: phase_dit(a, w, stage="opp"),
+         "ar": lambda a, w: phase_dit(a, w, stage="ar"),
          "export": lambda a, w: export(a, w), "eval": phase_eval, "long": phase_long}[ph](args, work)
         log(f"phase {ph}: {(time.time() - tp) / 60:.1f} min")
     log(f"total {(time.time() - t0) / 60:.1f} min")
