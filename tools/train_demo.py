@@ -81,7 +81,8 @@ with --phase):
               phase opp; of the other crops that do not start at latent frame 0, a share --ar-ctx-frac has
               its first --ar-hold (8) latent frames replaced by the transformer's own one-step prediction of
               them from a noise level in --ar-ctx-sigma, as an autoregressive window holds the previous
-              window's result, and the loss leaves those frames out; exports to --out at its end. Measured in the demo model's README (it does not replace phase opp's weights there).
+              window's result, and the loss leaves those frames out; exports to --out at its end. Measured
+              in the demo model's README (it does not replace phase opp's weights there).
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
@@ -785,20 +786,20 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     step, hist, spent = 0, [], 0.0
-    if stage == "ar" and args.ar_from and not (ckpt_path.exists() and args.resume):
-        # An exported model directory instead of phase opp's checkpoint (its weights are EMA weights).
-        ck = dict(dit=WanTransformer3DModel.from_pretrained(str(Path(args.ar_from) / "transformer")).state_dict(),
-                  te=UMT5EncoderModel.from_pretrained(str(Path(args.ar_from) / "text_encoder")).state_dict(), step=0)
-        ck.update(ema=ck["dit"], ema_te=ck["te"])
-        source = None
-        for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
-            m.load_state_dict(ck[key])
-        log(f"{stage}: from the model directory {args.ar_from}")
-    if source and not (ckpt_path.exists() and args.resume):
-        ck = torch.load(work / f"{source}_ckpt.pt")
-        for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
-            m.load_state_dict(ck[key])
-        log(f"{stage}: from phase {source}'s weights (step {ck['step']})")
+    if not (ckpt_path.exists() and args.resume):
+        ck, origin = None, None
+        if stage == "ar" and args.ar_from:
+            # An exported model directory instead of phase opp's checkpoint (its weights are EMA weights).
+            d = WanTransformer3DModel.from_pretrained(str(Path(args.ar_from) / "transformer")).state_dict()
+            t = UMT5EncoderModel.from_pretrained(str(Path(args.ar_from) / "text_encoder")).state_dict()
+            ck, origin = dict(dit=d, te=t, ema=d, ema_te=t), f"the model directory {args.ar_from}"
+        elif source:
+            ck = torch.load(work / f"{source}_ckpt.pt")
+            origin = f"phase {source}'s weights (step {ck['step']})"
+        if ck:
+            for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
+                m.load_state_dict(ck[key])
+            log(f"{stage}: from {origin}")
     if ckpt_path.exists() and args.resume:
         ck = torch.load(ckpt_path)
         dit.load_state_dict(ck["dit"])
@@ -888,10 +889,12 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 n_pair = len(pairs)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
-        # The velocity that takes x_t to the captioned clip: noise - x0 when the input is the clip itself.
-        target = noise - x0 if x_in is x0 else (xt - x0) / s5
-        for k in held:  # their free frames are the clip's own; the held frames are left out of the loss
-            target[k] = noise[k] - x0[k]
+        # The velocity that takes x_t to the captioned clip: noise - x0 where the input is the clip itself (the
+        # held frames of hand-over crops are left out of the loss), (x_t - x0) / sigma for the blends.
+        target = noise - x0
+        blends = [k for k, p in enumerate(plain) if not p]
+        if blends:
+            target[blends] = (xt[blends] - x0[blends]) / s5[blends]
         ctx, cross.bias = encode_text_compact(tok, te, prompts)
         v = dit(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=ctx, return_dict=False)[0]
         err_all = (v - target).pow(2)
@@ -900,12 +903,10 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         if args.contrast_flow:
             n_flow += n_pair
         err = err_all[:n_flow]
-        loss = err.mean()
-        if held:
-            free = torch.ones_like(err[:, :1])
-            for k in held:
-                free[k, :, :args.ar_hold] = 0
-            loss = (err * free).sum() / (free.sum() * err.shape[1])
+        # Per latent cell [B, 1, T, H, W]: 0 on the held frames of hand-over crops (phase ar), else 1.
+        free = torch.ones_like(err[:, :1])
+        free[held, :, :args.ar_hold] = 0
+        loss = (err * free).sum() / (free.sum() * err.shape[1])
         # The object covers about a seventh of a frame and the background is learnt first, so latent cells
         # that differ from their frame's background (per-channel spatial median) weigh up to
         # 1 + --dit-obj-weight; the loss logged is the plain flow loss.
@@ -913,9 +914,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             # x0 [B, C, T, H, W] -> per cell [B, 1, T, H, W]
             obj_all = (background_distance(x0.transpose(1, 2)).unsqueeze(1) / OBJ_DEV).clamp(max=1.0)
             obj = obj_all[:n_flow]
-            weight = 1 + args.dit_obj_weight * obj
-            for k in held:
-                weight[k, :, :args.ar_hold] = 0
+            weight = (1 + args.dit_obj_weight * obj) * free
             weight = weight / weight.mean()
         train_loss = (err * weight).mean()
         if n_pair:
