@@ -77,21 +77,41 @@ pub struct NoisePlan {
 impl NoisePlan {
     /// The latent frame whose noise frame `frame` takes.
     pub fn source_frame(&self, seed: u64, frame: usize) -> usize {
-        let window = self.window;
-        if self.layout == NoiseLayout::Independent || frame < window || window == 0 {
-            return frame;
-        }
-        let stride = window.saturating_sub(self.overlap).clamp(1, window);
-        let run = (frame - window) / stride;
-        // Fisher–Yates over 0..window, from the run's own stream.
-        let mut order: Vec<usize> = (0..window).collect();
-        let mut h = mix(seed ^ 0x7265_7363_6865_6475 ^ mix(run as u64 + 1));
-        for i in (1..window).rev() {
-            h = mix(h.wrapping_add(0x9e37_79b9_7f4a_7c15));
-            order.swap(i, (h % (i as u64 + 1)) as usize);
-        }
-        order[(frame - window) % stride]
+        self.source_frames(seed, frame..frame + 1)[0]
     }
+
+    /// The latent frames whose noise frames `frames` take, one per frame; each run's shuffle is
+    /// drawn once.
+    pub fn source_frames(&self, seed: u64, frames: std::ops::Range<usize>) -> Vec<usize> {
+        let window = self.window;
+        let stride = window.saturating_sub(self.overlap).clamp(1, window.max(1));
+        let (mut drawn, mut order) = (None, Vec::new());
+        frames
+            .map(|frame| {
+                if self.layout == NoiseLayout::Independent || frame < window || window == 0 {
+                    return frame;
+                }
+                let run = (frame - window) / stride;
+                if drawn != Some(run) {
+                    order = run_order(seed, run, window);
+                    drawn = Some(run);
+                }
+                order[(frame - window) % stride]
+            })
+            .collect()
+    }
+}
+
+/// Run `run`'s order of the first window's frames: Fisher–Yates over 0..window, from the run's
+/// own stream.
+fn run_order(seed: u64, run: usize, window: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..window).collect();
+    let mut h = mix(seed ^ 0x7265_7363_6865_6475 ^ mix(run as u64 + 1));
+    for i in (1..window).rev() {
+        h = mix(h.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        order.swap(i, (h % (i as u64 + 1)) as usize);
+    }
+    order
 }
 
 /// Noise for latent frames `frames` laid out by `layout` (see [`latent_noise`] for the layout of
@@ -104,7 +124,7 @@ pub fn laid_out_noise(
     height: usize,
     width: usize,
 ) -> Vec<f32> {
-    let sources: Vec<usize> = frames.map(|f| plan.source_frame(seed, f)).collect();
+    let sources = plan.source_frames(seed, frames);
     let mut out = Vec::with_capacity(channels * sources.len() * height * width);
     for c in 0..channels {
         for &f in &sources {
