@@ -505,7 +505,7 @@ def phase_vae3(args, work: Path, stage: str = "vae3") -> None:
     torch.manual_seed(args.seed + 22)
     rng = random.Random(args.seed + 22)
     vae = AutoencoderKLWan.from_pretrained(str(work / source), torch_dtype=torch.float32)
-    std = torch.load(work / "latents.pt")["std"].view(1, -1, 1, 1, 1)
+    _, std = latent_stats(work)
     train = scenes.train_scenes()
 
     def batch():
@@ -545,8 +545,7 @@ def phase_vae5(args, work: Path) -> None:
     rng = random.Random(args.seed + 24)
     source = next(work / d for d in VAE_STAGES[1:] if (work / d).exists())
     vae = AutoencoderKLWan.from_pretrained(str(source), torch_dtype=torch.float32)
-    data = torch.load(work / "latents.pt")
-    mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
+    mean, std = latent_stats(work)
     dit, te, dit_step = trained_transformer(work)
     dit.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
@@ -609,6 +608,13 @@ def recon_check(args, work: Path, vae, name: str) -> None:
 
 
 @torch.no_grad()
+def latent_stats(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase latents' per-channel mean and std, shaped to broadcast over [N, C, T, H, W]; the cached latents
+    themselves are memory-mapped, not read."""
+    data = torch.load(work / "latents.pt", mmap=True)
+    return data["mean"].view(1, -1, 1, 1, 1).clone(), data["std"].view(1, -1, 1, 1, 1).clone()
+
+
 def phase_latents(args, work: Path) -> None:
     from diffusers import AutoencoderKLWan
 
