@@ -607,7 +607,6 @@ def recon_check(args, work: Path, vae, name: str) -> None:
     (work / name).write_text(json.dumps(recon, indent=1))
 
 
-@torch.no_grad()
 def latent_stats(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase latents' per-channel mean and std, shaped to broadcast over [N, C, T, H, W]; the cached latents
     themselves are memory-mapped, not read."""
@@ -615,6 +614,7 @@ def latent_stats(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return data["mean"].view(1, -1, 1, 1, 1).clone(), data["std"].view(1, -1, 1, 1, 1).clone()
 
 
+@torch.no_grad()
 def phase_latents(args, work: Path) -> None:
     from diffusers import AutoencoderKLWan
 
