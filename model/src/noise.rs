@@ -84,11 +84,14 @@ impl NoisePlan {
     /// drawn once.
     pub fn source_frames(&self, seed: u64, frames: std::ops::Range<usize>) -> Vec<usize> {
         let window = self.window;
-        let stride = window.saturating_sub(self.overlap).clamp(1, window.max(1));
+        if self.layout == NoiseLayout::Independent || window == 0 {
+            return frames.collect();
+        }
+        let stride = window.saturating_sub(self.overlap).clamp(1, window);
         let (mut drawn, mut order) = (None, Vec::new());
         frames
             .map(|frame| {
-                if self.layout == NoiseLayout::Independent || frame < window || window == 0 {
+                if frame < window {
                     return frame;
                 }
                 let run = (frame - window) / stride;
