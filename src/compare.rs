@@ -14,8 +14,8 @@ use crate::render::{RequestArgs, local_config, render};
 
 #[derive(Args)]
 pub struct CompareArgs {
-    /// The request (its --stitching is ignored: every strategy is rendered; --hold-noise goes to
-    /// the autoregressive render only).
+    /// The request (its --stitching is ignored: every strategy is rendered; --hold-noise and
+    /// --hold-release go to the autoregressive render only).
     #[command(flatten)]
     request: RequestArgs,
     /// In-process workers for each render (default: one per device: each GPU of --device, or
@@ -54,6 +54,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             stitching: longtake_worker::stitching_to_pb(mode) as i32,
             hold_noise: spec
                 .hold_noise
+                .filter(|_| mode == Stitching::Autoregressive),
+            hold_release: spec
+                .hold_release
                 .filter(|_| mode == Stitching::Autoregressive),
             ..spec.clone()
         };

@@ -149,6 +149,7 @@ pub fn info(dir: &ModelDir) -> ModelInfo {
                 None => w.noise_layout,
             },
             hold_noise: d.hold_noise.map_or(w.hold_noise, |h| h as f32),
+            hold_release: d.hold_release.map_or(w.hold_release, |h| h as f32),
         },
     }
 }

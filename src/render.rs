@@ -105,6 +105,13 @@ pub struct RequestArgs {
     /// closely. Default: the model's `longtake.json`, else 1.
     #[arg(long, value_name = "SHARE")]
     hold_noise: Option<f32>,
+    /// Autoregressive windows only: the noise level (0 to 1) at and below which the frames held
+    /// to the previous window are released. From the first step at or below it, the window
+    /// denoises them with its own frames, and the overlap is blended from the previous window's
+    /// result to this one's, so the hand-over is spread over the overlap instead of falling
+    /// between two frames. 0 holds them to the end. Default: the model's `longtake.json`, else 0.
+    #[arg(long, value_name = "SIGMA")]
+    hold_release: Option<f32>,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
     #[arg(long)]
     noise_file: Option<PathBuf>,
@@ -211,6 +218,7 @@ impl RequestArgs {
             priority: 0,
             noise_layout: noise_layout as i32,
             hold_noise: a.hold_noise,
+            hold_release: a.hold_release,
         })
     }
 }

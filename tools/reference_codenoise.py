@@ -11,7 +11,8 @@ zeros), and ONE scheduler step is taken over the whole sequence. A video that fi
 reduces to plain WanPipeline; run 2 checks that against pipeline/tiny run 0.
 
 The same runs are also sampled with the two other strategies, written next to the co-denoised
-latents (`latents_independent`, `latents_autoregressive`):
+latents (`latents_independent`, `latents_autoregressive`, and `latents_autoregressive_release`
+with `hold_release` halfway between the last two steps' sigmas, recorded in runs.json):
 - independent: each window is sampled alone from its slice of the noise with a fresh scheduler;
   the final latents are blended per frame with the same weights (summed in window order from
   zeros).
@@ -19,7 +20,10 @@ latents (`latents_independent`, `latents_autoregressive`):
   the previous one are held, before each of its steps, to the previous window's final latents
   re-noised to that step's noise level, (1 - sigma_i) * clean + sigma_i * noise (its own slice of
   the initial noise), and set to the clean latents after its last step; the sequence takes each
-  window's latents in order (later windows over earlier ones).
+  window's latents in order (later windows over earlier ones). With `hold_release` in the run
+  (0 unless given), the held frames are not held from the first step whose sigma is at most it,
+  and after the last step they are blended, frame j of n, as (1 - a) * clean + a * own with
+  a = (j + 1) / (n + 1) (longtake's `--hold-release`).
 
 Everything is seeded and computed in fp32 on the CPU; reruns are byte-identical with the pinned
 versions. See tools/README.md.
@@ -186,6 +190,8 @@ def independent(pipe, run: dict, noise: torch.Tensor) -> torch.Tensor:
 def autoregressive(pipe, run: dict, noise: torch.Tensor) -> torch.Tensor:
     embeds = _embeds(pipe, run)
     starts, length, _ = window_plan(noise.shape[2], run["window"], run["overlap"])
+    # From the first step whose sigma is at most this, the held frames are released (0: held to the end).
+    release = float(run.get("hold_release", 0.0))
     out = torch.zeros_like(noise)
     prev = None  # (start, final latents of the previous window)
     with torch.no_grad():
@@ -198,15 +204,25 @@ def autoregressive(pipe, run: dict, noise: torch.Tensor) -> torch.Tensor:
                 ps, px = prev
                 a, b = max(s, ps), min(s + length, ps + length)
                 held = (a - s, b - s, px[:, :, a - ps:b - ps])
+            released = False
             for i, t in enumerate(sched.timesteps):
                 if held is not None:
                     lo, hi, clean = held
                     sigma = sched.sigmas[i].to(torch.float32)
-                    x[:, :, lo:hi] = (1 - sigma) * clean + sigma * own_noise[:, :, lo:hi]
+                    if sigma > release:
+                        x[:, :, lo:hi] = (1 - sigma) * clean + sigma * own_noise[:, :, lo:hi]
+                    else:
+                        released = True
                 x = sched.step(_velocity(pipe, run, embeds, x, t), t, x, return_dict=False)[0]
             if held is not None:
                 lo, hi, clean = held
-                x[:, :, lo:hi] = clean
+                if released:
+                    # Blend the shared frames from the previous window's result to this one's.
+                    a = (torch.arange(hi - lo, dtype=torch.float32) + 1) / (hi - lo + 1)
+                    a = a.view(1, 1, -1, 1, 1)
+                    x[:, :, lo:hi] = (1 - a) * clean + a * x[:, :, lo:hi]
+                else:
+                    x[:, :, lo:hi] = clean
             out[:, :, s:s + length] = x
             prev = (s, x)
     return out
@@ -256,8 +272,13 @@ def main() -> None:
             check = {"against": f"{run['noise_from']}: latents", "rel_l2": rel,
                      "bit_exact": bool(torch.equal(latents, expected))}
 
+        # Released for the last step only: halfway between the last two steps' sigmas.
+        sig = _fresh_scheduler(pipe, run["num_inference_steps"]).sigmas
+        steps = run["num_inference_steps"]
+        release = round(float(sig[steps - 1] + sig[steps - 2]) / 2, 6) if steps > 1 else 0.0
         others = {"latents_independent": independent(pipe, run, noise),
-                  "latents_autoregressive": autoregressive(pipe, run, noise)}
+                  "latents_autoregressive": autoregressive(pipe, run, noise),
+                  "latents_autoregressive_release": autoregressive(pipe, {**run, "hold_release": release}, noise)}
         tensors = {"noise": noise, "latents": latents, **others, "weights": res["weights"],
                    "window_starts": torch.tensor(res["starts"], dtype=torch.float32),
                    "timesteps": res["timesteps"].to(torch.float32)}
@@ -268,7 +289,7 @@ def main() -> None:
         entry = {"model": MODEL,
                  "args": {kk: run[kk] for kk in ("prompt", "negative_prompt", "num_frames", "height", "width",
                                                  "num_inference_steps", "guidance_scale", "window", "overlap")},
-                 **noise_src, "max_sequence_length": 512, "cfg": res["cfg"], "latent_shape": shape,
+                 **noise_src, "hold_release": release, "max_sequence_length": 512, "cfg": res["cfg"], "latent_shape": shape,
                  "timesteps": [int(t) for t in res["timesteps"].tolist()],
                  "window_starts": res["starts"], "window_len": res["length"],
                  "weights": [[round(v, 9) for v in row] for row in res["weights"].tolist()],

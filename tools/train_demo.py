@@ -1133,7 +1133,8 @@ def phase_long(args, work: Path) -> None:
         t_lat = (args.long_frames - 1) // 4 + 1
         noise = torch.randn(1, 16, t_lat, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(args.seed + 200 + k))
         run = dict(prompt=cap, negative_prompt="", guidance_scale=args.eval_guidance,
-                   num_inference_steps=args.eval_steps, window=WINDOW, overlap=overlap)
+                   num_inference_steps=args.eval_steps, window=WINDOW, overlap=overlap,
+                   hold_release=args.render.get("hold_release", 0.0))
         t = time.time()
         if stitching == "codenoise":
             res = codenoise(pipe, run, noise)

@@ -78,6 +78,10 @@ pub struct ModelDefaults {
     /// to, when a request leaves it unset (0..=1).
     #[serde(default = "crate::validate::full_hold_noise")]
     pub hold_noise: f32,
+    /// The noise level (0..=1) at and below which autoregressive windows release their held
+    /// frames, when a request leaves it unset (0: held to the end).
+    #[serde(default)]
+    pub hold_release: f32,
 }
 
 impl ModelDefaults {
@@ -94,6 +98,7 @@ impl ModelDefaults {
         stitching: StitchingMode::Codenoise,
         noise_layout: NoiseMode::Independent,
         hold_noise: 1.0,
+        hold_release: 0.0,
     };
 }
 
@@ -157,6 +162,7 @@ impl Wan21Catalog {
             stitching: StitchingMode::Codenoise,
             noise_layout: NoiseMode::Independent,
             hold_noise: 1.0,
+            hold_release: 0.0,
         },
     };
 }

@@ -525,7 +525,7 @@ mod tests {
         assert_eq!(r.plan.as_ref().unwrap().windows[1], [17, 21]);
         assert_eq!(String::from_utf8(encode_job(&r)).unwrap(), V1_GOLDEN);
         assert_eq!(r.spec.noise_layout, NoiseMode::Independent);
-        assert_eq!(r.spec.hold_noise, 1.0);
+        assert_eq!((r.spec.hold_noise, r.spec.hold_release), (1.0, 0.0));
         // A rescheduled layout is written and read back.
         let mut r2 = r.clone();
         r2.spec.noise_layout = NoiseMode::Rescheduled;
@@ -536,6 +536,11 @@ mod tests {
         r2.spec.hold_noise = 0.5;
         let bytes = encode_job(&r2);
         assert!(String::from_utf8_lossy(&bytes).contains(r#""hold_noise":0.5"#));
+        assert_eq!(decode_job("jobs/r1", &bytes).unwrap(), r2);
+        // And a hold_release above 0.
+        r2.spec.hold_release = 0.4;
+        let bytes = encode_job(&r2);
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""hold_release":0.4"#));
         assert_eq!(decode_job("jobs/r1", &bytes).unwrap(), r2);
         assert!(matches!(
             decode_job("jobs/x", br#"{"version":"9"}"#),

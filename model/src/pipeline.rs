@@ -60,6 +60,9 @@ pub struct RenderDefaults {
     /// The share of each step's noise level that autoregressive windows re-noise their held
     /// frames to (0..=1).
     pub hold_noise: Option<f64>,
+    /// The noise level (0..=1) at and below which autoregressive windows release their held
+    /// frames and blend the overlap from the previous window's result to their own.
+    pub hold_release: Option<f64>,
 }
 
 /// Wan2.1's clip in latent frames (81 pixel frames): the native window of a model that does not
@@ -95,6 +98,11 @@ impl RenderDefaults {
             |h| (0.0..=1.0).contains(&h),
             "a number from 0 to 1",
         )?;
+        let hold_release = number(
+            "hold_release",
+            |h| (0.0..=1.0).contains(&h),
+            "a number from 0 to 1",
+        )?;
         let native_window = positive("native_window")?;
         let overlap = c.opt_usize("overlap")?;
         if let Some(o) = overlap {
@@ -123,6 +131,7 @@ impl RenderDefaults {
             stitching,
             noise_layout,
             hold_noise,
+            hold_release,
         })
     }
 }
@@ -680,10 +689,11 @@ mod tests {
     fn longtake_json_declares_stitching_and_overlap() {
         let d = defaults(
             r#"{"steps": 20, "guidance": 2.0, "stitching": "autoregressive", "overlap": 8,
-                "noise_layout": "rescheduled", "hold_noise": 0.5}"#,
+                "noise_layout": "rescheduled", "hold_noise": 0.5, "hold_release": 0.4}"#,
         )
         .unwrap();
         assert_eq!(d.hold_noise, Some(0.5));
+        assert_eq!(d.hold_release, Some(0.4));
         assert_eq!(d.noise_layout, Some(NoiseLayout::Rescheduled));
         assert_eq!(d.steps, Some(20));
         assert_eq!(d.guidance, Some(2.0));
@@ -718,6 +728,7 @@ mod tests {
             (r#"{"guidance": "high"}"#, "guidance", ">= 0"),
             (r#"{"hold_noise": 1.5}"#, "hold_noise", "from 0 to 1"),
             (r#"{"hold_noise": "low"}"#, "hold_noise", "from 0 to 1"),
+            (r#"{"hold_release": -0.2}"#, "hold_release", "from 0 to 1"),
             (r#"{"steps": 0}"#, "steps", "positive"),
         ] {
             let e = defaults(json).unwrap_err().to_string();

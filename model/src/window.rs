@@ -23,9 +23,32 @@ pub enum Stitching {
     /// Windows sampled alone; their final latents fused with the same weights.
     Independent,
     /// Windows in order; each window's frames shared with the previous one are held to that
-    /// window's clean result, re-noised at every step to a share (`hold_noise`) of the step's
-    /// noise level.
+    /// window's clean result, re-noised at every step to a share of the step's noise level (see
+    /// [`Hold`]).
     Autoregressive,
+}
+
+/// How an autoregressive window holds the frames it shares with the previous window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hold {
+    /// Share (0..=1) of each step's noise level σ that the held frames are re-noised to.
+    pub noise: f32,
+    /// Noise level (0..=1) at and below which the held frames are released: from the first step
+    /// whose σ is at most `release`, the window denoises them with its own frames, and its
+    /// result over the shared frames is blended from the previous window's (first shared frame)
+    /// to its own (last), so the hand-over is spread over the overlap instead of falling
+    /// between two frames. 0 holds them to the end.
+    pub release: f32,
+}
+
+impl Default for Hold {
+    /// Held as noisy as the window's own frames, to the end.
+    fn default() -> Self {
+        Hold {
+            noise: 1.0,
+            release: 0.0,
+        }
+    }
 }
 
 impl Stitching {
@@ -338,13 +361,7 @@ impl WindowState {
     /// `s = hold_noise·σ`; after the last step, `clean`. At `hold_noise` 1 the held frames are
     /// as noisy as the rest of the window; below 1 the model sees them cleaner than the rest.
     pub fn hold(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32], hold_noise: f32) {
-        let sigma = hold_noise
-            * self
-                .sampler
-                .sigmas()
-                .get(self.sampler.step_index())
-                .copied()
-                .unwrap_or(0.0);
+        let sigma = hold_noise * self.sigma();
         let local = range.start - self.spec.start..range.end - self.spec.start;
         let wgeo = Geometry {
             frames: self.spec.len,
@@ -357,6 +374,34 @@ impl WindowState {
             .map(|(c, n)| (1.0 - sigma) * c + sigma * n)
             .collect();
         wgeo.put(&mut self.x, local.start, &held);
+    }
+
+    /// The noise level σ of the next step; 0 once sampling is finished.
+    pub fn sigma(&self) -> f32 {
+        self.sampler
+            .sigmas()
+            .get(self.sampler.step_index())
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// Blend frames `range` (absolute) from `clean` (`[C, range.len(), hw]`, the previous
+    /// window's result) to this window's own: frame `j` of `n` becomes
+    /// `(1 − a)·clean + a·own` with `a = (j + 1)/(n + 1)`.
+    pub fn ramp(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32]) {
+        let local = range.start - self.spec.start..range.end - self.spec.start;
+        let wgeo = Geometry {
+            frames: self.spec.len,
+            ..*geo
+        };
+        let n = local.len();
+        let hw = geo.plane();
+        let mut own = wgeo.take(&self.x, local.clone());
+        for (i, (o, c)) in own.iter_mut().zip(clean).enumerate() {
+            let a = ((i / hw) % n + 1) as f32 / (n + 1) as f32;
+            *o = (1.0 - a) * c + a * *o;
+        }
+        wgeo.put(&mut self.x, local.start, &own);
     }
 
     /// The window's current latents as a part.
@@ -379,9 +424,8 @@ pub fn overlap(a: &WindowSpec, b: &WindowSpec) -> Range<usize> {
 
 /// Denoise a whole sequence in one process: the reference for the distributed run, and the
 /// single-worker path. `noise` is `[C, T, h, w]`; returns the final latents in the same layout.
-/// `progress(done, total)` counts window-steps. `hold_noise` (0..=1) is the share of each step's
-/// noise level that autoregressive windows re-noise their held frames to (see
-/// [`WindowState::hold`]); the other strategies hold nothing.
+/// `progress(done, total)` counts window-steps. `hold` says how autoregressive windows hold the
+/// frames they share with the previous window (see [`Hold`]); the other strategies hold nothing.
 #[allow(clippy::too_many_arguments)]
 pub fn denoise<B: PipelineBackend>(
     guided: &Guided<'_, B>,
@@ -392,7 +436,7 @@ pub fn denoise<B: PipelineBackend>(
     noise: &[f32],
     plan: &[WindowSpec],
     stitching: Stitching,
-    hold_noise: f32,
+    hold: Hold,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<f32>> {
     if noise.len() != geo.channels * geo.frames * geo.plane() {
@@ -459,17 +503,24 @@ pub fn denoise<B: PipelineBackend>(
                     let clean = pgeo.take(&p.data, r.start - p.start..r.end - p.start);
                     (r, clean)
                 });
+                let mut released = false;
                 for _ in 0..steps {
                     if let Some((r, clean)) = &held {
-                        w.hold(geo, r.clone(), clean, hold_noise);
+                        if w.sigma() > hold.release {
+                            w.hold(geo, r.clone(), clean, hold.noise);
+                        } else {
+                            released = true;
+                        }
                     }
                     let p = w.predict(guided, comm, geo)?;
                     w.step(&p.data)?;
                     done += 1;
                     progress(done, total);
                 }
-                if let Some((r, clean)) = &held {
-                    w.hold(geo, r.clone(), clean, hold_noise);
+                match &held {
+                    Some((r, clean)) if released => w.ramp(geo, r.clone(), clean),
+                    Some((r, clean)) => w.hold(geo, r.clone(), clean, hold.noise),
+                    None => {}
                 }
                 geo.put(&mut out, w.spec.start, &w.x);
                 prev = Some(w.latents());

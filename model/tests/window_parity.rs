@@ -8,7 +8,7 @@ use common::{fixture, read, rel_l2};
 use longtake_model::backend::cpu::Cpu;
 use longtake_model::comm::ThreadComm;
 use longtake_model::pipeline::{ClipRequest, WanPipeline, latent_shape};
-use longtake_model::window::{Geometry, Stitching, WindowSpec, denoise};
+use longtake_model::window::{Geometry, Hold, Stitching, WindowSpec, denoise};
 
 fn request(run: &serde_json::Value, noise: (Vec<usize>, Vec<f32>)) -> ClipRequest {
     let a = &run["args"];
@@ -50,17 +50,16 @@ fn run_windows(
     plan: &[WindowSpec],
     stitching: Stitching,
 ) -> Vec<f32> {
-    run_held(pipe, req, plan, stitching, 1.0)
+    run_held(pipe, req, plan, stitching, Hold::default())
 }
 
-/// [`run_windows`] with autoregressive windows re-noising their held frames to `hold_noise` of
-/// each step's noise level.
+/// [`run_windows`] with autoregressive windows holding their shared frames as `hold` says.
 fn run_held(
     pipe: &WanPipeline<Cpu>,
     req: &ClipRequest,
     plan: &[WindowSpec],
     stitching: Stitching,
-    hold_noise: f32,
+    hold: Hold,
 ) -> Vec<f32> {
     let comm = ThreadComm::group(1).unwrap().remove(0);
     let [c, t, h, w] = latent_shape(&pipe.dir, req, &mut Vec::new()).unwrap();
@@ -83,7 +82,7 @@ fn run_held(
         noise,
         plan,
         stitching,
-        hold_noise,
+        hold,
         |d, n| {
             calls += 1;
             assert!(d <= n);
@@ -147,8 +146,8 @@ fn codenoise_matches_the_reference_loop() {
     }
 }
 
-/// Independent and autoregressive windows against their reference loops in
-/// `tools/reference_codenoise.py` (same runs, same plan).
+/// Independent and autoregressive windows (held to the end, and released for the last step)
+/// against their reference loops in `tools/reference_codenoise.py` (same runs, same plan).
 #[test]
 fn independent_and_autoregressive_match_their_reference_loops() {
     let dir = fixture("codenoise/tiny");
@@ -162,18 +161,36 @@ fn independent_and_autoregressive_match_their_reference_loops() {
         let (ws, weights) = read(&file, "weights");
         let starts: Vec<usize> = starts.iter().map(|s| *s as usize).collect();
         let plan = windows(&starts, ws[1], &weights);
-        for (stitching, key) in [
-            (Stitching::Independent, "latents_independent"),
-            (Stitching::Autoregressive, "latents_autoregressive"),
+        // Held frames released for the last step only.
+        let release = Hold {
+            release: run["hold_release"].as_f64().unwrap() as f32,
+            ..Hold::default()
+        };
+        for (stitching, hold, key) in [
+            (
+                Stitching::Independent,
+                Hold::default(),
+                "latents_independent",
+            ),
+            (
+                Stitching::Autoregressive,
+                Hold::default(),
+                "latents_autoregressive",
+            ),
+            (
+                Stitching::Autoregressive,
+                release,
+                "latents_autoregressive_release",
+            ),
         ] {
-            let got = run_windows(&pipe, &req, &plan, stitching);
+            let got = run_held(&pipe, &req, &plan, stitching, hold);
             let (_, expected) = read(&file, key);
             let err = rel_l2(&got, &expected);
             eprintln!(
-                "{stitching:?} run {k} ({} windows): relative L2 {err:.3e}",
+                "{key} run {k} ({} windows): relative L2 {err:.3e}",
                 plan.len()
             );
-            assert!(err <= 1e-4, "{stitching:?} run {k}: {err:.3e}");
+            assert!(err <= 1e-4, "{key} run {k}: {err:.3e}");
         }
     }
 }
@@ -266,9 +283,13 @@ fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
         height: 4,
         width: 6,
     };
-    let full = run_held(&pipe, &req, &plan, Stitching::Autoregressive, 1.0);
-    let half = run_held(&pipe, &req, &plan, Stitching::Autoregressive, 0.5);
-    let clean = run_held(&pipe, &req, &plan, Stitching::Autoregressive, 0.0);
+    let noise = |noise| Hold {
+        noise,
+        ..Hold::default()
+    };
+    let full = run_held(&pipe, &req, &plan, Stitching::Autoregressive, noise(1.0));
+    let half = run_held(&pipe, &req, &plan, Stitching::Autoregressive, noise(0.5));
+    let clean = run_held(&pipe, &req, &plan, Stitching::Autoregressive, noise(0.0));
     // The first window (frames 0..4, the held frame included) is the same whatever the share.
     assert_eq!(geo.take(&full, 0..4), geo.take(&half, 0..4));
     assert_eq!(geo.take(&full, 0..4), geo.take(&clean, 0..4));
@@ -291,8 +312,65 @@ fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
     // The other strategies hold nothing, so the share does not touch them.
     for s in [Stitching::Codenoise, Stitching::Independent] {
         assert_eq!(
-            run_held(&pipe, &req, &plan, s, 1.0),
-            run_held(&pipe, &req, &plan, s, 0.25)
+            run_held(&pipe, &req, &plan, s, noise(1.0)),
+            run_held(&pipe, &req, &plan, s, noise(0.25))
         );
+    }
+}
+
+/// Held frames released below a noise level: the first window's own frames are untouched; a
+/// release at 1 holds nothing, so the later window is sampled alone and the shared frame is the
+/// two windows' results half and half: bit for bit the independent windows fused with those
+/// weights; a release for the last step only draws something else again.
+#[test]
+fn autoregressive_hold_release_blends_the_overlap() {
+    let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
+    let t = 7;
+    let req = fox(3, 5);
+    // Windows 0..4 and 3..7: frame 3 is shared, with half weight in each for the fusion.
+    let plan = vec![
+        WindowSpec {
+            start: 0,
+            len: 4,
+            weights: vec![1.0, 1.0, 1.0, 0.5],
+        },
+        WindowSpec {
+            start: 3,
+            len: 4,
+            weights: vec![0.5, 1.0, 1.0, 1.0],
+        },
+    ];
+    let geo = Geometry {
+        channels: 16,
+        frames: t,
+        height: 4,
+        width: 6,
+    };
+    let release = |release| Hold {
+        release,
+        ..Hold::default()
+    };
+    let ar = |r| run_held(&pipe, &req, &plan, Stitching::Autoregressive, release(r));
+    // Released for the last step only.
+    let sampler = pipe.scheduler(&req).unwrap().build(req.steps).unwrap();
+    let last = sampler.sigmas()[req.steps - 1];
+    let (held, all, some) = (ar(0.0), ar(1.0), ar(last));
+    assert_eq!(
+        held,
+        run_windows(&pipe, &req, &plan, Stitching::Autoregressive)
+    );
+    assert_eq!(all, run_windows(&pipe, &req, &plan, Stitching::Independent));
+    for other in [&all, &some] {
+        assert_eq!(geo.take(other, 0..3), geo.take(&held, 0..3));
+    }
+    for (a, b, what) in [
+        (&held, &all, "release 1 against 0"),
+        (&held, &some, "release at the last step against 0"),
+        (&some, &all, "release at the last step against 1"),
+    ] {
+        for frames in [3..4, 4..7] {
+            let e = rel_l2(&geo.take(a, frames.clone()), &geo.take(b, frames.clone()));
+            assert!(e > 1e-4, "{what}, frames {frames:?}: {e:.3e}");
+        }
     }
 }

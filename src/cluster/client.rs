@@ -151,6 +151,7 @@ fn render_json(r: &pb::Render) -> serde_json::Value {
                 .trim_start_matches("NOISE_LAYOUT_")
                 .to_lowercase(),
             "hold_noise": spec.hold_noise,
+            "hold_release": spec.hold_release,
             "output": spec.output,
             "png_frames": spec.png_frames,
             "priority": spec.priority,

@@ -228,6 +228,13 @@ pub(super) fn latent_shape(shape: [u32; 4]) -> pb::LatentShape {
 }
 
 /// The manifest: request, plan, model, outputs, timings and versions of a finished render.
+/// An f32 as the shortest decimal that reads back as it (0.9, not 0.8999999761581421).
+fn decimal(v: f32) -> serde_json::Value {
+    v.to_string()
+        .parse::<f64>()
+        .map_or(serde_json::Value::Null, serde_json::Value::from)
+}
+
 pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
     let r = &job.record;
     let spec = &r.spec;
@@ -272,7 +279,8 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
             "stitching": spec.stitching,
             "noise_layout": spec.noise_layout,
             // Autoregressive windows only (null for the others, which hold nothing).
-            "hold_noise": (spec.stitching == StitchingMode::Autoregressive).then_some(spec.hold_noise),
+            "hold_noise": (spec.stitching == StitchingMode::Autoregressive).then(|| decimal(spec.hold_noise)),
+            "hold_release": (spec.stitching == StitchingMode::Autoregressive).then(|| decimal(spec.hold_release)),
             "windows": windows,
         },
         "model": {

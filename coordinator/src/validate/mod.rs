@@ -137,6 +137,11 @@ pub struct ValidSpec {
         skip_serializing_if = "is_full_hold_noise"
     )]
     pub hold_noise: f32,
+    /// Autoregressive windows release their held frames from the first step at or below this
+    /// noise level and blend the overlap. Records written before it was stored held them to the
+    /// end (0), which is therefore left out of the record.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hold_release: f32,
     /// A local directory path or `s3://bucket[/prefix]`.
     pub output: String,
     pub png_frames: bool,
@@ -155,6 +160,10 @@ pub(crate) fn full_hold_noise() -> f32 {
 
 fn is_full_hold_noise(v: &f32) -> bool {
     *v == 1.0
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 impl ValidSpec {
@@ -216,6 +225,8 @@ impl ValidSpec {
             // Only autoregressive windows hold frames (and only they accept the field).
             hold_noise: (self.stitching == StitchingMode::Autoregressive)
                 .then_some(self.hold_noise),
+            hold_release: (self.stitching == StitchingMode::Autoregressive)
+                .then_some(self.hold_release),
         }
     }
 }
@@ -435,30 +446,14 @@ pub fn validate(
     )?
     .unwrap_or(d.noise_layout);
 
-    let hold_noise = match spec.hold_noise {
-        None if stitching == StitchingMode::Autoregressive => d.hold_noise,
-        None => 1.0,
-        Some(h) if !(0.0..=1.0).contains(&h) => {
-            return Err(invalid(
-                "hold_noise",
-                format!("is {h}; allowed: a number from 0 to 1"),
-            ));
-        }
-        Some(_) if stitching != StitchingMode::Autoregressive => {
-            return Err(invalid(
-                "hold_noise",
-                format!(
-                    "is set, but the stitching is {}; allowed only with AUTOREGRESSIVE windows \
-                     (the only strategy that holds frames)",
-                    stitching
-                        .to_proto()
-                        .as_str_name()
-                        .trim_start_matches("STITCHING_")
-                ),
-            ));
-        }
-        Some(h) => h,
-    };
+    let hold_noise = hold_field("hold_noise", spec.hold_noise, stitching, d.hold_noise, 1.0)?;
+    let hold_release = hold_field(
+        "hold_release",
+        spec.hold_release,
+        stitching,
+        d.hold_release,
+        0.0,
+    )?;
 
     let output = if spec.output.trim().is_empty() {
         default_output.to_string()
@@ -499,12 +494,44 @@ pub fn validate(
         overlap,
         noise_layout,
         hold_noise,
+        hold_release,
         output,
         png_frames: spec.png_frames,
         priority: spec.priority,
         has_initial_noise: spec.initial_noise.is_some(),
         latent: geometry,
     })
+}
+
+/// A field of autoregressive holding, from 0 to 1: the model's default when unset (`unused` for
+/// the other strategies, which hold nothing), refused when set with another stitching.
+fn hold_field(
+    field: &'static str,
+    value: Option<f32>,
+    stitching: StitchingMode,
+    model_default: f32,
+    unused: f32,
+) -> Result<f32, InvalidField> {
+    match value {
+        None if stitching == StitchingMode::Autoregressive => Ok(model_default),
+        None => Ok(unused),
+        Some(h) if !(0.0..=1.0).contains(&h) => Err(invalid(
+            field,
+            format!("is {h}; allowed: a number from 0 to 1"),
+        )),
+        Some(_) if stitching != StitchingMode::Autoregressive => Err(invalid(
+            field,
+            format!(
+                "is set, but the stitching is {}; allowed only with AUTOREGRESSIVE windows \
+                 (the only strategy that holds frames)",
+                stitching
+                    .to_proto()
+                    .as_str_name()
+                    .trim_start_matches("STITCHING_")
+            ),
+        )),
+        Some(h) => Ok(h),
+    }
 }
 
 /// A proto enum field's value resolved by `resolve` (`None`: unset, so the default applies); a

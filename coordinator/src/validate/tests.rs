@@ -45,6 +45,7 @@ fn geometry_and_defaults_come_from_the_model() {
             stitching: StitchingMode::Autoregressive,
             noise_layout: NoiseMode::Rescheduled,
             hold_noise: 0.4,
+            hold_release: 0.3,
         },
     };
     let run = |spec: RenderSpec| validate(&spec, &Limits::default(), &info, "renders", 7);
@@ -61,7 +62,7 @@ fn geometry_and_defaults_come_from_the_model() {
     // request's when it names them.
     assert_eq!(v.stitching, StitchingMode::Autoregressive);
     assert_eq!(v.noise_layout, NoiseMode::Rescheduled);
-    assert_eq!(v.hold_noise, 0.4);
+    assert_eq!((v.hold_noise, v.hold_release), (0.4, 0.3));
     assert_eq!(
         run(RenderSpec {
             length: Some(Length::DurationS(2.0)),
@@ -79,8 +80,9 @@ fn geometry_and_defaults_come_from_the_model() {
     })
     .unwrap();
     assert_eq!(v.stitching, StitchingMode::Codenoise);
-    // The model's hold_noise is for its autoregressive windows; codenoise holds nothing.
-    assert_eq!(v.hold_noise, 1.0);
+    // The model's hold_noise and hold_release are for its autoregressive windows; codenoise
+    // holds nothing.
+    assert_eq!((v.hold_noise, v.hold_release), (1.0, 0.0));
     let e = run(RenderSpec {
         length: Some(Length::NumFrames(20)),
         ..base()
@@ -426,48 +428,52 @@ fn noise_layout() {
     );
 }
 
+/// `hold_noise` and `hold_release`: each from 0 to 1, autoregressive windows only.
 #[test]
-fn hold_noise() {
+fn hold_fields() {
     let ar = Stitching::Autoregressive as i32;
-    for bad in [-0.1, 1.5, f32::NAN, f32::INFINITY] {
-        let e = check(RenderSpec {
-            stitching: ar,
-            hold_noise: Some(bad),
+    let spec = |field: &str, value: f32, stitching: i32| {
+        let mut s = RenderSpec {
+            stitching,
             ..base()
-        })
-        .unwrap_err();
-        assert_eq!(e.field, "hold_noise");
-        assert!(e.reason.contains("from 0 to 1"), "{e}");
+        };
+        match field {
+            "hold_noise" => s.hold_noise = Some(value),
+            _ => s.hold_release = Some(value),
+        }
+        s
+    };
+    for field in ["hold_noise", "hold_release"] {
+        for bad in [-0.1, 1.5, f32::NAN, f32::INFINITY] {
+            let e = check(spec(field, bad, ar)).unwrap_err();
+            assert_eq!(e.field, field);
+            assert!(e.reason.contains("from 0 to 1"), "{e}");
+        }
+        // Only autoregressive windows hold frames: set with another strategy, it is refused.
+        let e = check(spec(field, 0.5, Stitching::Codenoise as i32)).unwrap_err();
+        assert_eq!(e.field, field);
+        assert!(
+            e.reason.contains("CODENOISE") && e.reason.contains("AUTOREGRESSIVE"),
+            "{e}"
+        );
+        for h in [0.0, 0.5, 1.0] {
+            let v = check(spec(field, h, ar)).unwrap();
+            let wire = v.to_proto(None);
+            let (got, on_wire) = match field {
+                "hold_noise" => (v.hold_noise, wire.hold_noise),
+                _ => (v.hold_release, wire.hold_release),
+            };
+            assert_eq!(got, h);
+            assert_eq!(on_wire, Some(h));
+        }
     }
-    // Only autoregressive windows hold frames: set with another strategy, it is refused.
-    let e = check(RenderSpec {
-        stitching: Stitching::Codenoise as i32,
-        hold_noise: Some(0.5),
-        ..base()
-    })
-    .unwrap_err();
-    assert_eq!(e.field, "hold_noise");
-    assert!(
-        e.reason.contains("CODENOISE") && e.reason.contains("AUTOREGRESSIVE"),
-        "{e}"
-    );
-    // Unset: the model's (1 here); the request's otherwise, on the wire too.
+    // Unset: the model's (1 and 0 here); the request's otherwise, on the wire too.
     let v = check(RenderSpec {
         stitching: ar,
         ..base()
     })
     .unwrap();
-    assert_eq!(v.hold_noise, 1.0);
-    for h in [0.0, 0.5, 1.0] {
-        let v = check(RenderSpec {
-            stitching: ar,
-            hold_noise: Some(h),
-            ..base()
-        })
-        .unwrap();
-        assert_eq!(v.hold_noise, h);
-        assert_eq!(v.to_proto(None).hold_noise, Some(h));
-    }
+    assert_eq!((v.hold_noise, v.hold_release), (1.0, 0.0));
 }
 
 #[test]

@@ -9,7 +9,7 @@ use longtake_model::comm::SoloComm;
 use longtake_model::io::read_f32_bytes;
 use longtake_model::noise::{NoisePlan, laid_out_noise};
 use longtake_model::pipeline::{ClipRequest, PipelineBackend};
-use longtake_model::window::{self, Geometry, Part, Stitching, WindowSpec, WindowState};
+use longtake_model::window::{self, Geometry, Hold, Part, Stitching, WindowSpec, WindowState};
 use longtake_proto::v1 as pb;
 use object_store::ObjectStore;
 use object_store::path::Path as StorePath;
@@ -131,7 +131,10 @@ impl<B: PipelineBackend> Compute<B> {
                 &noise,
                 &plan,
                 stitching,
-                spec.hold_noise.unwrap_or(1.0),
+                Hold {
+                    noise: spec.hold_noise.unwrap_or(1.0),
+                    release: spec.hold_release.unwrap_or(0.0),
+                },
                 |d, _| {
                     if d % plan.len() == 0 {
                         report(d as u64);
