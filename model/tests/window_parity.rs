@@ -195,6 +195,16 @@ fn independent_and_autoregressive_match_their_reference_loops() {
     }
 }
 
+/// The latent geometry of [`fox`]: 7 frames of 4×6.
+fn fox_geometry() -> Geometry {
+    Geometry {
+        channels: 16,
+        frames: 7,
+        height: 4,
+        width: 6,
+    }
+}
+
 /// A 25-frame 48×32 request (7 latent frames of 4×6) over seeded noise, for the tiny pipeline.
 fn fox(steps: usize, noise_seed: u64) -> ClipRequest {
     ClipRequest {
@@ -218,7 +228,6 @@ fn fox(steps: usize, noise_seed: u64) -> ClipRequest {
 fn strategies_differ_but_share_the_first_window_frames_where_expected() {
     let dir = fixture("pipeline/tiny");
     let pipe = WanPipeline::load(&dir, &Cpu).unwrap();
-    let t = 7;
     let req = fox(2, 3);
     // Windows 0..3, 2..5, 4..7 with the plan's linear weights (overlap 1: ½ / ½).
     let w = |s| WindowSpec {
@@ -236,12 +245,7 @@ fn strategies_differ_but_share_the_first_window_frames_where_expected() {
     assert_ne!(co, ind);
     assert_ne!(co, ar);
     // Autoregressive: the first window's frames are exactly an independent run of it.
-    let geo = Geometry {
-        channels: 16,
-        frames: t,
-        height: 4,
-        width: 6,
-    };
+    let geo = fox_geometry();
     let alone = run_windows(
         &pipe,
         &ClipRequest {
@@ -268,7 +272,6 @@ fn strategies_differ_but_share_the_first_window_frames_where_expected() {
 #[test]
 fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
     let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
-    let t = 7;
     let req = fox(3, 5);
     let w = |s| WindowSpec {
         start: s,
@@ -277,12 +280,7 @@ fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
     };
     // Windows 0..4 and 3..7: frame 3 is held.
     let plan = vec![w(0), w(3)];
-    let geo = Geometry {
-        channels: 16,
-        frames: t,
-        height: 4,
-        width: 6,
-    };
+    let geo = fox_geometry();
     let noise = |noise| Hold {
         noise,
         ..Hold::default()
@@ -325,7 +323,6 @@ fn autoregressive_hold_noise_changes_what_later_windows_draw_only() {
 #[test]
 fn autoregressive_hold_release_blends_the_overlap() {
     let pipe = WanPipeline::load(&fixture("pipeline/tiny"), &Cpu).unwrap();
-    let t = 7;
     let req = fox(3, 5);
     // Windows 0..4 and 3..7: frame 3 is shared, with half weight in each for the fusion.
     let plan = vec![
@@ -340,12 +337,7 @@ fn autoregressive_hold_release_blends_the_overlap() {
             weights: vec![0.5, 1.0, 1.0, 1.0],
         },
     ];
-    let geo = Geometry {
-        channels: 16,
-        frames: t,
-        height: 4,
-        width: 6,
-    };
+    let geo = fox_geometry();
     let release = |release| Hold {
         release,
         ..Hold::default()
