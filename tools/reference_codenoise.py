@@ -273,8 +273,8 @@ def main() -> None:
                      "bit_exact": bool(torch.equal(latents, expected))}
 
         # Released for the last step only: halfway between the last two steps' sigmas.
-        sig = _fresh_scheduler(pipe, run["num_inference_steps"]).sigmas
         steps = run["num_inference_steps"]
+        sig = _fresh_scheduler(pipe, steps).sigmas
         release = round(float(sig[steps - 1] + sig[steps - 2]) / 2, 6) if steps > 1 else 0.0
         others = {"latents_independent": independent(pipe, run, noise),
                   "latents_autoregressive": autoregressive(pipe, run, noise),

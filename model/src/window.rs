@@ -362,11 +362,7 @@ impl WindowState {
     /// as noisy as the rest of the window; below 1 the model sees them cleaner than the rest.
     pub fn hold(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32], hold_noise: f32) {
         let sigma = hold_noise * self.sigma();
-        let local = range.start - self.spec.start..range.end - self.spec.start;
-        let wgeo = Geometry {
-            frames: self.spec.len,
-            ..*geo
-        };
+        let (wgeo, local) = self.local(geo, range);
         let noise = wgeo.take(&self.noise, local.clone());
         let held: Vec<f32> = clean
             .iter()
@@ -374,6 +370,18 @@ impl WindowState {
             .map(|(c, n)| (1.0 - sigma) * c + sigma * n)
             .collect();
         wgeo.put(&mut self.x, local.start, &held);
+    }
+
+    /// The window's geometry, and the absolute frames `range` as frames of the window.
+    fn local(&self, geo: &Geometry, range: Range<usize>) -> (Geometry, Range<usize>) {
+        let wgeo = Geometry {
+            frames: self.spec.len,
+            ..*geo
+        };
+        (
+            wgeo,
+            range.start - self.spec.start..range.end - self.spec.start,
+        )
     }
 
     /// The noise level σ of the next step; 0 once sampling is finished.
@@ -389,11 +397,7 @@ impl WindowState {
     /// window's result) to this window's own: frame `j` of `n` becomes
     /// `(1 − a)·clean + a·own` with `a = (j + 1)/(n + 1)`.
     pub fn ramp(&mut self, geo: &Geometry, range: Range<usize>, clean: &[f32]) {
-        let local = range.start - self.spec.start..range.end - self.spec.start;
-        let wgeo = Geometry {
-            frames: self.spec.len,
-            ..*geo
-        };
+        let (wgeo, local) = self.local(geo, range);
         let n = local.len();
         let hw = geo.plane();
         let mut own = wgeo.take(&self.x, local.clone());
