@@ -203,6 +203,7 @@ fn worker_count_does_not_change_the_latents() {
     released.extend(["--stitching", "autoregressive", "--hold-release", "0.9"]);
     let released = render(&released, tmp.path());
     assert_eq!(manifest(&released)["plan"]["hold_release"], 0.9);
+    assert_eq!(manifest(&released)["request"]["hold_release"], 0.9);
     assert_eq!(manifest(&one)["plan"]["hold_release"], 0.0);
     let d = rel_l2(&latents(&one), &latents(&released));
     assert!(

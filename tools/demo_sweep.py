@@ -7,6 +7,7 @@ step of the object's track at a window boundary than inside a window.
 
     .venv/bin/python tools/demo_sweep.py --set held-out --seeds 1 2
     .venv/bin/python tools/demo_sweep.py --set readme --seeds 1-6 -- --stitching codenoise --overlap 8
+    .venv/bin/python tools/demo_sweep.py --set pairs --seeds 1
     .venv/bin/python tools/demo_sweep.py --prompt "a red circle moves left on a blue background" --seeds 1-4
 
 Arguments after `--` go to every `longtake render` (sampler flags, --model). Each render's directory is
@@ -49,6 +50,14 @@ def held_out_prompts() -> list[str]:
     return [scenes.Scene(*key).caption for key in scenes.HELD_OUT_TUPLES]  # in the README's order
 
 
+def colour_pair_prompts() -> list[str]:
+    """Every ordered pair of distinct colours with one shape and motion: the 30 renders that show which
+    object / background pairs the model draws (a circle moving down; most pairs are trained scenes)."""
+    import scenes
+
+    return [f"a {o} circle moves down on a {b} background" for o in scenes.COLOURS for b in scenes.COLOURS if o != b]
+
+
 def seeds_arg(text: list[str]) -> list[int]:
     """'1 2 5' or '1-6' (or a mix) -> the seeds."""
     out = []
@@ -86,9 +95,10 @@ def main() -> None:
     ap.add_argument("--longtake", default=str(REPO / "target" / "release" / "longtake"),
                     help="the longtake binary (default: the release build)")
     what = ap.add_mutually_exclusive_group()
-    what.add_argument("--set", choices=["held-out", "readme"], default="held-out",
+    what.add_argument("--set", choices=["held-out", "readme", "pairs"], default="held-out",
                       help="held-out: the 12 scenes of HELD_OUT_TUPLES; readme: the six prompts of the model "
-                           "README (default: held-out)")
+                           "README; pairs: a circle moving down over all 30 pairs of distinct colours "
+                           "(default: held-out)")
     what.add_argument("--prompt", action="append", help="a prompt (repeatable) instead of a set")
     ap.add_argument("--seeds", nargs="+", default=["1", "2"], help="seeds: numbers or ranges, e.g. 1 2 or 1-6")
     ap.add_argument("--duration", default="60", help="seconds per render (default 60)")
@@ -97,7 +107,8 @@ def main() -> None:
     args = ap.parse_args()
     if not Path(args.longtake).is_file():
         raise SystemExit(f"--longtake: {args.longtake} does not exist (build it: cargo build --release)")
-    prompts = args.prompt or (held_out_prompts() if args.set == "held-out" else README_PROMPTS)
+    sets = {"held-out": held_out_prompts, "readme": lambda: README_PROMPTS, "pairs": colour_pair_prompts}
+    prompts = args.prompt or sets[args.set]()
     seeds = seeds_arg(args.seeds)
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

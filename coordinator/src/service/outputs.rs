@@ -227,14 +227,15 @@ pub(super) fn latent_shape(shape: [u32; 4]) -> pb::LatentShape {
     }
 }
 
-/// The manifest: request, plan, model, outputs, timings and versions of a finished render.
-/// An f32 as the shortest decimal that reads back as it (0.9, not 0.8999999761581421).
-fn decimal(v: f32) -> serde_json::Value {
-    v.to_string()
-        .parse::<f64>()
-        .map_or(serde_json::Value::Null, serde_json::Value::from)
+/// `value` as JSON through its text form, so that its `f32` fields read as written (0.9), where
+/// `serde_json::to_value` widens them (0.8999999761581421).
+fn as_written(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_string(value)
+        .and_then(|text| serde_json::from_str(&text))
+        .unwrap_or(serde_json::Value::Null)
 }
 
+/// The manifest: request, plan, model, outputs, timings and versions of a finished render.
 pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
     let r = &job.record;
     let spec = &r.spec;
@@ -259,7 +260,7 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
         "format_version": 1,
         "render_id": r.id,
         "smoke_test": spec.is_smoke(),
-        "request": spec,
+        "request": as_written(spec),
         "idempotency_key": r.idempotency_key,
         "seed": spec.seed,
         "kernel_family": r.kernel_family,
@@ -279,8 +280,8 @@ pub(super) fn manifest(job: &Job, run: &Run) -> serde_json::Value {
             "stitching": spec.stitching,
             "noise_layout": spec.noise_layout,
             // Autoregressive windows only (null for the others, which hold nothing).
-            "hold_noise": (spec.stitching == StitchingMode::Autoregressive).then(|| decimal(spec.hold_noise)),
-            "hold_release": (spec.stitching == StitchingMode::Autoregressive).then(|| decimal(spec.hold_release)),
+            "hold_noise": (spec.stitching == StitchingMode::Autoregressive).then(|| as_written(&spec.hold_noise)),
+            "hold_release": (spec.stitching == StitchingMode::Autoregressive).then(|| as_written(&spec.hold_release)),
             "windows": windows,
         },
         "model": {
