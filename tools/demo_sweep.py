@@ -52,7 +52,8 @@ def held_out_prompts() -> list[str]:
 
 def colour_pair_prompts() -> list[str]:
     """Every ordered pair of distinct colours with one shape and motion: the 30 renders that show which
-    object / background pairs the model draws (a circle moving down; most pairs are trained scenes)."""
+    object / background pairs the model draws (a circle moving down; all but the white circle on red are
+    training scenes)."""
     import scenes
 
     return [f"a {o} circle moves down on a {b} background" for o in scenes.COLOURS for b in scenes.COLOURS if o != b]
