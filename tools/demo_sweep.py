@@ -59,6 +59,10 @@ def colour_pair_prompts() -> list[str]:
     return [f"a {o} circle moves down on a {b} background" for o in scenes.COLOURS for b in scenes.COLOURS if o != b]
 
 
+# --set NAME -> its prompts.
+SETS = {"held-out": held_out_prompts, "readme": lambda: README_PROMPTS, "pairs": colour_pair_prompts}
+
+
 def seeds_arg(text: list[str]) -> list[int]:
     """'1 2 5' or '1-6' (or a mix) -> the seeds."""
     out = []
@@ -96,7 +100,7 @@ def main() -> None:
     ap.add_argument("--longtake", default=str(REPO / "target" / "release" / "longtake"),
                     help="the longtake binary (default: the release build)")
     what = ap.add_mutually_exclusive_group()
-    what.add_argument("--set", choices=["held-out", "readme", "pairs"], default="held-out",
+    what.add_argument("--set", choices=list(SETS), default="held-out",
                       help="held-out: the 12 scenes of HELD_OUT_TUPLES; readme: the six prompts of the model "
                            "README; pairs: a circle moving down over all 30 pairs of distinct colours "
                            "(default: held-out)")
@@ -108,8 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     if not Path(args.longtake).is_file():
         raise SystemExit(f"--longtake: {args.longtake} does not exist (build it: cargo build --release)")
-    sets = {"held-out": held_out_prompts, "readme": lambda: README_PROMPTS, "pairs": colour_pair_prompts}
-    prompts = args.prompt or sets[args.set]()
+    prompts = args.prompt or SETS[args.set]()
     seeds = seeds_arg(args.seeds)
     results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
