@@ -178,6 +178,10 @@ mod tests {
             (demo.defaults.stitching, demo.defaults.overlap),
             (StitchingMode::Autoregressive, 8)
         );
+        assert_eq!(
+            (demo.defaults.hold_noise, demo.defaults.hold_release),
+            (0.7, 0.4)
+        );
         assert_eq!(info.defaults.stitching, StitchingMode::Codenoise);
     }
 

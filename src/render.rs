@@ -102,14 +102,15 @@ pub struct RequestArgs {
     /// Autoregressive windows only: the share (0 to 1) of each step's noise level that the frames
     /// held to the previous window are re-noised to. 1 makes them as noisy as the window's own
     /// frames; lower shows them to the model more clearly, so the new frames follow them more
-    /// closely. Default: the model's `longtake.json`, else 1.
+    /// closely. Default: the model's `longtake.json`, else 1 (the built-in demo model: 0.7).
     #[arg(long, value_name = "SHARE")]
     hold_noise: Option<f32>,
     /// Autoregressive windows only: the noise level (0 to 1) at and below which the frames held
     /// to the previous window are released. From the first step at or below it, the window
     /// denoises them with its own frames, and the overlap is blended from the previous window's
     /// result to this one's, so the hand-over is spread over the overlap instead of falling
-    /// between two frames. 0 holds them to the end. Default: the model's `longtake.json`, else 0.
+    /// between two frames. 0 holds them to the end. Default: the model's `longtake.json`, else 0
+    /// (the built-in demo model: 0.4).
     #[arg(long, value_name = "SIGMA")]
     hold_release: Option<f32>,
     /// Safetensors file with `noise` [1,16,T,h,w]: the initial latents instead of seeded noise.
