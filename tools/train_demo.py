@@ -81,8 +81,11 @@ with --phase):
               phase opp; of the other crops that do not start at latent frame 0, a share --ar-ctx-frac has
               its first --ar-hold (8) latent frames replaced by the transformer's own one-step prediction of
               them from a noise level in --ar-ctx-sigma, as an autoregressive window holds the previous
-              window's result, and the loss leaves those frames out; exports to --out at its end. Measured
-              in the demo model's README (it does not replace phase opp's weights there).
+              window's result, and the loss leaves those frames out; a share --ar-ctx-widen of those holds
+              the clip's own frames widened across one or both spatial axes instead (as hand-overs widen a
+              drawn object), and --ar-hold-noise H noises the held frames to H times the step's noise level
+              (longtake's --hold-noise); exports to --out at its end. Measured in the demo model's README (it
+              does not replace phase opp's weights there).
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
@@ -740,6 +743,21 @@ class Ambiguity:
         return a * x0 + (1 - a) * other
 
 
+def widen_held(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """A clip's latent frames [C, T, H, W] with the object widened as autoregressive hand-overs widen it: each
+    frame spread over its neighbouring latent cells along one spatial axis (or both), one or two times,
+    (1 - b) * x + b/2 * (x shifted by one cell either way) with b ~ U(0.25, 0.67), wrapping at the edges as
+    the scenes do. Phase ar holds these (--ar-ctx-widen) so that the window's own frames learn to draw the
+    object at its size after a held object drawn too wide."""
+    axes = rng.choice([(2,), (3,), (2, 3)])
+    out = frames
+    for _ in range(rng.choice([1, 2])):
+        for ax in axes:
+            b = rng.uniform(0.25, 0.67)
+            out = (1 - b) * out + b / 2 * (out.roll(1, dims=ax) + out.roll(-1, dims=ax))
+    return out
+
+
 def wrong_colour(rng: random.Random, caption: str) -> str:
     """The caption with the object's colour replaced by another colour that is not the background's."""
     s = scenes.parse_caption(caption)
@@ -865,18 +883,24 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             # frames replaced by the model's own one-step prediction of them from noise level --ar-ctx-sigma,
             # as an autoregressive window holds the previous window's result; the loss is on the other frames.
             held = [k for k in range(len(idx)) if plain[k] and starts[k] > 0 and rng.random() < args.ar_ctx_frac]
-            if held:
+            # Of those, a share --ar-ctx-widen holds the clip's own frames widened instead (widen_held); at 0 no
+            # draw is made, so runs without it repeat those made before the option.
+            widened = [k for k in held if rng.random() < args.ar_ctx_widen] if args.ar_ctx_widen > 0 else []
+            predicted = [k for k in held if k not in widened]
+            x_in = x0.clone() if x_in is x0 and held else x_in
+            if predicted:
                 with torch.no_grad():
-                    sub = x0[held]
-                    sp = torch.tensor([rng.uniform(*args.ar_ctx_sigma) for _ in held]).view(-1, 1, 1, 1, 1)
+                    sub = x0[predicted]
+                    sp = torch.tensor([rng.uniform(*args.ar_ctx_sigma) for _ in predicted]).view(-1, 1, 1, 1, 1)
                     xp = (1 - sp) * sub + sp * torch.randn(sub.shape, generator=gen)
-                    ctx_p, cross.bias = encode_text_compact(tok, te, [caps[idx[k]] for k in held])
+                    ctx_p, cross.bias = encode_text_compact(tok, te, [caps[idx[k]] for k in predicted])
                     vp = dit(hidden_states=xp, timestep=sp.flatten() * 1000, encoder_hidden_states=ctx_p,
                              return_dict=False)[0]
                     pred = xp - sp * vp
-                x_in = x0.clone() if x_in is x0 else x_in
-                for j, k in enumerate(held):
+                for j, k in enumerate(predicted):
                     x_in[k, :, :args.ar_hold] = pred[j, :, :args.ar_hold]
+            for k in widened:
+                x_in[k, :, :args.ar_hold] = widen_held(x0[k, :, :args.ar_hold], rng)
         n_flow, n_pair = len(idx), 0
         if args.contrast_frac > 0 and stage in args.contrast_phases:
             # Colour pairs (see --contrast-frac): plain crops at high noise, each twice, once with its caption
@@ -895,6 +919,11 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 n_pair = len(pairs)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
+        if held and args.ar_hold_noise != 1.0:
+            # The held frames at --ar-hold-noise times the step's noise level, as longtake's --hold-noise
+            # re-noises them.
+            hs = s5[held] * args.ar_hold_noise
+            xt[held, :, :args.ar_hold] = ((1 - hs) * x_in[held] + hs * noise[held])[:, :, :args.ar_hold]
         # The velocity that takes x_t to the captioned clip: noise - x0 where the input is the clip itself (the
         # held frames of hand-over crops are left out of the loss), (x_t - x0) / sigma for the blends.
         target = noise - x0
@@ -1252,6 +1281,11 @@ def main() -> None:
     ap.add_argument("--ar-from", help="ar: start from this exported model directory's transformer and text "
                                       "encoder instead of phase opp's checkpoint")
     ap.add_argument("--ar-hold", type=int, default=8, help="ar: held latent frames (the render's overlap)")
+    ap.add_argument("--ar-ctx-widen", type=float, default=0.0,
+                    help="ar: share of the held crops whose held frames are the clip's own, widened (widen_held) "
+                         "instead of the model's prediction")
+    ap.add_argument("--ar-hold-noise", type=float, default=1.0,
+                    help="ar: the held frames' noise level as a multiple of the step's (longtake's --hold-noise)")
     ap.add_argument("--contrast-frac", type=float, default=0.0,
                     help="share of a step's items that also go in as a colour pair: a plain crop at noise "
                          "--contrast-sigma with its caption and with another object colour")
