@@ -3,7 +3,7 @@
 
 One command, seeded, on the CPU:
 
-    nice -n 5 .venv/bin/python tools/train_demo.py             # all phases, <= 90 min + evaluation on 2 idle cores
+    nice -n 5 .venv/bin/python tools/train_demo.py             # all phases, then evaluation, on 2 idle cores
 
 Phases (each resumes from the work directory, default target/demo-train/, so a phase can be rerun alone
 with --phase):
@@ -67,25 +67,27 @@ with --phase):
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
-              --contrast-frac F (default 0: off; phases --contrast-phases, default opp), a share F of each
+              --contrast-frac F (default 0.2 in the phases --contrast-phases, default ar only), a share F of each
               step's crops also goes in twice more as a colour pair: the plain crop at a noise level in
-              --contrast-sigma (0.8-1) with its caption and with the object's colour word replaced by another
-              colour (the first copy joins the flow loss only with --contrast-flow), and a hinge asks the
+              --contrast-sigma (0.6-1) with its caption and with the object's colour word replaced by another
+              colour (the first copy also joins the flow loss unless --no-contrast-flow), and a hinge asks the
               object cells' error with the wrong word to exceed the true word's by --contrast-margin
               (relative). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
-     ar       (optional, not in the default phases) --ar-steps (1000) more from phase opp's weights (or
-              those of an exported model directory, --ar-from DIR; fresh optimiser, peak --ar-lr 2e-4) on
+     ar       (after phase vae5, so that phase learns from phase opp's transformer) --ar-steps (1400) more
+              from phase opp's EMA weights (or those of an exported model directory, --ar-from DIR; fresh
+              optimiser, peak --ar-lr 2e-4) on
               21-frame crops, the render's window, --ar-mix-frac (30%) of the captioned items ambiguous as in
               phase opp; of the other crops that do not start at latent frame 0, a share --ar-ctx-frac has
               its first --ar-hold (8) latent frames replaced by the transformer's own one-step prediction of
               them from a noise level in --ar-ctx-sigma, as an autoregressive window holds the previous
-              window's result, and the loss leaves those frames out; a share --ar-ctx-widen of those holds
-              the clip's own frames widened across one or both spatial axes instead (as hand-overs widen a
-              drawn object), and --ar-hold-noise H noises the held frames to H times the step's noise level
-              (longtake's --hold-noise); exports to --out at its end. Measured in the demo model's README (it
-              does not replace phase opp's weights there).
+              window's result, and the loss leaves those frames out; a share --ar-ctx-widen (0.7) of those
+              holds the clip's own frames widened across one or both spatial axes instead (as hand-overs
+              widen a drawn object), and --ar-hold-noise H (0.7) noises the held frames to H times the step's
+              noise level (longtake's --hold-noise, the demo model's default); with colour pairs
+              (--contrast-frac, --contrast-phases). Exports to --out at its end. The demo model's README
+              measures it and the variants tried.
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
               its clean latents in one step with the clip's caption, and the decoder learns to draw the clip
@@ -821,7 +823,9 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             ck = torch.load(work / f"{source}_ckpt.pt")
             origin = f"phase {source}'s weights (step {ck['step']})"
         if ck:
-            for m, key in ((dit, "dit"), (te, "te"), (ema, "ema"), (ema_te, "ema_te")):
+            # Phase ar continues the EMA weights (the ones exported), as from a model directory.
+            keys = ("ema", "ema_te", "ema", "ema_te") if stage == "ar" else ("dit", "te", "ema", "ema_te")
+            for m, key in zip((dit, te, ema, ema_te), keys):
                 m.load_state_dict(ck[key])
             log(f"{stage}: from {origin}")
     if ckpt_path.exists() and args.resume:
@@ -1197,7 +1201,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
     ap.add_argument("--work", default=str(REPO / "target" / "demo-train"))
     ap.add_argument("--phase", nargs="*",
-                    default=["text", "vae", "latents", "vae3", "vae4", "dit", "dir", "opp", "vae5", "export", "eval", "long"],
+                    default=["text", "vae", "latents", "vae3", "vae4", "dit", "dir", "opp", "vae5", "ar", "export", "eval",
+                             "long"],
                     choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "vae5", "dit", "dir", "opp", "ar", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -1270,8 +1275,8 @@ def main() -> None:
     ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
     ap.add_argument("--opp-minutes", type=float, default=6.2, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
-    ap.add_argument("--ar-steps", type=int, default=1000, help="ar: step count")
-    ap.add_argument("--ar-minutes", type=float, default=6, help="ar: wall-time budget")
+    ap.add_argument("--ar-steps", type=int, default=1400, help="ar: step count")
+    ap.add_argument("--ar-minutes", type=float, default=20, help="ar: wall-time budget")
     ap.add_argument("--ar-lr", type=float, default=2e-4, help="ar: peak learning rate")
     ap.add_argument("--ar-mix-frac", type=float, default=0.3, help="ar: share of captioned items made ambiguous")
     ap.add_argument("--ar-ctx-frac", type=float, default=0.6,
@@ -1281,22 +1286,22 @@ def main() -> None:
     ap.add_argument("--ar-from", help="ar: start from this exported model directory's transformer and text "
                                       "encoder instead of phase opp's checkpoint")
     ap.add_argument("--ar-hold", type=int, default=8, help="ar: held latent frames (the render's overlap)")
-    ap.add_argument("--ar-ctx-widen", type=float, default=0.0,
+    ap.add_argument("--ar-ctx-widen", type=float, default=0.7,
                     help="ar: share of the held crops whose held frames are the clip's own, widened (widen_held) "
                          "instead of the model's prediction")
-    ap.add_argument("--ar-hold-noise", type=float, default=1.0,
+    ap.add_argument("--ar-hold-noise", type=float, default=0.7,
                     help="ar: the held frames' noise level as a multiple of the step's (longtake's --hold-noise)")
-    ap.add_argument("--contrast-frac", type=float, default=0.0,
+    ap.add_argument("--contrast-frac", type=float, default=0.2,
                     help="share of a step's items that also go in as a colour pair: a plain crop at noise "
                          "--contrast-sigma with its caption and with another object colour")
-    ap.add_argument("--contrast-sigma", type=float, nargs=2, default=(0.8, 1.0),
+    ap.add_argument("--contrast-sigma", type=float, nargs=2, default=(0.6, 1.0),
                     help="noise-level range of the colour pairs")
     ap.add_argument("--contrast-margin", type=float, default=0.5,
                     help="how much more object-cell loss (relative) the wrong colour word must cost")
     ap.add_argument("--contrast-weight", type=float, default=1.0, help="weight of the colour pairs' hinge")
-    ap.add_argument("--contrast-flow", action="store_true",
+    ap.add_argument("--contrast-flow", action=argparse.BooleanOptionalAction, default=True,
                     help="the colour pairs' true copies also join the flow loss (else only the hinge)")
-    ap.add_argument("--contrast-phases", nargs="+", default=["opp"], choices=["dit", "dir", "opp", "ar"],
+    ap.add_argument("--contrast-phases", nargs="+", default=["ar"], choices=["dit", "dir", "opp", "ar"],
                     help="transformer phases that train on colour pairs")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--text-dropout", type=float, default=0.1)
