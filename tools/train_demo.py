@@ -818,7 +818,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             # An exported model directory instead of phase opp's checkpoint (its weights are EMA weights).
             d = WanTransformer3DModel.from_pretrained(str(Path(args.ar_from) / "transformer")).state_dict()
             t = UMT5EncoderModel.from_pretrained(str(Path(args.ar_from) / "text_encoder")).state_dict()
-            ck, origin = dict(dit=d, te=t, ema=d, ema_te=t), f"the model directory {args.ar_from}"
+            ck, origin = dict(ema=d, ema_te=t), f"the model directory {args.ar_from}"
         elif source:
             ck = torch.load(work / f"{source}_ckpt.pt")
             origin = f"phase {source}'s weights (step {ck['step']})"
@@ -926,8 +926,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         if held and args.ar_hold_noise != 1.0:
             # The held frames at --ar-hold-noise times the step's noise level, as longtake's --hold-noise
             # re-noises them.
-            hs = s5[held] * args.ar_hold_noise
-            xt[held, :, :args.ar_hold] = ((1 - hs) * x_in[held] + hs * noise[held])[:, :, :args.ar_hold]
+            hs, h = s5[held] * args.ar_hold_noise, args.ar_hold
+            xt[held, :, :h] = (1 - hs) * x_in[held, :, :h] + hs * noise[held, :, :h]
         # The velocity that takes x_t to the captioned clip: noise - x0 where the input is the clip itself (the
         # held frames of hand-over crops are left out of the loss), (x_t - x0) / sigma for the blends.
         target = noise - x0
