@@ -108,10 +108,14 @@ with --phase):
               with the steps and guidance of that longtake.json unless --eval-steps / --eval-guidance say.
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
---vae4-minutes, --vae5-minutes, --dit-minutes, --dir-minutes, --opp-minutes), whichever comes first; the
-learning-rate schedule follows the larger of the two fractions, so a run that hits the time budget still
-ends with a decayed learning rate. Runs that stop on the step count are reproducible; runs that stop on
-time depend on the machine's speed.
+--vae4-minutes, --vae5-minutes, --dit-minutes, --dir-minutes, --opp-minutes, --ar-minutes), whichever
+comes first; the learning-rate schedule follows the larger of the two fractions, so a run that hits the
+time budget still ends with a decayed learning rate. Runs that stop on the step count are reproducible;
+runs that stop on time depend on the machine's speed. On top of that, --total-minutes (default 88) bounds
+the whole run up to export: before each transformer phase, if what is left of it (less phase vae5's
+budget and export) is less than the budgets of that phase and the transformer phases after it, their
+budgets shrink in proportion (each to a quarter at least), and the log says so. The VAE phases keep
+theirs: the VAE needs its full step count (below).
 
 torch runs with --threads (default 2). On a 2-core machine that does nothing else meanwhile, two threads
 make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
@@ -1196,6 +1200,28 @@ def phase_long(args, work: Path) -> None:
     (work / f"long_s{args.eval_steps}_g{args.eval_guidance:g}.json").write_text(json.dumps(out, indent=1))
 
 
+TRANSFORMER_PHASES = ("dit", "dir", "opp", "ar")
+
+
+def fit_budget(args, phase: str, ahead: list[str], left: float) -> None:
+    """Shrinks transformer phase `phase`'s wall-time budget (--<phase>-minutes) so that it and the
+    transformer phases after it in `ahead`, each keeping its share, fit in the `left` minutes of
+    --total-minutes less what phases vae5 and export ahead need. A phase is never cut below a quarter
+    of its budget; a run that slow overruns --total-minutes, and says so."""
+    later = [p for p in ahead if p in TRANSFORMER_PHASES]
+    reserve = (args.vae5_minutes + 0.5 if "vae5" in ahead else 0.0) + (0.2 if "export" in ahead else 0.0)
+    planned = sum(getattr(args, f"{p}_minutes") for p in later)
+    scale = max(0.0, left - reserve) / planned
+    if scale >= 1:
+        return
+    own = getattr(args, f"{phase}_minutes")
+    cut = own * max(scale, 0.25)
+    log(f"{phase}: wall-time budget {own:.1f} -> {cut:.1f} min, to end the run within --total-minutes "
+        f"{args.total_minutes:g} ({left:.1f} min left for {' '.join(later)}, {reserve:.1f} reserved for the rest)"
+        + ("; the run will overrun it" if scale < 0.25 else ""))
+    setattr(args, f"{phase}_minutes", cut)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "model" / "assets" / "demo-model"))
@@ -1206,6 +1232,10 @@ def main() -> None:
                     choices=["text", "vae", "vae2", "latents", "vae3", "vae4", "vae5", "dit", "dir", "opp", "ar", "export", "eval", "long"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--total-minutes", type=float, default=88,
+                    help="the transformer phases (dit, dir, opp, ar) shrink their wall-time budgets, each in "
+                         "proportion, so that the phases up to export end within this many minutes of the "
+                         "start; a machine fast enough never needs it (0: no run-wide budget)")
     ap.add_argument("--vae-steps", type=int, default=1086)
     ap.add_argument("--vae-minutes", type=float, default=21)
     ap.add_argument("--vae-batch", type=int, default=4)
@@ -1329,8 +1359,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "args.json").write_text(json.dumps(vars(args), indent=1))
     t0 = time.time()
-    for ph in args.phase:
+    for i, ph in enumerate(args.phase):
         tp = time.time()
+        if args.total_minutes > 0 and ph in TRANSFORMER_PHASES:
+            fit_budget(args, ph, args.phase[i:], args.total_minutes - (tp - t0) / 60)
         {"text": phase_text, "vae": phase_vae, "vae2": lambda a, w: phase_vae(a, w, stage=2), "vae3": phase_vae3,
          "vae4": lambda a, w: phase_vae3(a, w, stage="vae4"), "vae5": phase_vae5, "latents": phase_latents, "dit": phase_dit,
          "dir": lambda a, w: phase_dit(a, w, stage="dir"),
