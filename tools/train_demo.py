@@ -764,6 +764,16 @@ def widen_held(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return out
 
 
+def smear_held(frames: torch.Tensor, caption: str, rng: random.Random) -> torch.Tensor:
+    """Held latent frames [C, T, H, W] with the object smeared into a streak along its motion, as some
+    autoregressive renders draw a moving object as a column: (1 - b) * x + b * (x averaged along the motion's
+    axis), b ~ U(0.3, 0.9); a still object along either axis. The window must draw the object whole again."""
+    motion = scenes.parse_caption(caption).motion
+    axis = {"up": 2, "down": 2, "left": 3, "right": 3}.get(motion, rng.choice([2, 3]))
+    b = rng.uniform(0.3, 0.9)
+    return (1 - b) * frames + b * frames.mean(dim=axis, keepdim=True)
+
+
 def wrong_colour(rng: random.Random, caption: str) -> str:
     """The caption with the object's colour replaced by another colour that is not the background's."""
     s = scenes.parse_caption(caption)
@@ -777,10 +787,11 @@ def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def phase_dit(args, work: Path, stage: str = "dit") -> None:
-    """stage "dit": the transformer and text encoder from scratch (phase dit). Stage "dir" (phase dir, not in
-    the default phases): --dir-minutes more from phase dit's final weights with a fresh optimiser and
-    learning-rate schedule (peak --dir-lr), ambiguous inputs from the start (class Ambiguity); checkpoint
-    dir_ckpt.pt, losses dir_losses.json, exported to --out like phase dit."""
+    """stage "dit": the transformer and text encoder from scratch (phase dit). Stages "dir", "opp" and "ar"
+    continue the stage before them (dit, dir, opp; ar from --ar-from's directory instead when given) with a
+    fresh optimiser and learning-rate schedule: "dir" and "opp" on ambiguous inputs from the start (class
+    Ambiguity; in "opp" the other motion is the opposite one), "ar" on render windows with held frames.
+    Each writes its checkpoint <stage>_ckpt.pt and losses <stage>_losses.json."""
     from diffusers import WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
@@ -909,6 +920,10 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                     x_in[k, :, :args.ar_hold] = pred[j, :, :args.ar_hold]
             for k in widened:
                 x_in[k, :, :args.ar_hold] = widen_held(x0[k, :, :args.ar_hold], rng)
+                # A share --ar-ctx-smear of them is also smeared along the object's motion (smear_held); at 0
+                # no draw is made.
+                if args.ar_ctx_smear > 0 and rng.random() < args.ar_ctx_smear:
+                    x_in[k, :, :args.ar_hold] = smear_held(x_in[k, :, :args.ar_hold], caps[idx[k]], rng)
         n_flow, n_pair = len(idx), 0
         if args.contrast_frac > 0 and stage in args.contrast_phases:
             # Colour pairs (see --contrast-frac): plain crops at high noise, each twice, once with its caption
@@ -1319,6 +1334,8 @@ def main() -> None:
     ap.add_argument("--ar-ctx-widen", type=float, default=0.7,
                     help="ar: share of the held crops whose held frames are the clip's own, widened (widen_held) "
                          "instead of the model's prediction")
+    ap.add_argument("--ar-ctx-smear", type=float, default=0.0,
+                    help="ar: share of the widened held crops also smeared along the object's motion (smear_held)")
     ap.add_argument("--ar-hold-noise", type=float, default=0.7,
                     help="ar: the held frames' noise level as a multiple of the step's (longtake's --hold-noise)")
     ap.add_argument("--contrast-frac", type=float, default=0.2,
