@@ -770,8 +770,8 @@ def smear_held(frames: torch.Tensor, caption: str, rng: random.Random) -> torch.
     """Held latent frames [C, T, H, W] with the object smeared into a streak along its motion, as some
     autoregressive renders draw a moving object as a column: (1 - b) * x + b * (x averaged along the motion's
     axis), b ~ U(0.3, 0.9); a still object along either axis. The window must draw the object whole again."""
-    motion = scenes.parse_caption(caption).motion
-    axis = {"up": 2, "down": 2, "left": 3, "right": 3}.get(motion, rng.choice([2, 3]))
+    dx, dy = scenes.VELOCITY[scenes.parse_caption(caption).motion]
+    axis = 2 if dy else 3 if dx else rng.choice([2, 3])  # latent [C, T, H, W]: H is y, W is x
     b = rng.uniform(0.3, 0.9)
     return (1 - b) * frames + b * frames.mean(dim=axis, keepdim=True)
 
