@@ -122,11 +122,8 @@ make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their
 long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The default
 phases up to export took 86.0 minutes at two threads on an idle 2-core machine, the run-wide budget
-shrinking phases dit, dir, opp and ar (the demo model's README has every phase). The default step
-counts before phase ar joined took about 90 minutes on a slower one (measured: vae 17.7 min,
-latents 5.9 with its reconstruction check, vae3 8.0, vae4 5.4, dit 27.0 on its time budget at 2982 of 3400
-steps, dir 14.6, opp 5.8, vae5 about 5 with the final reconstruction check); the phases' own time budgets
-add up to about 114 minutes with the latents phase and phase ar, hence the run-wide one. A
+shrinking phases dit, dir, opp and ar (the demo model's README has every phase's time). The phases'
+own time budgets add up to about 114 minutes with the latents phase and phase ar, hence the run-wide one. A
 run that stops a phase on time is not step-for-step reproducible. The VAE needs its full step count: in
 a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the 8 held-out check clips came back
 with the object in the wrong colour in 90-96% of their frames.
