@@ -730,9 +730,10 @@ class Ambiguity:
             self.by_look.setdefault((s.obj, s.shape, s.bg), {}).setdefault(s.motion, []).append(i)
 
     def blend(self, rng: random.Random, i: int, start: int, win: int, weight: tuple[float, float],
-              opposite: float) -> torch.Tensor:
-        """a x0 + (1 - a) x0_other for clip i's crop [start, start + win); the other clip moves the opposite
-        way with probability `opposite` (when the training set has that scene), else any other motion."""
+              opposite: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(a x0 + (1 - a) x0_other, x0_other, j) for clip i's crop [start, start + win), x0_other being the
+        other clip j's crop rolled onto the object's cell; the other clip moves the opposite way with
+        probability `opposite` (when the training set has that scene), else any other motion."""
         s = self.scene[i]
         others = self.by_look[(s.obj, s.shape, s.bg)]
         motion = OPPOSITE.get(s.motion)
@@ -745,7 +746,7 @@ class Ambiguity:
         (ya, xa), (yb, xb) = object_cell(x0[:, win // 2]), object_cell(other[:, win // 2])
         other = torch.roll(other, (ya - yb, xa - xb), dims=(2, 3))
         a = rng.uniform(*weight)
-        return a * x0 + (1 - a) * other
+        return a * x0 + (1 - a) * other, other, j
 
 
 def widen_held(frames: torch.Tensor, rng: random.Random) -> torch.Tensor:
@@ -821,7 +822,13 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         blk.attn2.set_processor(cross)
     ambiguity = Ambiguity(lat, caps)
     params = list(dit.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    # The text path (the text encoder and the transformer's cross-attention) at --dir-text-lr times the peak
+    # learning rate in phases dir and opp, the rest at 1.
+    text_mult = args.dir_text_lr if stage in ("dir", "opp") else 1.0
+    text_ids = {id(p) for p in te.parameters()} | {id(p) for blk in dit.blocks for p in blk.attn2.parameters()}
+    groups = [dict(params=[p for p in params if id(p) not in text_ids], mult=1.0),
+              dict(params=[p for p in params if id(p) in text_ids], mult=text_mult)]
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
     seed = args.seed + seed_offset
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -856,7 +863,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     log(f"{stage}: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
     t0 = time.time() - spent
     budget = minutes * 60
-    acc, acc_c = [], []
+    acc, acc_b, acc_c = [], [], []
     ema_pairs = list(zip(list(ema.parameters()) + list(ema_te.parameters()), params))
 
     def save_ckpt():
@@ -870,7 +877,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             break
         lr = lr_at(progress, peak_lr, 0.04)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["mult"]
         # A crop of the cached 41-frame latent sequences: the render window's 21 frames with probability
         # --dit-full-prob (--dir-full-prob in phases dir and opp), else --dit-short frames; the batch holds
         # about --dit-batch x 21 latent frames either way. It starts at latent frame 0 (the video's
@@ -890,11 +897,24 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         if progress >= mix_start and mix_frac > 0:
             # Ambiguous inputs (class Ambiguity) for a share of the captioned items.
             x_in = x0.clone()
+            twins = []
             for k, (i, s) in enumerate(zip(idx, starts)):
                 if prompts[k] and rng.random() < mix_frac:
-                    x_in[k] = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, opposite)
+                    x_in[k], other, j = ambiguity.blend(rng, i, s, win, args.dit_mix_weight, opposite)
                     sigma[k] = rng.uniform(*args.dit_mix_sigma)
                     plain[k] = False
+                    if stage in ("dir", "opp") and args.dir_twins > 0 and rng.random() < args.dir_twins:
+                        twins.append((k, other, caps[j]))
+            if twins:
+                # Twins (--dir-twins): the same noisy blend once more with the other clip's caption and the
+                # velocity towards the other clip, so the batch holds both readings of one input.
+                ks = [k for k, _, _ in twins]
+                x_in = torch.cat([x_in, x_in[ks]])
+                x0 = torch.cat([x0, torch.stack([o for _, o, _ in twins])])
+                noise = torch.cat([noise, noise[ks]])
+                sigma = torch.cat([sigma, sigma[ks]])
+                prompts = prompts + [c for _, _, c in twins]
+                plain = plain + [False] * len(twins)
         held = []
         if stage == "ar":
             # Hand-overs: a share of the plain crops (not starting at frame 0) get their first --ar-hold latent
@@ -923,7 +943,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 # no draw is made.
                 if args.ar_ctx_smear > 0 and rng.random() < args.ar_ctx_smear:
                     x_in[k, :, :args.ar_hold] = smear_held(x_in[k, :, :args.ar_hold], caps[idx[k]], rng)
-        n_flow, n_pair = len(idx), 0
+        n_flow, n_pair = len(prompts), 0
         if args.contrast_frac > 0 and stage in args.contrast_phases:
             # Colour pairs (see --contrast-frac): plain crops at high noise, each twice, once with its caption
             # and once with the object's colour word replaced.
@@ -994,14 +1014,21 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             for pe, p in ema_pairs:
                 pe.lerp_(p.detach(), 1 - decay)
         acc.append(loss.item())
+        if blends:
+            acc_b.append(float(err[blends].mean().detach()))
         if step % 25 == 0:
             hist.append(dict(step=step, minutes=round((time.time() - t0) / 60, 2), loss=float(np.mean(acc)),
                              lr=lr))
             acc = []
+            if acc_b:
+                # The flow loss on the ambiguous inputs alone: it drops once the text decides the motion.
+                hist[-1]["blend_loss"] = float(np.mean(acc_b))
+                acc_b = []
             if acc_c:
                 hist[-1]["wrong_colour_ratio"] = float(np.mean(acc_c))
                 acc_c = []
             log(f"{stage} step {step} ({hist[-1]['minutes']} min): flow loss {hist[-1]['loss']:.4f} lr {lr:.2e}"
+                + (f", blends {hist[-1]['blend_loss']:.4f}" if "blend_loss" in hist[-1] else "")
                 + (f", wrong/true colour {hist[-1]['wrong_colour_ratio']:.2f}" if "wrong_colour_ratio" in hist[-1] else ""))
         if step % args.ckpt_every == 0:
             save_ckpt()
@@ -1316,6 +1343,11 @@ def main() -> None:
     ap.add_argument("--dir-full-prob", type=float, default=0.0,
                     help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
     ap.add_argument("--dir-steps", type=int, default=2000, help="dir: step count")
+    ap.add_argument("--dir-twins", type=float, default=0.0,
+                    help="dir, opp: share of ambiguous inputs that also go in with the other clip's caption and "
+                         "target (the batch grows by that many items)")
+    ap.add_argument("--dir-text-lr", type=float, default=1.0,
+                    help="dir, opp: learning rate of the text encoder and cross-attention, times the phase's")
     ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
     ap.add_argument("--opp-minutes", type=float, default=6.2, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
