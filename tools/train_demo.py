@@ -63,7 +63,13 @@ with --phase):
               (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
               Its crops are 21 frames long with probability --dir-full-prob (default 0), else --dit-short:
               short crops only (more captions per step) at the peak lr --dir-lr 1e-3 taught direction
-              fastest in the measured runs (the demo model's README).
+              fastest in the measured runs (the demo model's README). With --dir-twins F (phases dir and
+              opp), a share F of the blends goes in a second time with the other clip's caption and the
+              velocity towards the other clip: the same noisy input read both ways in one batch, so the
+              gradient that ties the motion word to the motion is not averaged away with the rest. From a
+              phase dit whose phase dir learnt nothing (seed 1), F 0.5 taught the axis (the demo model's
+              README, "Twin blends"); --dir-text-lr M (the text encoder and cross-attention at M times the
+              peak lr) did not. The log prints the blends' own flow loss, which drops once the text decides.
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
