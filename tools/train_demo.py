@@ -828,12 +828,15 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         blk.attn2.set_processor(cross)
     ambiguity = Ambiguity(lat, caps)
     params = list(dit.parameters()) + list(te.parameters())
-    # The text path (the text encoder and the transformer's cross-attention) at --dir-text-lr times the peak
-    # learning rate in phases dir and opp, the rest at 1.
+    # With --dir-text-lr M in phases dir and opp, the text path (the text encoder and the transformer's
+    # cross-attention) learns at M times the peak learning rate, in a second parameter group; otherwise one
+    # group, as in checkpoints written before the option.
     text_mult = args.dir_text_lr if stage in ("dir", "opp") else 1.0
-    text_ids = {id(p) for p in te.parameters()} | {id(p) for blk in dit.blocks for p in blk.attn2.parameters()}
-    groups = [dict(params=[p for p in params if id(p) not in text_ids], mult=1.0),
-              dict(params=[p for p in params if id(p) in text_ids], mult=text_mult)]
+    groups = [dict(params=params, mult=1.0)]
+    if text_mult != 1.0:
+        text_ids = {id(p) for p in te.parameters()} | {id(p) for blk in dit.blocks for p in blk.attn2.parameters()}
+        groups = [dict(params=[p for p in params if id(p) not in text_ids], mult=1.0),
+                  dict(params=[p for p in params if id(p) in text_ids], mult=text_mult)]
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
     seed = args.seed + seed_offset
     gen = torch.Generator().manual_seed(seed)
