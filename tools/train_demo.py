@@ -69,7 +69,9 @@ with --phase):
               gradient that ties the motion word to the motion is not averaged away with the rest. From a
               phase dit whose phase dir learnt nothing (seed 1), F 0.5 taught the axis (the demo model's
               README, "Twin blends"); --dir-text-lr M (the text encoder and cross-attention at M times the
-              peak lr) did not. The log prints the blends' own flow loss, which drops once the text decides.
+              peak lr) did not. Twins also need phase opp's full step count: under --total-minutes 88 at
+              seed 0, phase opp got 520 of its 1000 steps and the model drew moving objects long along
+              their motion, so the flag is off by default. The log prints the blends' own flow loss, which drops once the text decides.
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
