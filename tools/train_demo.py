@@ -71,7 +71,8 @@ with --phase):
               README, "Twin blends"); --dir-text-lr M (the text encoder and cross-attention at M times the
               peak lr) did not. Twins also need phase opp's full step count: under --total-minutes 88 at
               seed 0, phase opp got 520 of its 1000 steps and the model drew moving objects long along
-              their motion, so the flag is off by default. The log prints the blends' own flow loss, which drops once the text decides.
+              their motion, so the flag is off by default. The log prints the blends' own flow loss,
+              which drops once the text decides.
      opp      --opp-steps (1000) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
