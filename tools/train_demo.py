@@ -835,11 +835,12 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     # cross-attention) learns at M times the peak learning rate, in a second parameter group; otherwise one
     # group, as in checkpoints written before the option.
     text_mult = args.dir_text_lr if stage in ("dir", "opp") else 1.0
-    groups = [dict(params=params, mult=1.0)]
     if text_mult != 1.0:
         text_ids = {id(p) for p in te.parameters()} | {id(p) for blk in dit.blocks for p in blk.attn2.parameters()}
         groups = [dict(params=[p for p in params if id(p) not in text_ids], mult=1.0),
                   dict(params=[p for p in params if id(p) in text_ids], mult=text_mult)]
+    else:
+        groups = [dict(params=params, mult=1.0)]
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
     seed = args.seed + seed_offset
     gen = torch.Generator().manual_seed(seed)
