@@ -30,7 +30,8 @@ with --phase):
      vae3     decoder-only fine-tuning (encoder frozen, so the cached latents stay valid) on noisy posterior
               means, streamed like phase vae, with the object's pixels weighted 4x; writes work/vae3/, which
               export uses. It does not depend on the dit phase (the two can run at once). The last decoder phase
-              of a run (vae3, vae4 or vae5) also writes <phase>_recon.json (as vae_recon.json above).
+              of a run (vae3, vae4 or vae5) also writes <phase>_recon.json (as vae_recon.json above), and
+              the log warns when it draws a clip's named colours in under 90 % of its frames.
      vae4     phase vae3 continued (fresh schedule, --vae4-steps, peak --vae4-lr) with 5x the noise
               (--vae4-noise 0.5 x the std): a decoder that has seen more of the latent space around the
               encoder's codes draws generated latents with cleaner object colours. Writes work/vae4/ (export
@@ -622,6 +623,11 @@ def recon_check(args, work: Path, vae, name: str) -> None:
                           l1_per_frame=[round(float(v), 4) for v in per_frame]))
         log(f"recon {sc.caption}: " + str({k: v for k, v in recon[-1].items() if k != "l1_per_frame"}))
     (work / name).write_text(json.dumps(recon, indent=1))
+    # A decoder that loses a scene's colours here loses them in every render of it: say so where it shows.
+    short = [f"{r['caption']} (background {r['bg_frac']:.0%}, object {r['obj_frac']:.0%})" for r in recon
+             if min(r["bg_frac"], r["obj_frac"]) < 0.9]
+    if short:
+        log(f"WARNING {name}: the decoder draws the named colours in under 90 % of the frames of: " + "; ".join(short))
 
 
 def latent_stats(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
