@@ -30,8 +30,8 @@ with --phase):
      vae3     decoder-only fine-tuning (encoder frozen, so the cached latents stay valid) on noisy posterior
               means, streamed like phase vae, with the object's pixels weighted 4x; writes work/vae3/, which
               export uses. It does not depend on the dit phase (the two can run at once). The last decoder phase
-              of a run (vae3, vae4 or vae5) also writes <phase>_recon.json (as vae_recon.json above), and
-              the log warns when it draws a clip's named colours in under 90 % of its frames.
+              of a run (vae3, vae4 or vae5) also writes <phase>_recon.json (as vae_recon.json above); both checks
+              warn in the log when a decoder draws a clip's named colours in under 90 % of its frames.
      vae4     phase vae3 continued (fresh schedule, --vae4-steps, peak --vae4-lr) with 5x the noise
               (--vae4-noise 0.5 x the std): a decoder that has seen more of the latent space around the
               encoder's codes draws generated latents with cleaner object colours. Writes work/vae4/ (export
