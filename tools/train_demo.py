@@ -161,6 +161,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SIZE = 64
+# The acceptance bar's colour share: the named background and object in at least this share of the frames.
+COLOUR_BAR = 0.9
 FLOW_SHIFT = 3.0
 WINDOW = 21  # latent frames per DiT training window (81 pixel frames)
 OBJ_DEV = 0.5  # dit: a latent cell this far (mean |z - background| over channels) from the background is object
@@ -625,9 +627,9 @@ def recon_check(args, work: Path, vae, name: str) -> None:
     (work / name).write_text(json.dumps(recon, indent=1))
     # A decoder that loses a scene's colours here loses them in every render of it: say so where it shows.
     short = [f"{r['caption']} (background {r['bg_frac']:.0%}, object {r['obj_frac']:.0%})" for r in recon
-             if min(r["bg_frac"], r["obj_frac"]) < 0.9]
+             if min(r["bg_frac"], r["obj_frac"]) < COLOUR_BAR]
     if short:
-        log(f"WARNING {name}: the decoder draws the named colours in under 90 % of the frames of: " + "; ".join(short))
+        log(f"WARNING {name}: the decoder draws the named colours in under {COLOUR_BAR:.0%} of the frames of: " + "; ".join(short))
 
 
 def latent_stats(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1157,7 +1159,7 @@ def phase_eval(args, work: Path) -> None:
                     motion_ok=float(np.mean([r["motion_ok"] for r in rs])),
                     speed_ok=float(np.mean([r["speed_ok"] for r in rs])),
                     shape_ok=float(np.mean([r["shape_ok"] for r in rs])),
-                    all_ok=float(np.mean([r["bg_frac"] > 0.9 and r["obj_frac"] > 0.9 and r["motion_ok"]
+                    all_ok=float(np.mean([min(r["bg_frac"], r["obj_frac"]) >= COLOUR_BAR and r["motion_ok"]
                                           and r["shape_ok"] for r in rs])))
     s = dict(steps=args.eval_steps, guidance=args.eval_guidance, frames=args.eval_frames,
              seconds_per_video=float(np.median(times)),
