@@ -119,9 +119,11 @@ with --phase):
 
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
 --vae4-minutes, --vae5-minutes, --dit-minutes, --dir-minutes, --opp-minutes, --ar-minutes), whichever
-comes first; the learning-rate schedule follows the larger of the two fractions, so a run that hits the
-time budget still ends with a decayed learning rate. Runs that stop on the step count are reproducible;
-runs that stop on time depend on the machine's speed. On top of that, --total-minutes (default 88) bounds
+comes first. The learning-rate schedule (and the data a phase draws) follows the step fraction alone
+while the step count fits the budget; when, at the pace of the last 50 steps, it would not, the step count
+is shortened to what fits and the log says so (class Clock), so a phase cut short still ends with a decayed
+learning rate. Runs whose phases finish their step counts are reproducible from the seed; runs that cut
+a step count depend on the machine's speed. On top of that, --total-minutes (default 88) bounds
 the whole run up to export: before each transformer phase, if what is left of it (less phase vae5's
 budget and export) is less than the budgets of that phase and the transformer phases after it, their
 budgets shrink in proportion (each to a quarter at least), and the log says so. The VAE phases keep
@@ -246,6 +248,39 @@ def lr_at(progress: float, base: float, warmup_frac: float, floor: float = 0.05)
         return base * max(progress / warmup_frac, 0.01)
     p = (progress - warmup_frac) / max(1e-9, 1 - warmup_frac)
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+class Clock:
+    """A phase's place in its schedule. Progress is the fraction of the phase's step count done, so a run
+    whose phases all finish their step counts within their wall-time budgets follows the same learning-rate
+    path and draws the same data whatever the machine's speed, and repeats from its seed. Every `check`
+    steps, if the steps left would overrun the budget at the pace of the last `check` steps, the step
+    count is shortened to what fits (it never grows back), so the learning rate still anneals before the
+    budget runs out; the log says so. At the end of the budget progress is 1 whatever the step."""
+
+    def __init__(self, name: str, steps: int, minutes: float, spent: float = 0.0, check: int = 50):
+        self.name, self.steps, self.budget, self.check = name, steps, minutes * 60, check
+        self.t0 = time.time() - spent
+        self.mark: tuple[int, float] | None = None
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def progress(self, step: int) -> float:
+        now, elapsed = time.time(), self.elapsed()
+        if elapsed >= self.budget:
+            return 1.0
+        if self.mark is None:
+            self.mark = (step, now)
+        elif step - self.mark[0] >= self.check:
+            pace = (now - self.mark[1]) / (step - self.mark[0])
+            fits = step + int((self.budget - elapsed) / pace)
+            if fits < self.steps:
+                log(f"{self.name}: step count {self.steps} -> {max(step + 1, fits)}, to end within its "
+                    f"{self.budget / 60:.1f}-minute budget at {pace:.2f} s/step")
+                self.steps = max(step + 1, fits)
+            self.mark = (step, now)
+        return step / self.steps
 
 
 def to_pixels(clip: np.ndarray) -> torch.Tensor:
@@ -380,11 +415,11 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     train = scenes.train_scenes()
     t0 = time.time()
-    budget = minutes * 60
+    clock = Clock(f"vae{stage}", n_steps, minutes)
     hist, acc = [], []
     step = 0
     while step < n_steps:
-        progress = max(step / n_steps, (time.time() - t0) / budget)
+        progress = clock.progress(step)
         if progress >= 1:
             break
         for g in opt.param_groups:
@@ -451,7 +486,7 @@ def train_decoder(args, work: Path, stage: str, vae, max_steps: int, minutes: fl
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
-    budget = minutes * 60
+    clock = Clock(stage, max_steps, minutes)
     hist, acc, step = [], [], 0
 
     def save():
@@ -464,7 +499,7 @@ def train_decoder(args, work: Path, stage: str, vae, max_steps: int, minutes: fl
         tmp.rename(work / stage)
 
     while step < max_steps:
-        progress = max(step / max_steps, (time.time() - t0) / budget)
+        progress = clock.progress(step)
         if progress >= 1:
             break
         for g in opt.param_groups:
@@ -883,7 +918,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         log(f"{stage}: resumed at step {step}")
     log(f"{stage}: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
     t0 = time.time() - spent
-    budget = minutes * 60
+    clock = Clock(stage, max_steps, minutes, spent)
     acc, acc_b, acc_c = [], [], []
     ema_pairs = list(zip(list(ema.parameters()) + list(ema_te.parameters()), params))
 
@@ -893,7 +928,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                         spent=time.time() - t0), ckpt_path)
 
     while step < max_steps:
-        progress = max(step / max_steps, (time.time() - t0) / budget)
+        progress = clock.progress(step)
         if progress >= 1:
             break
         lr = lr_at(progress, peak_lr, 0.04)
