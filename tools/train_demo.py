@@ -120,14 +120,15 @@ with --phase):
 Each training phase stops at its step count or its wall-clock budget (--vae-minutes, --vae3-minutes,
 --vae4-minutes, --vae5-minutes, --dit-minutes, --dir-minutes, --opp-minutes, --ar-minutes), whichever
 comes first. The learning-rate schedule (and the data a phase draws) follows the step fraction alone
-while the step count fits the budget; when, at the pace of the last 50 steps, it would not, the step count
-is shortened to what fits and the log says so (class Clock), so a phase cut short still ends with a decayed
-learning rate. Runs whose phases finish their step counts are reproducible from the seed; runs that cut
-a step count depend on the machine's speed. On top of that, --total-minutes (default 88) bounds
-the whole run up to export: before each transformer phase, if what is left of it (less phase vae5's
-budget and export) is less than the budgets of that phase and the transformer phases after it, their
-budgets shrink in proportion (each to a quarter at least), and the log says so. The VAE phases keep
-theirs: the VAE needs its full step count (below).
+while the step count fits the budget; when, at the pace so far, it would not, the step count is shortened
+to what fits and the log says so (class Clock: the pace is measured from the phase's 20th step, and the
+count is cut only when the projected finish overruns the budget by more than 3 %), so a phase cut short
+still ends with a decayed learning rate. Runs whose phases finish their step counts are reproducible from
+the seed; runs that cut a step count depend on the machine's speed. On top of that, --total-minutes
+(default 88) bounds the whole run up to export: before each transformer phase, if what is left of it
+(less phase vae5's budget and export) is less than the budgets of that phase and the transformer phases
+after it, their budgets shrink in proportion (each to a quarter at least), and the log says so. The VAE
+phases keep theirs: the VAE needs its full step count (below).
 
 torch runs with --threads (default 2). On a 2-core machine that does nothing else meanwhile, two threads
 make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
@@ -254,32 +255,37 @@ class Clock:
     """A phase's place in its schedule. Progress is the fraction of the phase's step count done, so a run
     whose phases all finish their step counts within their wall-time budgets follows the same learning-rate
     path and draws the same data whatever the machine's speed, and repeats from its seed. Every `check`
-    steps, if the steps left would overrun the budget at the pace of the last `check` steps, the step
-    count is shortened to what fits (it never grows back), so the learning rate still anneals before the
-    budget runs out; the log says so. At the end of the budget progress is 1 whatever the step."""
+    steps the pace since the phase's first `settle` steps (which carry its start-up costs) projects the
+    finish; if that overruns the budget by more than `slack`, the step count is shortened to what fits (it
+    never grows back) and the log says so, so the learning rate still anneals before the budget runs out.
+    At the end of the budget progress is 1 whatever the step (within `slack` that is near the schedule's
+    end anyway)."""
 
-    def __init__(self, name: str, steps: int, minutes: float, spent: float = 0.0, check: int = 50):
-        self.name, self.steps, self.budget, self.check = name, steps, minutes * 60, check
+    def __init__(self, name: str, steps: int, minutes: float, spent: float = 0.0, check: int = 50,
+                 settle: int = 20, slack: float = 0.03):
+        self.name, self.steps, self.budget = name, steps, minutes * 60
+        self.check, self.settle, self.slack = check, settle, slack
         self.t0 = time.time() - spent
+        self.first: int | None = None
         self.mark: tuple[int, float] | None = None
 
-    def elapsed(self) -> float:
-        return time.time() - self.t0
-
     def progress(self, step: int) -> float:
-        now, elapsed = time.time(), self.elapsed()
+        now = time.time()
+        elapsed = now - self.t0
         if elapsed >= self.budget:
             return 1.0
+        if self.first is None:
+            self.first = step
         if self.mark is None:
-            self.mark = (step, now)
-        elif step - self.mark[0] >= self.check:
+            if step >= self.first + self.settle:
+                self.mark = (step, now)
+        elif (step - self.mark[0]) % self.check == 0 and step > self.mark[0]:
             pace = (now - self.mark[1]) / (step - self.mark[0])
-            fits = step + int((self.budget - elapsed) / pace)
-            if fits < self.steps:
-                log(f"{self.name}: step count {self.steps} -> {max(step + 1, fits)}, to end within its "
+            if elapsed + (self.steps - step) * pace > self.budget * (1 + self.slack):
+                fits = max(step + 1, step + int((self.budget - elapsed) / pace))
+                log(f"{self.name}: step count {self.steps} -> {fits}, to end within its "
                     f"{self.budget / 60:.1f}-minute budget at {pace:.2f} s/step")
-                self.steps = max(step + 1, fits)
-            self.mark = (step, now)
+                self.steps = fits
         return step / self.steps
 
 
