@@ -894,7 +894,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     seed = args.seed + seed_offset
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    step, hist, spent = 0, [], 0.0
+    step, hist, spent, count = 0, [], 0.0, max_steps
     if not (ckpt_path.exists() and args.resume):
         ck, origin = None, None
         if stage == "ar" and args.ar_from:
@@ -921,17 +921,21 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         gen.set_state(ck["gen"])
         rng.setstate(ck["rng"])
         step, hist, spent = ck["step"], ck["hist"], ck["spent"]
+        # The step count as the phase's clock had shortened it (class Clock), when the checkpoint records it
+        # and the planned count is unchanged.
+        if ck.get("planned") == max_steps:
+            count = ck["count"]
         log(f"{stage}: resumed at step {step}")
     log(f"{stage}: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
     t0 = time.time() - spent
-    clock = Clock(stage, max_steps, minutes, spent)
+    clock = Clock(stage, count, minutes, spent)
     acc, acc_b, acc_c = [], [], []
     ema_pairs = list(zip(list(ema.parameters()) + list(ema_te.parameters()), params))
 
     def save_ckpt():
         torch.save(dict(dit=dit.state_dict(), te=te.state_dict(), ema=ema.state_dict(), ema_te=ema_te.state_dict(),
                         opt=opt.state_dict(), gen=gen.get_state(), rng=rng.getstate(), step=step, hist=hist,
-                        spent=time.time() - t0), ckpt_path)
+                        spent=time.time() - t0, count=clock.steps, planned=max_steps), ckpt_path)
 
     while step < max_steps:
         progress = clock.progress(step)
