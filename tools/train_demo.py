@@ -420,8 +420,8 @@ def phase_vae(args, work: Path, stage: int = 1) -> None:
             vae.quant_conv.bias[VAE_CFG["z_dim"]:] = -6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=base_lr, betas=(0.9, 0.99), weight_decay=0.0)
     train = scenes.train_scenes()
-    t0 = time.time()
     clock = Clock(f"vae{stage}", n_steps, minutes)
+    t0 = clock.t0
     hist, acc = [], []
     step = 0
     while step < n_steps:
@@ -491,8 +491,8 @@ def train_decoder(args, work: Path, stage: str, vae, max_steps: int, minutes: fl
     vae.quant_conv.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    t0 = time.time()
     clock = Clock(stage, max_steps, minutes)
+    t0 = clock.t0
     hist, acc, step = [], [], 0
 
     def save():
@@ -670,7 +670,8 @@ def recon_check(args, work: Path, vae, name: str) -> None:
     short = [f"{r['caption']} (background {r['bg_frac']:.0%}, object {r['obj_frac']:.0%})" for r in recon
              if min(r["bg_frac"], r["obj_frac"]) < COLOUR_BAR]
     if short:
-        log(f"WARNING {name}: the decoder draws the named colours in under {COLOUR_BAR:.0%} of the frames of: " + "; ".join(short))
+        log(f"WARNING {name}: the decoder draws the named colours in under {COLOUR_BAR:.0%} of the frames of: "
+            + "; ".join(short))
 
 
 def latent_stats(work: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -927,8 +928,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
             count = ck["count"]
         log(f"{stage}: resumed at step {step}")
     log(f"{stage}: {sum(p.numel() for p in dit.parameters()) / 1e6:.3f} M params, {n} latent clips of {tlen} frames")
-    t0 = time.time() - spent
     clock = Clock(stage, count, minutes, spent)
+    t0 = clock.t0
     acc, acc_b, acc_c = [], [], []
     ema_pairs = list(zip(list(ema.parameters()) + list(ema_te.parameters()), params))
 
