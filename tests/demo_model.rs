@@ -28,7 +28,7 @@ const PROMPTS: [(&str, bool); 4] = [
 
 /// The acceptance check of the demo model, part of the default suite; with every figure printed:
 /// `cargo test --release --test demo_model -- --nocapture` (about a minute; the model's measured
-/// figures over more seeds are in `model/assets/demo-model/README.md`).
+/// figures over more seeds are in `model/assets/demo-model/MEASUREMENTS.md`).
 #[test]
 fn the_default_model_renders_the_prompt() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1150,7 +1150,7 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
     # The tokenizer was loaded from disk, which adds loader state to its config: use the built files.
     for f in (work / "tokenizer").iterdir():
         shutil.copyfile(f, tmp / "tokenizer" / f.name)
-    for keep in ("README.md", "longtake.json"):  # files of the model directory that are not the pipeline's
+    for keep in ("README.md", "MEASUREMENTS.md", "longtake.json"):  # files of the model directory that are not the pipeline's
         if (out / keep).exists():
             shutil.copyfile(out / keep, tmp / keep)
     if out.exists():
