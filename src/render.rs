@@ -547,4 +547,55 @@ mod tests {
             "noise-layout: \"fresh\" is not a layout; allowed: independent, rescheduled"
         );
     }
+
+    /// The flags' help names the fallback values and the built-in demo model's own by hand; this
+    /// keeps them equal to `ModelDefaults::WAN21` and the demo model's `longtake.json`.
+    #[test]
+    fn the_help_names_the_fallbacks_and_the_demo_models_settings() {
+        use clap::Args as _;
+        use longtake_coordinator::geometry::ModelCatalog as _;
+        let models = crate::models::LocalModels::default();
+        let demo = models.model_info("builtin:demo").unwrap().defaults;
+        let smoke = models.model_info("builtin:smoke").unwrap().defaults;
+        let wan = longtake_coordinator::geometry::ModelDefaults::WAN21;
+        let name =
+            |m: longtake_coordinator::validate::StitchingMode| format!("{m:?}").to_lowercase();
+        let cmd = RequestArgs::augment_args(clap::Command::new("render"));
+        let help = |id: &str| {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id);
+            let text = arg.and_then(|a| a.get_help()).map(|h| h.to_string());
+            text.unwrap_or_else(|| panic!("--{id} has no help"))
+        };
+        for (id, fallback, own) in [
+            (
+                "steps",
+                wan.steps.to_string(),
+                format!("{}, the smoke model: {}", demo.steps, smoke.steps),
+            ),
+            (
+                "guidance",
+                wan.guidance.to_string(),
+                demo.guidance.to_string(),
+            ),
+            ("stitching", name(wan.stitching), name(demo.stitching)),
+            ("overlap", wan.overlap.to_string(), demo.overlap.to_string()),
+            (
+                "hold_noise",
+                wan.hold_noise.to_string(),
+                demo.hold_noise.to_string(),
+            ),
+            (
+                "hold_release",
+                wan.hold_release.to_string(),
+                demo.hold_release.to_string(),
+            ),
+        ] {
+            let want = format!("else {fallback} (the built-in demo model: {own})");
+            let text = help(id);
+            assert!(
+                text.contains(&want),
+                "--{id}: its help {text:?} should say {want:?}"
+            );
+        }
+    }
 }
