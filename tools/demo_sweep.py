@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Render demo-world prompts over several seeds with `longtake render` and score each with `longtake
-analyze`: the figures of the demo model's README tables, one row per prompt and seed, and how many
+analyze`: the figures of the demo model's MEASUREMENTS.md tables, one row per prompt and seed, and how many
 renders meet the acceptance bar (tests/demo_model.rs): the named background and an object of the named
 colour in at least 90 % of the frames, the named motion in at least 75 % of the steps, and no larger
 step of the object's track at a window boundary than inside a window.
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
-# The six prompts of the demo model README's tables: the acceptance test's four, then two training scenes.
+# The six prompts of the demo model's MEASUREMENTS.md tables: the acceptance test's four, then two training scenes.
 README_PROMPTS = [
     "a yellow square moves right on a green background",
     "a red circle moves left on a blue background",

@@ -64,7 +64,7 @@ with --phase):
               (--dit-mix-start < 1 mixes such inputs into phase dit itself after that fraction of it.)
               Its crops are 21 frames long with probability --dir-full-prob (default 0), else --dit-short:
               short crops only (more captions per step) at the peak lr --dir-lr 1e-3 taught direction
-              fastest in the measured runs (the demo model's README). With --dir-twins F (phases dir and
+              fastest in the measured runs (the demo model's MEASUREMENTS.md). With --dir-twins F (phases dir and
               opp), a share F of the blends goes in a second time with the other clip's caption and the
               velocity towards the other clip: the same noisy input read both ways in one batch, so the
               gradient that ties the motion word to the motion is not averaged away with the rest. From a
@@ -96,7 +96,7 @@ with --phase):
               holds the clip's own frames widened across one or both spatial axes instead (as hand-overs
               widen a drawn object), and --ar-hold-noise H (0.7) noises the held frames to H times the step's
               noise level (longtake's --hold-noise, the demo model's default); with colour pairs
-              (--contrast-frac, --contrast-phases). Exports to --out at its end. The demo model's README
+              (--contrast-frac, --contrast-phases). Exports to --out at its end. The demo model's MEASUREMENTS.md
               measures it and the variants tried.
      vae5     (after phase opp) the latest decoder fine-tuned on the transformer's own latents: a training
               clip is encoded, noised to sigma ~ U(0.05, --vae5-sigma-max), the trained transformer predicts
@@ -135,7 +135,7 @@ make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their
 long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The default
 phases up to export took 86.0 minutes at two threads on an idle 2-core machine, the run-wide budget
-shrinking phases dit, dir, opp and ar (the demo model's README has every phase's time). The phases'
+shrinking phases dit, dir, opp and ar (the demo model's MEASUREMENTS.md has every phase's time). The phases'
 own time budgets add up to about 114 minutes with the latents phase and phase ar, hence the run-wide one. A
 run that stops a phase on time is not step-for-step reproducible. The VAE needs its full step count: in
 a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the 8 held-out check clips came back
@@ -1150,7 +1150,8 @@ def export(args, work: Path, dit=None, te=None, dit_step=None) -> None:
     # The tokenizer was loaded from disk, which adds loader state to its config: use the built files.
     for f in (work / "tokenizer").iterdir():
         shutil.copyfile(f, tmp / "tokenizer" / f.name)
-    for keep in ("README.md", "MEASUREMENTS.md", "longtake.json"):  # files of the model directory that are not the pipeline's
+    # Files of the model directory that are not the pipeline's.
+    for keep in ("README.md", "MEASUREMENTS.md", "longtake.json"):
         if (out / keep).exists():
             shutil.copyfile(out / keep, tmp / keep)
     if out.exists():
