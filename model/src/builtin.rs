@@ -29,11 +29,13 @@ macro_rules! assets {
     };
 }
 
-/// Every file of a built-in model directory (both have the same layout).
+/// Every file of a built-in model directory (both have the same layout), and the extra files
+/// of one of them.
 macro_rules! model_files {
-    ($dir:literal) => {
+    ($dir:literal $(, $extra:literal)* $(,)?) => {
         assets!($dir:
             "README.md",
+            $($extra,)*
             "longtake.json",
             "model_index.json",
             "scheduler/scheduler_config.json",
@@ -51,7 +53,8 @@ macro_rules! model_files {
 }
 
 const SMOKE_FILES: &[(&str, &[u8])] = model_files!("smoke-model");
-const DEMO_FILES: &[(&str, &[u8])] = model_files!("demo-model");
+// The demo model's README links to the measurements behind its figures.
+const DEMO_FILES: &[(&str, &[u8])] = model_files!("demo-model", "MEASUREMENTS.md");
 
 /// A model compiled into the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,13 +119,18 @@ impl Builtin {
         .clone()
     }
 
+    /// Its directory's name under `model/assets` and in the cache.
+    fn stem(self) -> &'static str {
+        match self {
+            Builtin::Demo => "demo-model",
+            Builtin::Smoke => "smoke-model",
+        }
+    }
+
     /// The model's directory, unpacking it if needed (atomically: a half-written directory is
     /// never used).
     pub fn model_dir(self) -> Result<PathBuf> {
-        let stem = match self {
-            Builtin::Demo => "demo-model",
-            Builtin::Smoke => "smoke-model",
-        };
+        let stem = self.stem();
         let fingerprint = self.fingerprint();
         let dir = cache_root().join(format!("{stem}-{fingerprint}"));
         if dir.join("model_index.json").is_file() {
@@ -161,4 +169,43 @@ fn cache_root() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir)
         .join("longtake")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files_under(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                files_under(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+
+    #[test]
+    fn every_file_of_an_asset_directory_is_compiled_in() {
+        for model in [Builtin::Demo, Builtin::Smoke] {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("assets")
+                .join(model.stem());
+            let mut on_disk = Vec::new();
+            files_under(&root, &root, &mut on_disk);
+            on_disk.sort();
+            let mut embedded: Vec<String> =
+                model.files().iter().map(|(n, _)| n.to_string()).collect();
+            embedded.sort();
+            assert_eq!(
+                embedded,
+                on_disk,
+                "{}: the files compiled in (left) differ from {}",
+                model.name(),
+                root.display()
+            );
+        }
+    }
 }
