@@ -52,7 +52,7 @@ with --phase):
               path (tokens + </s>, encoder, real rows kept, zero rows up to 512); training computes the
               cross-attention over the 502-odd identical zero rows exactly but cheaply (CompactCrossAttn).
               An exponential moving average of the transformer's and text encoder's weights is exported.
-     dir      --dir-steps (2000) more of phase dit from its final
+     dir      --dir-steps (1650) more of phase dit from its final
               weights (fresh optimiser and schedule, peak --dir-lr) in which --dit-mix-frac (80%) of the
               captioned items get an ambiguous input (class Ambiguity): a blend of the clip and a clip of
               the same object with another motion (another direction or still), the target the velocity
@@ -69,12 +69,13 @@ with --phase):
               velocity towards the other clip: the same noisy input read both ways in one batch, so the
               gradient that ties the motion word to the motion is not averaged away with the rest. From a
               phase dit whose phase dir learnt nothing (seed 1), F 0.5 taught the axis (the demo model's
-              README, "Twin blends"); --dir-text-lr M (the text encoder and cross-attention at M times the
-              peak lr) did not. Twins also need phase opp's full step count: under --total-minutes 88 at
-              seed 0, phase opp got 520 of its 1000 steps and the model drew moving objects long along
-              their motion, so the flag is off by default. The log prints the blends' own flow loss,
-              which drops once the text decides.
-     opp      --opp-steps (1000) more from phase dir's weights (fresh
+              MEASUREMENTS.md, "Twin blends"); --dir-text-lr M (the text encoder and cross-attention at M times
+              the peak lr) did not. Twins also need phase opp's full step count: under --total-minutes 88
+              at seed 0, phase opp got 520 of its 1000 steps and the model drew moving objects long along
+              their motion; the default recipe gives phases dit, dir and opp budgets that their step
+              counts fit (--dir-twins 0.5 is the default; 0 turns twins off). The log prints the blends'
+              own flow loss, which drops once the text decides.
+     opp      --opp-steps (1150) more from phase dir's weights (fresh
               optimiser, peak --opp-lr), every blend partner moving the opposite way where the training set
               has that scene: the sign. Phases dir and opp export to --out at their ends. With
               --contrast-frac F (default 0.2 in the phases --contrast-phases, default ar only), a share F of each
@@ -85,7 +86,7 @@ with --phase):
               (relative). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
-     ar       (after phase vae5, so that phase learns from phase opp's transformer) --ar-steps (1400) more
+     ar       (after phase vae5, so that phase learns from phase opp's transformer) --ar-steps (600) more
               from phase opp's EMA weights (or those of an exported model directory, --ar-from DIR; fresh
               optimiser, peak --ar-lr 2e-4) on
               21-frame crops, the render's window, --ar-mix-frac (30%) of the captioned items ambiguous as in
@@ -134,9 +135,10 @@ torch runs with --threads (default 2). On a 2-core machine that does nothing els
 make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
 long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The default
-phases up to export took 86.0 minutes at two threads on an idle 2-core machine, the run-wide budget
-shrinking phases dit, dir, opp and ar (the demo model's MEASUREMENTS.md has every phase's time). The phases'
-own time budgets add up to about 114 minutes with the latents phase and phase ar, hence the run-wide one. A
+phases up to export took 84.0 minutes at two threads on an idle 2-core machine, every phase but vae
+finishing its step count within its budget (the demo model's README has every phase's time). The phases'
+own time budgets add up to about 92 minutes with the latents phase; on a slower machine the run-wide
+budget shortens the transformer phases. A
 run that stops a phase on time is not step-for-step reproducible. The VAE needs its full step count: in
 a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the 8 held-out check clips came back
 with the object in the wrong colour in 90-96% of their frames.
@@ -1368,12 +1370,12 @@ def main() -> None:
     ap.add_argument("--vae3-obj-weight", type=float, default=4.0, help="vae3, vae4: loss weight of object pixels")
     ap.add_argument("--vae4-from", default="vae3", choices=["vae3", "vae"],
                     help="vae4: the decoder it continues (phase vae3's, or phase vae's when vae3 is left out)")
-    ap.add_argument("--vae4-steps", type=int, default=450, help="vae4: step count")
+    ap.add_argument("--vae4-steps", type=int, default=300, help="vae4: step count")
     ap.add_argument("--vae4-minutes", type=float, default=5.5, help="vae4: wall-time budget")
     ap.add_argument("--vae4-lr", type=float, default=5e-4, help="vae4: peak learning rate")
     ap.add_argument("--vae4-noise", type=float, default=0.5, help="vae4: latent noise, times the latents' std")
-    ap.add_argument("--vae5-steps", type=int, default=250, help="vae5: step count")
-    ap.add_argument("--vae5-minutes", type=float, default=5, help="vae5: wall-time budget")
+    ap.add_argument("--vae5-steps", type=int, default=200, help="vae5: step count")
+    ap.add_argument("--vae5-minutes", type=float, default=4.6, help="vae5: wall-time budget")
     ap.add_argument("--vae5-lr", type=float, default=5e-4, help="vae5: peak learning rate")
     ap.add_argument("--vae5-batch", type=int, default=2, help="vae5: clips per step")
     ap.add_argument("--vae5-frames", type=int, default=33, help="vae5: pixel frames per clip, from frame 0 (1 + 4k)")
@@ -1387,8 +1389,8 @@ def main() -> None:
     ap.add_argument("--latent-frames", type=int, default=161)
     ap.add_argument("--recon-checks", type=int, default=8, help="held-out clips reconstructed to check the VAE")
     ap.add_argument("--latent-scenes", type=int, default=0, help="encode only the first N clips (quick tests)")
-    ap.add_argument("--dit-steps", type=int, default=3400)
-    ap.add_argument("--dit-minutes", type=float, default=27)
+    ap.add_argument("--dit-steps", type=int, default=2950)
+    ap.add_argument("--dit-minutes", type=float, default=19)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
     ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
@@ -1406,21 +1408,21 @@ def main() -> None:
                     help="dit, dir: range of the noise level of ambiguous inputs")
     ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
-    ap.add_argument("--dir-minutes", type=float, default=15, help="dir: wall-time budget")
+    ap.add_argument("--dir-minutes", type=float, default=13.5, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=1e-3, help="dir: peak learning rate")
     ap.add_argument("--dir-full-prob", type=float, default=0.0,
                     help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
-    ap.add_argument("--dir-steps", type=int, default=2000, help="dir: step count")
-    ap.add_argument("--dir-twins", type=float, default=0.0,
+    ap.add_argument("--dir-steps", type=int, default=1650, help="dir: step count")
+    ap.add_argument("--dir-twins", type=float, default=0.5,
                     help="dir, opp: share of ambiguous inputs that also go in with the other clip's caption and "
                          "target (the batch grows by that many items)")
     ap.add_argument("--dir-text-lr", type=float, default=1.0,
                     help="dir, opp: learning rate of the text encoder and cross-attention, times the phase's")
-    ap.add_argument("--opp-steps", type=int, default=1000, help="opp: step count")
-    ap.add_argument("--opp-minutes", type=float, default=6.2, help="opp: wall-time budget")
+    ap.add_argument("--opp-steps", type=int, default=1150, help="opp: step count")
+    ap.add_argument("--opp-minutes", type=float, default=9.5, help="opp: wall-time budget")
     ap.add_argument("--opp-lr", type=float, default=5e-4, help="opp: peak learning rate")
-    ap.add_argument("--ar-steps", type=int, default=1400, help="ar: step count")
-    ap.add_argument("--ar-minutes", type=float, default=20, help="ar: wall-time budget")
+    ap.add_argument("--ar-steps", type=int, default=600, help="ar: step count")
+    ap.add_argument("--ar-minutes", type=float, default=6, help="ar: wall-time budget")
     ap.add_argument("--ar-lr", type=float, default=2e-4, help="ar: peak learning rate")
     ap.add_argument("--ar-mix-frac", type=float, default=0.3, help="ar: share of captioned items made ambiguous")
     ap.add_argument("--ar-ctx-frac", type=float, default=0.6,
