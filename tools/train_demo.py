@@ -135,10 +135,10 @@ torch runs with --threads (default 2). On a 2-core machine that does nothing els
 make a DiT step 0.42-0.47 s instead of 0.67 s; the VAE phases gain little (their steps take about as
 long as with one thread). On a machine shared with other work use --threads 1: a 2-thread pool
 spin-waits whenever the other core is busy and runs several times slower than one thread. The default
-phases up to export took 84.0 minutes at two threads on an idle 2-core machine, every phase but vae
-finishing its step count within its budget (the demo model's README has every phase's time). The phases'
-own time budgets add up to about 92 minutes with the latents phase; on a slower machine the run-wide
-budget shortens the transformer phases. A
+phases up to export took 84.0 minutes at two threads on an idle 2-core machine, every phase finishing
+its step count within its budget (the demo model's README has every phase's time). The phases' own time
+budgets add up to about 92 minutes with the latents phase; on a slower machine the run-wide budget
+shortens the transformer phases. A
 run that stops a phase on time is not step-for-step reproducible. The VAE needs its full step count: in
 a run whose phase vae stopped on a 20-minute budget at 983 steps, 4 of the 8 held-out check clips came back
 with the object in the wrong colour in 90-96% of their frames.
