@@ -83,7 +83,10 @@ with --phase):
               --contrast-sigma (0.6-1) with its caption and with the object's colour word replaced by another
               colour (the first copy also joins the flow loss unless --no-contrast-flow), and a hinge asks the
               object cells' error with the wrong word to exceed the true word's by --contrast-margin
-              (relative). Where a sampler settles the object's colour, at
+              (relative). With --contrast-nearest S (default 0) a share S of the wrong words is the colour
+              nearest the object's in RGB (yellow for a white or a red object), the word a model confuses
+              most (tools/probe_colour.py: on red, the yellow word cost a white object's clips 2 % more
+              than the true word at sigma 0.95). Where a sampler settles the object's colour, at
               the highest noise, a transformer trained on the flow loss alone ignored the colour word for
               some colour pairs (tools/probe_colour.py) and drew a hedge between two colours.
      ar       (after phase vae5, so that phase learns from phase opp's transformer) --ar-steps (600) more
@@ -835,10 +838,17 @@ def smear_held(frames: torch.Tensor, caption: str, rng: random.Random) -> torch.
     return (1 - b) * frames + b * frames.mean(dim=axis, keepdim=True)
 
 
-def wrong_colour(rng: random.Random, caption: str) -> str:
-    """The caption with the object's colour replaced by another colour that is not the background's."""
+def wrong_colour(rng: random.Random, caption: str, nearest: float = 0.0) -> str:
+    """The caption with the object's colour replaced by another colour that is not the background's: with
+    probability `nearest` (--contrast-nearest) the one nearest the object's in RGB (the word a model
+    confuses most: yellow for white on red), else any. At 0 no extra draw is made."""
     s = scenes.parse_caption(caption)
-    other = rng.choice([c for c in scenes.COLOURS if c not in (s.obj, s.bg)])
+    others = [c for c in scenes.COLOURS if c not in (s.obj, s.bg)]
+    if nearest > 0 and rng.random() < nearest:
+        rgb = np.array(scenes.COLOURS[s.obj], np.float32)
+        other = min(others, key=lambda c: float(np.abs(np.array(scenes.COLOURS[c], np.float32) - rgb).sum()))
+    else:
+        other = rng.choice(others)
     return scenes.Scene(other, s.shape, s.bg, s.motion).caption
 
 
@@ -1026,7 +1036,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 x_in = x0 if x_in is None else x_in
                 noise = torch.cat([noise, pnoise, pnoise])
                 sigma = torch.cat([sigma, psig, psig])
-                prompts = prompts + [caps[i] for i, _ in pairs] + [wrong_colour(rng, caps[i]) for i, _ in pairs]
+                prompts = prompts + [caps[i] for i, _ in pairs] + [wrong_colour(rng, caps[i], args.contrast_nearest) for i, _ in pairs]
                 n_pair = len(pairs)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
@@ -1447,6 +1457,9 @@ def main() -> None:
     ap.add_argument("--contrast-margin", type=float, default=0.5,
                     help="how much more object-cell loss (relative) the wrong colour word must cost")
     ap.add_argument("--contrast-weight", type=float, default=1.0, help="weight of the colour pairs' hinge")
+    ap.add_argument("--contrast-nearest", type=float, default=0.0,
+                    help="share of the colour pairs whose wrong word is the colour nearest the object's in RGB "
+                         "instead of any other (0: any, as before the option)")
     ap.add_argument("--contrast-flow", action=argparse.BooleanOptionalAction, default=True,
                     help="the colour pairs' true copies also join the flow loss (else only the hinge)")
     ap.add_argument("--contrast-phases", nargs="+", default=["ar"], choices=["dit", "dir", "opp", "ar"],
