@@ -1036,7 +1036,8 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
                 x_in = x0 if x_in is None else x_in
                 noise = torch.cat([noise, pnoise, pnoise])
                 sigma = torch.cat([sigma, psig, psig])
-                prompts = prompts + [caps[i] for i, _ in pairs] + [wrong_colour(rng, caps[i], args.contrast_nearest) for i, _ in pairs]
+                prompts = prompts + [caps[i] for i, _ in pairs] + [wrong_colour(rng, caps[i], args.contrast_nearest)
+                                                                   for i, _ in pairs]
                 n_pair = len(pairs)
         s5 = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s5) * x_in + s5 * noise
@@ -1476,6 +1477,13 @@ def main() -> None:
     ap.add_argument("--long-captions", type=int, default=len(LONG_CAPTIONS), help="long: how many of LONG_CAPTIONS")
     ap.add_argument("--eval-train", type=int, default=10, help="training captions evaluated besides the held-out")
     args = ap.parse_args()
+    # Shares and probabilities: a value outside [0, 1] would act as 0 or 1 without a word.
+    for name in ("vae_warm_prob", "text_dropout", "dit_full_prob", "dit_mix_frac", "dit_mix_opposite",
+                 "dir_full_prob", "dir_twins", "ar_mix_frac", "ar_ctx_frac", "ar_ctx_widen", "ar_ctx_smear",
+                 "contrast_frac", "contrast_nearest"):
+        value = getattr(args, name)
+        if not 0 <= value <= 1:
+            ap.error(f"--{name.replace('_', '-')} is {value:g}; it is a share: from 0 to 1")
     declared = Path(args.out) / "longtake.json"
     args.render = {**RENDER_FALLBACK, **(json.loads(declared.read_text()) if declared.exists() else {})}
     args.eval_steps = args.eval_steps or args.render["steps"]
