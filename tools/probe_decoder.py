@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import scenes
+from train_demo import to_pixels
 
 
 def main() -> None:
@@ -49,14 +50,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for obj, bg in itertools.permutations(scenes.COLOURS, 2):
         scene = scenes.Scene(obj, args.shape, bg, args.motion)
-        clip = scenes.render(scene, args.frames, seed=args.seed)
-        x = torch.from_numpy(clip).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+        x = to_pixels(scenes.render(scene, args.frames, seed=args.seed))[None]
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        rec = ((y[0].permute(1, 2, 3, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-        seen = scenes.analyze_frames(rec)
-        row = dict(caption=scene.caption, object_frac=float(np.mean([o == obj for o in seen["object"]])),
-                   fill=seen["fill"], l1=float(np.abs(rec.astype(np.float32) - clip).mean() / 255))
+        seen = scenes.score(scene, (y[0].permute(1, 2, 3, 0) * 0.5 + 0.5).numpy())
+        row = dict(caption=scene.caption, object_frac=seen["obj_frac"], fill=seen["fill"],
+                   l1=float((y - x).abs().mean() / 2))
         rows.append(row)
         print(f"| {obj} | {bg} | {row['object_frac']:.0%} | {row['fill']:.2f} | {row['l1']:.3f} |", flush=True)
     short = [r for r in rows if r["object_frac"] < 0.9]

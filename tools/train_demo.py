@@ -845,8 +845,8 @@ def wrong_colour(rng: random.Random, caption: str, nearest: float = 0.0) -> str:
     s = scenes.parse_caption(caption)
     others = [c for c in scenes.COLOURS if c not in (s.obj, s.bg)]
     if nearest > 0 and rng.random() < nearest:
-        rgb = np.array(scenes.COLOURS[s.obj], np.float32)
-        other = min(others, key=lambda c: float(np.abs(np.array(scenes.COLOURS[c], np.float32) - rgb).sum()))
+        rgb = scenes.COLOURS[s.obj]
+        other = min(others, key=lambda c: sum(abs(a - b) for a, b in zip(scenes.COLOURS[c], rgb)))
     else:
         other = rng.choice(others)
     return scenes.Scene(other, s.shape, s.bg, s.motion).caption
