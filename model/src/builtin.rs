@@ -130,15 +130,27 @@ impl Builtin {
     /// The model's directory, unpacking it if needed (atomically: a half-written directory is
     /// never used).
     pub fn model_dir(self) -> Result<PathBuf> {
+        self.unpack_under(&cache_root())
+    }
+
+    /// Unpacks the model under `root` unless it is already there. Each call writes its own
+    /// temporary directory (process id and a counter: threads of one process unpack at once when
+    /// tests or workers start together) and renames it into place; the first rename wins and
+    /// the others remove theirs.
+    fn unpack_under(self, root: &Path) -> Result<PathBuf> {
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let stem = self.stem();
         let fingerprint = self.fingerprint();
-        let dir = cache_root().join(format!("{stem}-{fingerprint}"));
+        let dir = root.join(format!("{stem}-{fingerprint}"));
         if dir.join("model_index.json").is_file() {
             return Ok(dir);
         }
-        let parent = dir.parent().expect("cache dir has a parent");
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let tmp = parent.join(format!(".{stem}-{fingerprint}-{}", std::process::id()));
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = root.join(format!(
+            ".{stem}-{fingerprint}-{}-{call}",
+            std::process::id()
+        ));
         let write = |tmp: &Path| -> Result<()> {
             for (name, bytes) in self.files() {
                 let p = tmp.join(name);
@@ -149,16 +161,23 @@ impl Builtin {
             }
             Ok(())
         };
+        // A leftover of a process that died mid-write under the same id and counter.
         let _ = std::fs::remove_dir_all(&tmp);
-        write(&tmp)?;
+        if let Err(e) = write(&tmp) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
         match std::fs::rename(&tmp, &dir) {
             Ok(()) => Ok(dir),
-            // Another process unpacked it first.
+            // Another process or thread unpacked it first.
             Err(_) if dir.join("model_index.json").is_file() => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 Ok(dir)
             }
-            Err(e) => Err(Error::io(&dir, e)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(Error::io(&dir, e))
+            }
         }
     }
 }
@@ -207,5 +226,32 @@ mod tests {
                 root.display()
             );
         }
+    }
+
+    #[test]
+    fn threads_unpacking_at_once_all_get_the_whole_model() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Builtin::Smoke.unpack_under(root.path())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
+        });
+        for dir in &dirs {
+            assert_eq!(dir, &dirs[0]);
+        }
+        for (name, bytes) in Builtin::Smoke.files() {
+            let on_disk = std::fs::read(dirs[0].join(name)).unwrap();
+            assert_eq!(&on_disk, bytes, "{name} differs after unpacking");
+        }
+        // Only the model's directory is left: every temporary one was renamed or removed.
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![dirs[0].file_name().unwrap().to_owned()]);
     }
 }

@@ -181,9 +181,13 @@ pub fn compile_cached(module: &Module, arch: &'static str) -> Result<String, Str
         && let Some(dir) = p.parent()
         && std::fs::create_dir_all(dir).is_ok()
     {
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &text).is_ok() {
-            let _ = std::fs::rename(&tmp, p);
+        // One temporary file per call (process id and a counter): threads compiling the same
+        // module at once must not truncate each other's file before it is renamed.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = p.with_extension(format!("tmp{}-{call}", std::process::id()));
+        if std::fs::write(&tmp, &text).is_err() || std::fs::rename(&tmp, p).is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(text)
