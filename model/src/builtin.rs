@@ -134,23 +134,16 @@ impl Builtin {
     }
 
     /// Unpacks the model under `root` unless it is already there. Each call writes its own
-    /// temporary directory (process id and a counter: threads of one process unpack at once when
-    /// tests or workers start together) and renames it into place; the first rename wins and
-    /// the others remove theirs.
+    /// temporary directory (`io::temp_sibling`: threads of one process unpack at once when tests
+    /// or workers start together) and renames it into place; the first rename wins and the
+    /// others remove theirs.
     fn unpack_under(self, root: &Path) -> Result<PathBuf> {
-        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let stem = self.stem();
-        let fingerprint = self.fingerprint();
-        let dir = root.join(format!("{stem}-{fingerprint}"));
+        let dir = root.join(format!("{}-{}", self.stem(), self.fingerprint()));
         if dir.join("model_index.json").is_file() {
             return Ok(dir);
         }
         std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = root.join(format!(
-            ".{stem}-{fingerprint}-{}-{call}",
-            std::process::id()
-        ));
+        let tmp = crate::io::temp_sibling(&dir);
         let write = |tmp: &Path| -> Result<()> {
             for (name, bytes) in self.files() {
                 let p = tmp.join(name);
@@ -161,7 +154,7 @@ impl Builtin {
             }
             Ok(())
         };
-        // A leftover of a process that died mid-write under the same id and counter.
+        // A leftover of a process that died mid-write with the same id and count.
         let _ = std::fs::remove_dir_all(&tmp);
         if let Err(e) = write(&tmp) {
             let _ = std::fs::remove_dir_all(&tmp);

@@ -198,15 +198,33 @@ fn f32_views<'a>(
         .map(|(n, shape, data)| (n.to_string(), F32View { shape, data })))
 }
 
+/// A hidden sibling of `path` to write before renaming it into place, unique to this call
+/// (process id and a per-process counter): writers of the same path at once, in one process or
+/// several, never write into each other's file or directory.
+pub fn temp_sibling(path: &Path) -> PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}-{call}.partial", std::process::id()))
+}
+
 /// Write f32 tensors to a safetensors file atomically (a temporary file renamed into place).
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
     let views = f32_views("write_f32", tensors)?;
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| Error::SafeTensors {
-        path: tmp.clone(),
-        reason: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let tmp = temp_sibling(path);
+    let written = safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| Error::SafeTensors {
+            path: tmp.clone(),
+            reason: e.to_string(),
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// f32 tensors and string metadata as an in-memory safetensors file.

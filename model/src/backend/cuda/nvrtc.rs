@@ -181,11 +181,9 @@ pub fn compile_cached(module: &Module, arch: &'static str) -> Result<String, Str
         && let Some(dir) = p.parent()
         && std::fs::create_dir_all(dir).is_ok()
     {
-        // One temporary file per call (process id and a counter): threads compiling the same
-        // module at once must not truncate each other's file before it is renamed.
-        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = p.with_extension(format!("tmp{}-{call}", std::process::id()));
+        // One temporary file per call: threads compiling the same module at once must not
+        // truncate each other's file before it is renamed.
+        let tmp = crate::io::temp_sibling(p);
         if std::fs::write(&tmp, &text).is_err() || std::fs::rename(&tmp, p).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
