@@ -190,6 +190,15 @@ EXTRA_IDS = 4
 RENDER_FALLBACK = dict(steps=50, guidance=5.0, stitching="codenoise", overlap=4)
 
 
+def share(text: str) -> float:
+    """argparse type of the share and probability flags: a value outside [0, 1] would act as 0 or 1 without a
+    word, so it is refused by name."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share: from 0 to 1")
+    return value
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -1362,7 +1371,7 @@ def main() -> None:
     ap.add_argument("--vae-minutes", type=float, default=21)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-frames", type=int, default=9, help="vae: graded pixel frames per clip from frame 0 (1 + 4k)")
-    ap.add_argument("--vae-warm-prob", type=float, default=0.4,
+    ap.add_argument("--vae-warm-prob", type=share, default=0.4,
                     help="vae: probability that the graded frames follow a gradient-free warm-up prefix")
     ap.add_argument("--vae-warm-start", type=float, default=0.2, help="vae: fraction of the phase before such steps")
     ap.add_argument("--vae-warm-max", type=int, default=24, help="vae: longest warm-up prefix, in latent frames")
@@ -1403,7 +1412,7 @@ def main() -> None:
     ap.add_argument("--dit-steps", type=int, default=2950)
     ap.add_argument("--dit-minutes", type=float, default=19)
     ap.add_argument("--dit-batch", type=int, default=8, help="dit: clips per batch of 21-frame crops")
-    ap.add_argument("--dit-full-prob", type=float, default=0.5, help="dit: probability of a 21-frame crop")
+    ap.add_argument("--dit-full-prob", type=share, default=0.5, help="dit: probability of a 21-frame crop")
     ap.add_argument("--dit-short", type=int, default=9, help="dit: latent frames of the other crops")
     ap.add_argument("--dit-lr", type=float, default=1e-3)
     ap.add_argument("--dit-obj-weight", type=float, default=3.0,
@@ -1411,20 +1420,20 @@ def main() -> None:
     ap.add_argument("--dit-mix-start", type=float, default=1.0,
                     help="dit: fraction of the phase after which ambiguous inputs are mixed in (class Ambiguity); "
                          "1 = never (phase dir mixes them in from its start)")
-    ap.add_argument("--dit-mix-frac", type=float, default=0.8,
+    ap.add_argument("--dit-mix-frac", type=share, default=0.8,
                     help="dit, dir: share of captioned items made ambiguous")
     ap.add_argument("--dit-mix-weight", type=float, nargs=2, default=(0.3, 0.7),
                     help="dit, dir: range of the captioned clip's weight in an ambiguous input")
     ap.add_argument("--dit-mix-sigma", type=float, nargs=2, default=(0.5, 0.97),
                     help="dit, dir: range of the noise level of ambiguous inputs")
-    ap.add_argument("--dit-mix-opposite", type=float, default=0.0,
+    ap.add_argument("--dit-mix-opposite", type=share, default=0.0,
                     help="dit, dir: probability that an ambiguous input's other clip moves the opposite way")
     ap.add_argument("--dir-minutes", type=float, default=13.5, help="dir: wall-time budget")
     ap.add_argument("--dir-lr", type=float, default=1e-3, help="dir: peak learning rate")
-    ap.add_argument("--dir-full-prob", type=float, default=0.0,
+    ap.add_argument("--dir-full-prob", type=share, default=0.0,
                     help="dir, opp: probability of a 21-frame crop (else --dit-short frames)")
     ap.add_argument("--dir-steps", type=int, default=1650, help="dir: step count")
-    ap.add_argument("--dir-twins", type=float, default=0.5,
+    ap.add_argument("--dir-twins", type=share, default=0.5,
                     help="dir, opp: share of ambiguous inputs that also go in with the other clip's caption and "
                          "target (the batch grows by that many items)")
     ap.add_argument("--dir-text-lr", type=float, default=1.0,
@@ -1435,22 +1444,22 @@ def main() -> None:
     ap.add_argument("--ar-steps", type=int, default=600, help="ar: step count")
     ap.add_argument("--ar-minutes", type=float, default=6, help="ar: wall-time budget")
     ap.add_argument("--ar-lr", type=float, default=2e-4, help="ar: peak learning rate")
-    ap.add_argument("--ar-mix-frac", type=float, default=0.3, help="ar: share of captioned items made ambiguous")
-    ap.add_argument("--ar-ctx-frac", type=float, default=0.6,
+    ap.add_argument("--ar-mix-frac", type=share, default=0.3, help="ar: share of captioned items made ambiguous")
+    ap.add_argument("--ar-ctx-frac", type=share, default=0.6,
                     help="ar: share of the other crops whose held frames are the model's own prediction")
     ap.add_argument("--ar-ctx-sigma", type=float, nargs=2, default=(0.2, 0.7),
                     help="ar: noise-level range of the held frames' one-step prediction")
     ap.add_argument("--ar-from", help="ar: start from this exported model directory's transformer and text "
                                       "encoder instead of phase opp's checkpoint")
     ap.add_argument("--ar-hold", type=int, default=8, help="ar: held latent frames (the render's overlap)")
-    ap.add_argument("--ar-ctx-widen", type=float, default=0.7,
+    ap.add_argument("--ar-ctx-widen", type=share, default=0.7,
                     help="ar: share of the held crops whose held frames are the clip's own, widened (widen_held) "
                          "instead of the model's prediction")
-    ap.add_argument("--ar-ctx-smear", type=float, default=0.0,
+    ap.add_argument("--ar-ctx-smear", type=share, default=0.0,
                     help="ar: share of the widened held crops also smeared along the object's motion (smear_held)")
     ap.add_argument("--ar-hold-noise", type=float, default=0.7,
                     help="ar: the held frames' noise level as a multiple of the step's (longtake's --hold-noise)")
-    ap.add_argument("--contrast-frac", type=float, default=0.2,
+    ap.add_argument("--contrast-frac", type=share, default=0.2,
                     help="share of a step's items that also go in as a colour pair: a plain crop at noise "
                          "--contrast-sigma with its caption and with another object colour")
     ap.add_argument("--contrast-sigma", type=float, nargs=2, default=(0.6, 1.0),
@@ -1458,7 +1467,7 @@ def main() -> None:
     ap.add_argument("--contrast-margin", type=float, default=0.5,
                     help="how much more object-cell loss (relative) the wrong colour word must cost")
     ap.add_argument("--contrast-weight", type=float, default=1.0, help="weight of the colour pairs' hinge")
-    ap.add_argument("--contrast-nearest", type=float, default=0.0,
+    ap.add_argument("--contrast-nearest", type=share, default=0.0,
                     help="share of the colour pairs whose wrong word is the colour nearest the object's in RGB "
                          "instead of any other (0: any, as before the option)")
     ap.add_argument("--contrast-flow", action=argparse.BooleanOptionalAction, default=True,
@@ -1466,7 +1475,7 @@ def main() -> None:
     ap.add_argument("--contrast-phases", nargs="+", default=["ar"], choices=["dit", "dir", "opp", "ar"],
                     help="transformer phases that train on colour pairs")
     ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--text-dropout", type=float, default=0.1)
+    ap.add_argument("--text-dropout", type=share, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--export-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true", help="dit: continue from the work directory's checkpoint")
@@ -1477,13 +1486,6 @@ def main() -> None:
     ap.add_argument("--long-captions", type=int, default=len(LONG_CAPTIONS), help="long: how many of LONG_CAPTIONS")
     ap.add_argument("--eval-train", type=int, default=10, help="training captions evaluated besides the held-out")
     args = ap.parse_args()
-    # Shares and probabilities: a value outside [0, 1] would act as 0 or 1 without a word.
-    for name in ("vae_warm_prob", "text_dropout", "dit_full_prob", "dit_mix_frac", "dit_mix_opposite",
-                 "dir_full_prob", "dir_twins", "ar_mix_frac", "ar_ctx_frac", "ar_ctx_widen", "ar_ctx_smear",
-                 "contrast_frac", "contrast_nearest"):
-        value = getattr(args, name)
-        if not 0 <= value <= 1:
-            ap.error(f"--{name.replace('_', '-')} is {value:g}; it is a share: from 0 to 1")
     declared = Path(args.out) / "longtake.json"
     args.render = {**RENDER_FALLBACK, **(json.loads(declared.read_text()) if declared.exists() else {})}
     args.eval_steps = args.eval_steps or args.render["steps"]
