@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 use longtake_model::io::SafetensorsFile;
 
+mod support;
+
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("model/tests/fixtures")
@@ -65,11 +67,7 @@ fn dit_forward_writes_the_reference_sample() {
             &read(&dir.join("io.safetensors"), "sample"),
         );
         assert!(err <= 1e-5, "{name} tp={tp}: relative L2 {err:.3e}");
-        let partial: Vec<_> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".partial"))
-            .collect();
+        let partial = support::partial_files(tmp.path());
         assert!(partial.is_empty(), "temporary files left: {partial:?}");
     }
 }

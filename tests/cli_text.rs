@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 use longtake_model::io::{SafetensorsFile, read_json};
 
+mod support;
+
 fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("model/tests/fixtures")
@@ -80,11 +82,7 @@ fn encode_text_writes_the_reference_embeddings() {
         assert_eq!(shape[..2], [1, 512]);
         let err = rel_l2(&got, &want);
         assert!(err <= 1e-5, "case {i}: relative L2 {err:.3e}");
-        let partial: Vec<_> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".partial"))
-            .collect();
+        let partial = support::partial_files(tmp.path());
         assert!(partial.is_empty(), "temporary files left: {partial:?}");
         if i == long {
             assert!(

@@ -514,3 +514,13 @@ pub fn docker_compose() -> PathBuf {
     );
     bin
 }
+
+/// Files in `dir` whose names end in `.partial`: temporary files a write left instead of renaming
+/// them into place (`longtake_model::io::temp_sibling`).
+pub fn partial_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect()
+}
