@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import scenes
-from train_demo import to_pixels
+from train_demo import from_pixels, to_pixels
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         x = to_pixels(scenes.render(scene, args.frames, seed=args.seed))[None]
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        seen = scenes.score(scene, (y[0].permute(1, 2, 3, 0) * 0.5 + 0.5).numpy())
+        seen = scenes.score(scene, from_pixels(y))
         row = dict(caption=scene.caption, object_frac=seen["obj_frac"], fill=seen["fill"],
                    l1=float((y - x).abs().mean() / 2))
         rows.append(row)

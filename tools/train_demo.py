@@ -308,6 +308,12 @@ def to_pixels(clip: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
+def from_pixels(video: torch.Tensor) -> np.ndarray:
+    """to_pixels' inverse for the scene checker: the first video of float [B,3,F,H,W] in [-1, 1] ->
+    [F,H,W,3] in [0, 1] (clamped)."""
+    return (video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
+
+
 # ------------------------------------------------------------------------------------------
 # Phases
 
@@ -668,7 +674,7 @@ def recon_check(args, work: Path, vae, name: str) -> None:
         clip = scenes.render(sc, args.latent_frames, SIZE, SIZE, seed=1000 + k)
         x = to_pixels(clip)[None]
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        frames = (y[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
+        frames = from_pixels(y)
         r = scenes.score(sc, frames)
         per_frame = (y - x).abs().mean(dim=(0, 1, 3, 4))
         recon.append(dict(caption=sc.caption, l1=float((y - x).abs().mean()), mse=float((y - x).pow(2).mean()),
@@ -1313,7 +1319,7 @@ def phase_long(args, work: Path) -> None:
         t_dit = time.time() - t
         video = vae.decode(res["latents"] / inv_std + mean).sample
         t_all = time.time() - t
-        frames = (video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).numpy()
+        frames = from_pixels(video)
         whole = scenes.score(scene, frames)
         jumps = boundary_jumps(frames, res["starts"], res["length"], scenes.analyze_frames(frames))
         chunks = [scenes.score(scene, frames[i:i + 81]) for i in range(0, len(frames) - 80, 80)]
