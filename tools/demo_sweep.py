@@ -8,6 +8,7 @@ step of the object's track at a window boundary than inside a window.
     .venv/bin/python tools/demo_sweep.py --set held-out --seeds 1 2
     .venv/bin/python tools/demo_sweep.py --set readme --seeds 1-6 -- --stitching codenoise --overlap 8
     .venv/bin/python tools/demo_sweep.py --set pairs --seeds 1
+    .venv/bin/python tools/demo_sweep.py --set select --seeds 1-2 -- --model target/demo-train/out
     .venv/bin/python tools/demo_sweep.py --prompt "a red circle moves left on a blue background" --seeds 1-4
 
 Arguments after `--` go to every `longtake render` (sampler flags, --model). Each render's directory is
@@ -59,8 +60,19 @@ def colour_pair_prompts() -> list[str]:
     return [f"a {o} circle moves down on a {b} background" for o in scenes.COLOURS for b in scenes.COLOURS if o != b]
 
 
+def select_prompts() -> list[str]:
+    """The held-out scenes with the other shape: twelve training scenes with the held-out scenes' colour
+    pairs and motions, so they fail in the same ways. A set of its own for choosing among runs, seeds or
+    sampler settings; choosing by the held-out renders would choose on the renders that measure the model."""
+    import scenes
+
+    other = {"circle": "square", "square": "circle"}
+    return [scenes.Scene(o, other[s], b, m).caption for o, s, b, m in scenes.HELD_OUT_TUPLES]
+
+
 # --set NAME -> its prompts.
-SETS = {"held-out": held_out_prompts, "readme": lambda: README_PROMPTS, "pairs": colour_pair_prompts}
+SETS = {"held-out": held_out_prompts, "readme": lambda: README_PROMPTS, "pairs": colour_pair_prompts,
+        "select": select_prompts}
 
 
 def seeds_arg(text: list[str]) -> list[int]:
@@ -102,8 +114,9 @@ def main() -> None:
     what = ap.add_mutually_exclusive_group()
     what.add_argument("--set", choices=list(SETS), default="held-out",
                       help="held-out: the 12 scenes of HELD_OUT_TUPLES; readme: the six prompts of the model "
-                           "README; pairs: a circle moving down over all 30 pairs of distinct colours "
-                           "(default: held-out)")
+                           "README; pairs: a circle moving down over all 30 pairs of distinct colours; "
+                           "select: the held-out scenes with the other shape (training scenes), for choosing "
+                           "among runs or settings (default: held-out)")
     what.add_argument("--prompt", action="append", help="a prompt (repeatable) instead of a set")
     ap.add_argument("--seeds", nargs="+", default=["1", "2"], help="seeds: numbers or ranges, e.g. 1 2 or 1-6")
     ap.add_argument("--duration", default="60", help="seconds per render (default 60)")
