@@ -3,7 +3,7 @@
 //! with the same H.264 writer as real renders, and a plan of three windows) must read as 100 % of
 //! the named colours, motion to the right at 2 px/frame and a continuous track; the same video
 //! with the object displaced by 20 px at one window boundary must read as a jump there, with a
-//! large seam z-score.
+//! large seam z-score, and displaced inside a latent frame as a continuous track.
 
 use std::path::Path;
 use std::process::Command;
@@ -114,4 +114,20 @@ fn a_known_scene_reads_as_what_it_shows() {
     assert!((jump - 20.0).abs() < 2.0, "{s}");
     assert!(s["max_inside_jump"].as_f64().unwrap() < 2.0, "{s}");
     assert!(r["seam_z_max"].as_f64().unwrap() > 5.0, "{r}");
+    // The largest step joins latent frames 20 and 21 (pixel frames 76 → 77); 4 of the 40 steps
+    // that join two latent frames are boundary steps, so seamless hand-overs would land the
+    // largest step on a boundary about one time in ten.
+    assert!(
+        (s["jump_chance"].as_f64().unwrap() - 0.1).abs() < 1e-9,
+        "{s}"
+    );
+
+    // The same jump two pixel frames later (78 → 79), inside latent frame 21: no boundary step
+    // can be the largest, and the track reads as continuous.
+    let inside = tmp.path().join("inside");
+    synthetic_render(&inside, |f| if f >= 79 { 20 } else { 0 });
+    let s = analyze(&inside)["scene"].clone();
+    assert_eq!(s["continuous"], true, "{s}");
+    assert!(s["max_inside_jump"].as_f64().unwrap() > 18.0, "{s}");
+    assert_eq!(s["jump_chance"], 0.0, "{s}");
 }

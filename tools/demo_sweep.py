@@ -99,29 +99,6 @@ def cell(s: dict) -> str:
     return text if meets_bar(s) else f"**{text}**"
 
 
-def jump_chance(report: dict) -> float:
-    """How likely the render would fail the track's boundary test with hand-overs no rougher than the inside
-    of a window: a decoded object's track steps furthest between two latent frames (inside a latent frame's
-    pixel frames the decoder interpolates), and every boundary step is one of those, so with seamless
-    hand-overs the largest step falls on a boundary about as often as the boundary steps' share of the
-    steps between latent frames. That share when the render's largest step is one between latent frames,
-    else 0 (a boundary step can then not be the largest). The steps as analyze measures them: the wrap-aware
-    displacement's distance from the median displacement."""
-    scene, bounds = report["scene"], report["boundary_steps"]
-    t, frames = report["latent_frames"], report["video_frames"]
-    per = max(1, (frames - 1) // (t - 1)) if t > 1 else 4  # pixel frames per latent frame after the first
-    (mdx, mdy), size = scene["median_step"], (report["width"], report["height"])
-    wrap = [lambda d, n=n: (d + n / 2) % n - n / 2 for n in size]
-    steps = {}
-    for i, (a, b) in enumerate(zip(scene["track"], scene["track"][1:])):
-        if a and b:
-            steps[i] = ((wrap[0](b[0] - a[0]) - mdx) ** 2 + (wrap[1](b[1] - a[1]) - mdy) ** 2) ** 0.5
-    between = [i for i in steps if i % per == 0]  # step i joins pixel frames i and i + 1
-    if not steps or not between or max(steps, key=steps.get) % per != 0:
-        return 0.0
-    return sum(bounds[i] for i in between) / len(between)
-
-
 def run(cmd: list[str]) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -163,7 +140,6 @@ def main() -> None:
             if scene is None:
                 raise SystemExit(f"{prompt!r} is not a prompt of the demo world (analyze found no scene)")
             scene["seconds"] = round(time.time() - t0, 1)
-            scene["jump_chance"] = round(jump_chance(report), 4)
             results[(prompt, seed)] = scene
             print(f"[{k + 1}/{len(seeds) * len(prompts)}] seed {seed} {prompt}: {cell(scene)} "
                   f"({scene['seconds']} s)", file=sys.stderr, flush=True)
@@ -174,6 +150,9 @@ def main() -> None:
             print(f"| {prompt if i == 0 else ''} | {seed} | {cell(results[(prompt, seed)])} |")
     ok = sum(meets_bar(s) for s in results.values())
     print(f"\n{ok} of {len(results)} renders meet the bar.")
+    # analyze's jump_chance: how often the render would fail the boundary test with hand-overs exactly as
+    # rough as the inside of a window (every boundary step joins two latent frames, as a track's largest
+    # steps do); summed, how many of these renders would.
     jumps = sum(not s["continuous"] for s in results.values())
     chance = sum(s["jump_chance"] for s in results.values())
     print(f"{jumps} step further at a window boundary than inside one; about {chance:.1f} would with hand-overs "

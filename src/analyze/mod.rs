@@ -12,7 +12,7 @@
 //!   frames that show the named colours, the fraction of steps that move in the named direction,
 //!   the object's median extent (a band across the frame spans all of it), and whether the
 //!   track stays continuous across window boundaries (no jump there larger than the largest
-//!   inside a window).
+//!   inside a window), with how often seamless hand-overs would fail that test by chance.
 //!
 //! `--sheet PNG` draws it (see [`sheet`]); `--json` prints one JSON object instead of the table.
 
@@ -64,6 +64,13 @@ pub struct SceneReport {
     pub max_inside_jump: f64,
     /// No boundary jump larger than the largest inside a window.
     pub continuous: bool,
+    /// How often hand-overs exactly as rough as the inside of a window would still fail
+    /// `continuous`: a decoded track steps furthest from one latent frame to the next (within a
+    /// latent frame's pixel frames the decoder interpolates), every boundary step is such a step,
+    /// so with seamless hand-overs the largest step lands on a boundary about as often as the
+    /// boundary steps' share of them. That share when the largest step joins two latent frames,
+    /// else 0.
+    pub jump_chance: f64,
     /// Per frame: the object's centroid (x, y), or null.
     pub track: Vec<Option<[f64; 2]>>,
     /// Per frame: the background's palette name.
@@ -231,8 +238,16 @@ pub fn analyze(dir: &Path) -> Result<(Report, Vec<Vec<u8>>)> {
         .as_str()
         .unwrap_or("")
         .to_string();
-    let scene = parse_caption(&prompt)
-        .map(|cap| scene_report(&prompt, &cap, &frames, width, height, &boundary_steps));
+    let scene = parse_caption(&prompt).map(|cap| {
+        let latent_steps: Vec<bool> = (0..changes.len())
+            .map(|p| lat_of(p) != lat_of(p + 1))
+            .collect();
+        let steps = Steps {
+            boundary: &boundary_steps,
+            latent: &latent_steps,
+        };
+        scene_report(&prompt, &cap, &frames, width, height, steps)
+    });
     let (li, lb, lr) = latent.means();
     let (vi, vb, vr) = pixel.means();
     let report = Report {
@@ -274,13 +289,20 @@ pub fn analyze(dir: &Path) -> Result<(Report, Vec<Vec<u8>>)> {
     Ok((report, frames))
 }
 
+/// Per frame-to-frame step of the video: whether it crosses a window boundary, and whether it
+/// joins two latent frames.
+struct Steps<'a> {
+    boundary: &'a [bool],
+    latent: &'a [bool],
+}
+
 fn scene_report(
     caption: &str,
     cap: &measures::Caption,
     frames: &[Vec<u8>],
     width: usize,
     height: usize,
-    boundary_steps: &[bool],
+    kinds: Steps,
 ) -> SceneReport {
     let objs: Vec<_> = frames
         .iter()
@@ -327,7 +349,11 @@ fn scene_report(
     let mdx = med(valid.iter().map(|s| s.0).collect());
     let mdy = med(valid.iter().map(|s| s.1).collect());
     let (mut max_b, mut max_i) = (0.0f64, 0.0f64);
-    for (s, b) in steps.iter().zip(boundary_steps) {
+    // The largest step (its size, and whether it joins two latent frames), and how many steps
+    // join latent frames, at boundaries and in all.
+    let mut largest = (f64::NEG_INFINITY, false);
+    let (mut latent_b, mut latent_all) = (0usize, 0usize);
+    for ((s, b), l) in steps.iter().zip(kinds.boundary).zip(kinds.latent) {
         if let Some((dx, dy)) = s {
             let j = (dx - mdx).hypot(dy - mdy);
             if *b {
@@ -335,8 +361,18 @@ fn scene_report(
             } else {
                 max_i = max_i.max(j);
             }
+            if j > largest.0 {
+                largest = (j, *l);
+            }
+            latent_all += usize::from(*l);
+            latent_b += usize::from(*l && *b);
         }
     }
+    let jump_chance = if largest.1 {
+        latent_b as f64 / latent_all as f64
+    } else {
+        0.0
+    };
     SceneReport {
         caption: caption.to_string(),
         background_frac,
@@ -352,6 +388,7 @@ fn scene_report(
         max_boundary_jump: max_b,
         max_inside_jump: max_i,
         continuous: max_b <= max_i,
+        jump_chance,
         track,
         backgrounds: objs.iter().map(|o| PALETTE[o.background].0).collect(),
     }
@@ -423,6 +460,10 @@ pub fn rows(r: &Report) -> Vec<(String, String)> {
                     s.max_inside_jump,
                     if s.continuous { "continuous" } else { "jumps" }
                 ),
+            ),
+            (
+                "chance of such a boundary jump with seamless hand-overs".to_string(),
+                format!("{:.1} %", 100.0 * s.jump_chance),
             ),
         ]);
     }
