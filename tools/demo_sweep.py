@@ -155,8 +155,8 @@ def main() -> None:
     # steps do); summed, how many of these renders would.
     jumps = sum(not s["continuous"] for s in results.values())
     chance = sum(s["jump_chance"] for s in results.values())
-    print(f"{jumps} step further at a window boundary than inside one; about {chance:.1f} would with hand-overs "
-          "no rougher than the steps between latent frames inside windows.")
+    print(f"{jumps} of them step further at a window boundary than inside a window; hand-overs exactly as rough "
+          f"as the inside of a window would give about {chance:.1f}.")
     if args.json:
         Path(args.json).write_text(json.dumps([dict(prompt=p, seed=s, **v) for (p, s), v in results.items()],
                                               indent=1))
