@@ -239,12 +239,9 @@ pub fn analyze(dir: &Path) -> Result<(Report, Vec<Vec<u8>>)> {
         .unwrap_or("")
         .to_string();
     let scene = parse_caption(&prompt).map(|cap| {
-        let latent_steps: Vec<bool> = (0..changes.len())
-            .map(|p| lat_of(p) != lat_of(p + 1))
-            .collect();
         let steps = Steps {
             boundary: &boundary_steps,
-            latent: &latent_steps,
+            temporal,
         };
         scene_report(&prompt, &cap, &frames, width, height, steps)
     });
@@ -289,11 +286,11 @@ pub fn analyze(dir: &Path) -> Result<(Report, Vec<Vec<u8>>)> {
     Ok((report, frames))
 }
 
-/// Per frame-to-frame step of the video: whether it crosses a window boundary, and whether it
-/// joins two latent frames.
+/// The video's frame-to-frame steps: whether each crosses a window boundary, and the pixel frames
+/// per latent frame after the first (step `p` joins two latent frames when `p % temporal == 0`).
 struct Steps<'a> {
     boundary: &'a [bool],
-    latent: &'a [bool],
+    temporal: usize,
 }
 
 fn scene_report(
@@ -353,7 +350,8 @@ fn scene_report(
     // join latent frames, at boundaries and in all.
     let mut largest = (f64::NEG_INFINITY, false);
     let (mut latent_b, mut latent_all) = (0usize, 0usize);
-    for ((s, b), l) in steps.iter().zip(kinds.boundary).zip(kinds.latent) {
+    for (p, (s, b)) in steps.iter().zip(kinds.boundary).enumerate() {
+        let l = p % kinds.temporal == 0;
         if let Some((dx, dy)) = s {
             let j = (dx - mdx).hypot(dy - mdy);
             if *b {
@@ -362,10 +360,10 @@ fn scene_report(
                 max_i = max_i.max(j);
             }
             if j > largest.0 {
-                largest = (j, *l);
+                largest = (j, l);
             }
-            latent_all += usize::from(*l);
-            latent_b += usize::from(*l && *b);
+            latent_all += usize::from(l);
+            latent_b += usize::from(l && *b);
         }
     }
     let jump_chance = if largest.1 {
