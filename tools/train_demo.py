@@ -867,6 +867,29 @@ def wrong_colour(rng: random.Random, caption: str, nearest: float = 0.0) -> str:
     return scenes.Scene(other, s.shape, s.bg, s.motion).caption
 
 
+def parse_boost(text: str) -> tuple[str, str, float]:
+    """'white:red=4' -> ('white', 'red', 4.0): object colour, background colour, weight."""
+    try:
+        pair, weight = text.split("=")
+        obj, bg = pair.split(":")
+        w = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected OBJECT:BACKGROUND=WEIGHT (e.g. white:red=4), got {text!r}")
+    for c in (obj, bg):
+        if c not in scenes.COLOURS:
+            raise argparse.ArgumentTypeError(f"unknown colour {c!r} in {text!r}; colours: {', '.join(scenes.COLOURS)}")
+    if obj == bg or not w > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the colours must differ and the weight must be > 0")
+    return obj, bg, w
+
+
+def pair_weights(caps: list[str], boosts: list[tuple[str, str, float]]) -> list[float]:
+    """Per clip, the weight of its object/background colour pair (1 where no boost names it)."""
+    table = {(o, b): w for o, b, w in boosts}
+    keys = [scenes.parse_caption(c) for c in caps]
+    return [table.get((k.obj, k.bg), 1.0) for k in keys]
+
+
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
     u = torch.rand(n, generator=gen)
     return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
@@ -907,6 +930,9 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
     for blk in dit.blocks:
         blk.attn2.set_processor(cross)
     ambiguity = Ambiguity(lat, caps)
+    # --ar-boost: in phase ar, clips of the named object/background colour pairs are drawn that many times
+    # as often; without it the clips are drawn uniformly, with the same draws as runs made before the option.
+    boost = pair_weights(caps, args.ar_boost) if stage == "ar" and args.ar_boost else None
     params = list(dit.parameters()) + list(te.parameters())
     # With --dir-text-lr M in phases dir and opp, the text path (the text encoder and the transformer's
     # cross-attention) learns at M times the peak learning rate, in a second parameter group; otherwise one
@@ -979,7 +1005,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         # offset.
         win = WINDOW if rng.random() < full_prob else args.dit_short
         bsz = max(1, round(args.dit_batch * WINDOW / win))
-        idx = [rng.randrange(n) for _ in range(bsz)]
+        idx = rng.choices(range(n), weights=boost, k=bsz) if boost else [rng.randrange(n) for _ in range(bsz)]
         starts = [0 if rng.random() < 0.3 else rng.randrange(tlen - win + 1) for _ in idx]
         x0 = torch.stack([lat[i, :, s:s + win] for i, s in zip(idx, starts)])
         prompts = ["" if rng.random() < args.text_dropout else caps[i] for i in idx]
@@ -1457,6 +1483,9 @@ def main() -> None:
                     help="ar: noise-level range of the held frames' one-step prediction")
     ap.add_argument("--ar-from", help="ar: start from this exported model directory's transformer and text "
                                       "encoder instead of phase opp's checkpoint")
+    ap.add_argument("--ar-boost", type=parse_boost, nargs="*", default=[], metavar="OBJECT:BACKGROUND=WEIGHT",
+                    help="ar: draw clips of these object/background colour pairs WEIGHT times as often "
+                         "(e.g. white:red=4)")
     ap.add_argument("--ar-hold", type=int, default=8, help="ar: held latent frames (the render's overlap)")
     ap.add_argument("--ar-ctx-widen", type=share, default=0.7,
                     help="ar: share of the held crops whose held frames are the clip's own, widened (widen_held) "
