@@ -878,8 +878,8 @@ def parse_boost(text: str) -> tuple[str, str, float]:
     for c in (obj, bg):
         if c not in scenes.COLOURS:
             raise argparse.ArgumentTypeError(f"unknown colour {c!r} in {text!r}; colours: {', '.join(scenes.COLOURS)}")
-    if obj == bg or not w > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the colours must differ and the weight must be > 0")
+    if obj == bg or not (w > 0 and math.isfinite(w)):
+        raise argparse.ArgumentTypeError(f"{text!r}: the colours must differ and the weight must be finite and > 0")
     return obj, bg, w
 
 
