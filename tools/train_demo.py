@@ -150,6 +150,7 @@ with the object in the wrong colour in 90-96% of their frames.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -884,10 +885,13 @@ def parse_boost(text: str) -> tuple[str, str, float]:
 
 
 def pair_weights(caps: list[str], boosts: list[tuple[str, str, float]]) -> list[float]:
-    """Per clip, the weight of its object/background colour pair (1 where no boost names it)."""
+    """Per clip, the cumulative weight of the clips up to it (for rng.choices' cum_weights), each clip
+    weighing its object/background colour pair's boost, 1 where no boost names the pair."""
     table = {(o, b): w for o, b, w in boosts}
+    if len(table) < len(boosts):
+        raise SystemExit("--ar-boost names a colour pair twice")
     keys = [scenes.parse_caption(c) for c in caps]
-    return [table.get((k.obj, k.bg), 1.0) for k in keys]
+    return list(itertools.accumulate(table.get((k.obj, k.bg), 1.0) for k in keys))
 
 
 def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -1005,7 +1009,7 @@ def phase_dit(args, work: Path, stage: str = "dit") -> None:
         # offset.
         win = WINDOW if rng.random() < full_prob else args.dit_short
         bsz = max(1, round(args.dit_batch * WINDOW / win))
-        idx = rng.choices(range(n), weights=boost, k=bsz) if boost else [rng.randrange(n) for _ in range(bsz)]
+        idx = rng.choices(range(n), cum_weights=boost, k=bsz) if boost else [rng.randrange(n) for _ in range(bsz)]
         starts = [0 if rng.random() < 0.3 else rng.randrange(tlen - win + 1) for _ in idx]
         x0 = torch.stack([lat[i, :, s:s + win] for i, s in zip(idx, starts)])
         prompts = ["" if rng.random() < args.text_dropout else caps[i] for i in idx]
